@@ -1,0 +1,24 @@
+"""The reference backend: the eager PyTorch model, on CPU or GPU, fp32/fp16/bf16."""
+
+from __future__ import annotations
+
+import torch
+
+from ..checkpoint import ModelCard
+from ..model import M2ORT
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model: M2ORT, card: ModelCard, *, device: torch.device, precision: str = "fp32"):
+        self.device = device
+        self.dtype = DTYPES[precision]
+        self.model = model.to(device=device, dtype=self.dtype).eval()
+
+    @torch.inference_mode()
+    def __call__(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:
+        levels = [x.to(self.device, self.dtype, non_blocking=True) for x in (level1, level2, level3)]
+        return self.model(*levels).float().cpu()

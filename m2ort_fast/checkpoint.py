@@ -1,0 +1,164 @@
+"""Checkpoints: safetensors weights plus everything needed to use them.
+
+A checkpoint is one ``.safetensors`` file. Its header metadata (``__metadata__``, str -> str)
+holds ``m2ort_fast`` = JSON of :class:`ModelCard`: the variant and architecture, the gene panel
+(names, in order), the working resolution of level 1 in microns per pixel, the patch sizes of the
+three levels, the pixel normalisation, the target transform and the provenance of the weights.
+Nothing about how to use the weights is taken from the data at hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+from .model import IMAGE_SIZES_PX, M2ORT, M2ORTConfig, VARIANTS
+
+FORMAT = "m2ort-fast/1"
+METADATA_KEY = "m2ort_fast"
+
+
+@dataclasses.dataclass
+class ModelCard:
+    """What a checkpoint says about its weights."""
+
+    variant: str
+    dim: int
+    depth: int
+    heads: int
+    mlp_dim: int
+    genes: list[str]
+    mpp: float  # microns per pixel of level 1 (the finest of the three inputs)
+    patch_sizes_px: list[int] = dataclasses.field(default_factory=lambda: list(IMAGE_SIZES_PX))
+    # Pixels are fed as (uint8 / 255 - mean) / std per RGB channel; the paper's code uses [0, 1].
+    pixel_mean: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0, 0.0])
+    pixel_std: list[float] = dataclasses.field(default_factory=lambda: [1.0, 1.0, 1.0])
+    # Predictions are on this scale: counts -> counts per million of the panel total -> log1p.
+    target_transform: str = "log1p_cpm"
+    model_id: str = "m2ort"
+    trained: bool = False
+    provenance: dict = dataclasses.field(default_factory=dict)
+    format: str = FORMAT
+
+    @property
+    def config(self) -> M2ORTConfig:
+        return M2ORTConfig(
+            dim=self.dim, depth=self.depth, heads=self.heads, mlp_dim=self.mlp_dim,
+            n_genes=len(self.genes), variant=self.variant,
+        )
+
+    @property
+    def level_mpp(self) -> list[float]:
+        """Microns per pixel of the three inputs: level 1, 2 and 3."""
+        return [self.mpp * self.patch_sizes_px[0] / size for size in self.patch_sizes_px]
+
+    @property
+    def field_of_view_um(self) -> float:
+        """Side of the physical square every level of a spot covers."""
+        return self.mpp * self.patch_sizes_px[0]
+
+    @classmethod
+    def for_variant(cls, variant: str, genes: list[str], mpp: float, **kwargs) -> "ModelCard":
+        cfg = VARIANTS[variant]
+        return cls(variant=variant, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
+                   mlp_dim=cfg.mlp_dim, genes=list(genes), mpp=float(mpp), **kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelCard":
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def save_checkpoint(path: str | os.PathLike, model: M2ORT, card: ModelCard) -> None:
+    """Write weights + card atomically (temporary name, then rename)."""
+    if model.cfg.n_genes != len(card.genes):
+        raise ValueError(f"model predicts {model.cfg.n_genes} genes, card lists {len(card.genes)}")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp), metadata={METADATA_KEY: card.to_json()})
+    os.replace(tmp, path)
+
+
+def read_card(path: str | os.PathLike) -> ModelCard:
+    """Read only the metadata of a checkpoint (cheap: the header, not the weights)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError("no such checkpoint file", path)
+    try:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if not 0 < header_len < 100_000_000:
+                raise ValueError
+            header = json.loads(f.read(header_len))
+        meta = header.get("__metadata__") or {}
+        return ModelCard.from_json(meta[METADATA_KEY])
+    except KeyError:
+        raise CheckpointError("safetensors file carries no m2ort_fast metadata (not an m2ort-fast checkpoint)", path) from None
+    except (ValueError, TypeError, UnicodeDecodeError):
+        raise CheckpointError("not a safetensors checkpoint (unreadable header)", path) from None
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    variant: str | None = None,
+    genes: list[str] | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[M2ORT, ModelCard]:
+    """Load a checkpoint into the reference model, in eval mode.
+
+    ``variant`` / ``genes``, where given, are what the caller expects; a checkpoint for another
+    variant or gene panel is refused with a one-line :class:`CheckpointError`.
+    """
+    card = read_card(path)
+    if variant is not None and card.variant != variant:
+        raise CheckpointError(f"checkpoint is for variant {card.variant!r}, not {variant!r}", path)
+    if genes is not None and list(genes) != card.genes:
+        missing = [g for g in genes if g not in set(card.genes)]
+        detail = f"{len(missing)} of the {len(genes)} genes asked for are not in it" if missing else "same genes in another order"
+        raise CheckpointError(f"checkpoint is for another gene panel ({len(card.genes)} genes; {detail})", path)
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read weights ({str(exc).splitlines()[0]})", path) from None
+    try:
+        model = M2ORT(card.config)
+    except ValueError as exc:
+        raise CheckpointError(str(exc), path) from None
+    expected = model.state_dict()
+    head = state.get("head.weight")
+    if head is not None and head.shape[0] != len(card.genes):
+        raise CheckpointError(
+            f"weights predict {head.shape[0]} genes but the checkpoint's gene panel lists {len(card.genes)}", path)
+    bad = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
+    extra = [k for k in state if k not in expected]
+    if bad or extra:
+        name = (bad or extra)[0]
+        got = tuple(state[name].shape) if name in state else "missing"
+        want = tuple(expected[name].shape) if name in expected else "unexpected"
+        raise CheckpointError(
+            f"weights do not fit variant {card.variant!r}: {name} is {got}, expected {want}", path)
+    model.load_state_dict(state)
+    return model.to(device).eval(), card
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hash of a checkpoint's bytes: the key of compiled artifacts built from it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
