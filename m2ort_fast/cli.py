@@ -1,0 +1,185 @@
+"""`m2ort-fast` command line: a thin layer over the Python API.
+
+    m2ort-fast predict [SLIDE ...]       per-spot predictions (.h5ad, .csv, heatmaps); no slide: the demo
+    m2ort-fast info [SLIDE] [--model V]  slide levels / mpp / vendor; model parameters and FLOPs
+    m2ort-fast convert IMAGE OUT.tiff    flat image -> tiled pyramidal TIFF
+
+Problems with the input are printed as one line (``m2ort-fast: error: FILE: problem``), exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+
+from .errors import M2ORTError
+
+log = logging.getLogger("m2ort_fast")
+
+# Modules that add their own subcommands through add_subcommands(subparsers).
+SUBCOMMAND_MODULES = ("m2ort_fast.convert", "m2ort_fast.export.cli", "m2ort_fast.train", "m2ort_fast.evaluate")
+
+
+def _csv_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def add_predict(subparsers) -> None:
+    p = subparsers.add_parser("predict", help="predict per-spot expression for slides (no slide: the demo)")
+    p.add_argument("slides", nargs="*", help="slides (.svs, pyramidal TIFF, or flat JPEG/PNG/TIFF); none: the shipped demo")
+    p.add_argument("--spots", action="append", default=None, metavar="FILE",
+                   help="spot table, once per slide: Visium spatial/ folder or tissue_positions file, legacy ST "
+                        "spot table, or CSV of centres in level-0 px; none: a grid over the tissue")
+    p.add_argument("--spot-format", default="auto", choices=["auto", "visium", "st", "csv"])
+    p.add_argument("--spacing-um", type=float, default=None,
+                   help="grid spacing when no spot table is given (default 100 um, Visium; smaller for dense maps)")
+    p.add_argument("--mpp", type=float, default=None, help="level-0 microns per pixel, for slides without it")
+    p.add_argument("--checkpoint", default=None, help="model checkpoint (.safetensors); default: the package's model")
+    p.add_argument("--out", default="m2ort-fast-out", help="output folder (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--backend", default="torch", help="inference backend (default: %(default)s)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--level-source", default="pyramid", choices=["pyramid", "resize"],
+                   help="levels 2 and 3 read from the pyramid (default) or resized from level 1 as the paper's code does")
+    p.add_argument("--genes", type=_csv_list, default=None, help="comma-separated genes to draw heatmaps of")
+    p.add_argument("--heatmaps", type=int, default=4, help="number of heatmaps when --genes is not given (0: none)")
+    p.add_argument("--no-csv", action="store_true", help="do not write the CSV")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_predict)
+
+
+def run_predict(args) -> int:
+    from .predict import DEMO_SLIDE, DEMO_SPOTS, predict_slides
+
+    slides, spots = args.slides, args.spots
+    if not slides:
+        slides, spots = [str(DEMO_SLIDE)], [str(DEMO_SPOTS)]
+        log.info("no slide given: running the demo (%s with its spot table)", DEMO_SLIDE.name)
+    if spots is not None and len(spots) != len(slides):
+        raise M2ORTError(f"--spots given {len(spots)} times for {len(slides)} slides: give it once per slide, or not at all")
+    results = predict_slides(
+        slides, model=args.checkpoint, out_dir=args.out, spots=spots, spot_format=args.spot_format,
+        spacing_um=args.spacing_um, mpp=args.mpp, heatmap_genes=args.genes, n_heatmaps=args.heatmaps,
+        write_csv=not args.no_csv, backend=args.backend, device=args.device, precision=args.precision,
+        batch_size=args.batch_size, level_source=args.level_source, progress=not args.quiet,
+        stop_on_error=len(slides) == 1)
+    failed = 0
+    for result in results:
+        if not result.ok:
+            failed += 1
+            continue
+        stages = ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items())
+        print(f"{result.slide.name}: {result.n_spots} spots at {result.mpp:.4f} um/px ({result.mpp_source}) -> "
+              f"{result.outputs.h5ad}  [{stages}]")
+    if failed:
+        print(f"{failed} of {len(results)} slides failed (see the errors above)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def add_info(subparsers) -> None:
+    p = subparsers.add_parser("info", help="describe a slide (levels, mpp, vendor) and/or a model (params, FLOPs)")
+    p.add_argument("slide", nargs="?", help="slide to describe")
+    p.add_argument("--model", default=None, help="model variant: tiny, small, base, large, or 'all'")
+    p.add_argument("--checkpoint", default=None, help="describe a checkpoint (variant, genes, mpp, provenance)")
+    p.add_argument("--genes", type=int, default=250, help="gene panel size for --model (default 250)")
+    p.add_argument("--mpp", type=float, default=None, help="level-0 mpp to assume for a slide without it")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run_info)
+
+
+def run_info(args) -> int:
+    from .model import VARIANTS, describe, get_config
+
+    report = {}
+    if args.slide:
+        from .slide import open_slide
+
+        with open_slide(args.slide, mpp=args.mpp) as slide:
+            report["slide"] = slide.info()
+    if args.checkpoint:
+        from .checkpoint import read_card
+
+        card = read_card(args.checkpoint)
+        report["checkpoint"] = {
+            "path": args.checkpoint, "model_id": card.model_id, "variant": card.variant, "trained": card.trained,
+            "n_genes": len(card.genes), "genes_head": card.genes[:10], "mpp": card.mpp,
+            "level_mpp": card.level_mpp, "patch_sizes_px": card.patch_sizes_px,
+            "target_transform": card.target_transform, "provenance": card.provenance,
+            **{k: v for k, v in describe(card.config).items() if k in ("params", "params_M", "gflops_per_spot")},
+        }
+    if args.model or not report:
+        names = list(VARIANTS) if args.model in (None, "all") else [args.model]
+        try:
+            report["models"] = [describe(get_config(name, args.genes)) for name in names]
+        except ValueError as exc:
+            raise M2ORTError(str(exc)) from None
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        _print_info(report)
+    return 0
+
+
+def _print_info(report: dict) -> None:
+    if "slide" in report:
+        s = report["slide"]
+        print(f"slide {s.get('path')}: reader {s.get('reader')}, vendor {s.get('vendor')}, "
+              f"mpp {s.get('mpp')} ({s.get('mpp_source')})")
+        for i, level in enumerate(s.get("levels", [])):
+            print(f"  level {i}: {level}")
+    if "checkpoint" in report:
+        c = report["checkpoint"]
+        print(f"checkpoint {c['path']}: {c['model_id']} ({c['variant']}, {'trained' if c['trained'] else 'NOT trained'}), "
+              f"{c['n_genes']} genes, level-1 mpp {c['mpp']}, {c['params_M']} M params, {c['gflops_per_spot']} GFLOPs/spot")
+    for m in report.get("models", []):
+        note = "" if m["in_paper"] else "  (not in the paper: demo/test size)"
+        print(f"{m['variant']:>6}: D={m['dim']} depth={m['depth']} heads={m['heads']}x64 mlp={m['mlp_dim']} "
+              f"genes={m['n_genes']}  params {m['params']:,} ({m['params_M']} M)  "
+              f"{m['gflops_per_spot']} GFLOPs/spot{note}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="m2ort-fast", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"m2ort-fast {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_predict(subparsers)
+    add_info(subparsers)
+    for module_name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            # a subcommand whose module has not been written yet, or whose optional toolkit is absent
+            log.debug("subcommands of %s unavailable: %s", module_name, exc)
+            continue
+        module.add_subcommands(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="m2ort-fast: %(message)s", stream=sys.stderr)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verbose:
+        logging.getLogger().setLevel(logging.DEBUG)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except M2ORTError as exc:
+        print(f"m2ort-fast: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("m2ort-fast: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Predicting per-spot expression for slides: the Python API that the CLI wraps.
+
+    from m2ort_fast import Predictor, predict_slides
+    results = predict_slides(["a.svs", "b.svs"], model="model.safetensors", out_dir="out")
+
+One :class:`Predictor` holds one loaded model and backend and serves any number of slides.
+A slide goes through stages, each an NVTX range and a timed entry of ``SlideResult.seconds``:
+``open`` (slide, spots, tissue), ``read`` (multi-level patches), ``assemble`` (normalised NCHW
+batches, in the C++ extension), ``model`` (the backend), ``write`` (h5ad, CSV, heatmaps).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from . import _core
+from .backends import make_backend
+from .checkpoint import ModelCard, file_sha256, load_checkpoint
+from .errors import M2ORTError, SpotsError
+from .outputs import SlideOutputs, build_anndata, pick_heatmap_genes, write_slide_outputs
+from .profiling import StageTimer
+from .slide import Slide, open_slide, read_spot_patches, require_mpp
+from .spots import Spots, check_spots_inside, grid_spots, load_spots
+from .tissue import tissue_mask
+
+log = logging.getLogger("m2ort_fast")
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEMO_SLIDE = ASSETS / "demo_slide.tiff"
+DEMO_SPOTS = ASSETS / "demo_spots.tsv"
+DEFAULT_CHECKPOINT = ASSETS / "demo_model.safetensors"
+
+VISIUM_PITCH_UM = 100.0
+VISIUM_SPOT_DIAMETER_UM = 55.0
+THUMBNAIL_MAX_SIDE_PX = 1600
+# A spot table whose spots barely touch the tissue belongs to another slide (or another scale).
+MIN_SPOTS_ON_TISSUE_FRACTION = 0.1
+
+
+@dataclass
+class SlideResult:
+    slide: Path
+    n_spots: int = 0
+    outputs: SlideOutputs | None = None
+    mpp: float | None = None
+    mpp_source: str | None = None
+    seconds: dict = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Predictor:
+    """A loaded model + backend, ready for many slides.
+
+    ``checkpoint``: path of a ``.safetensors`` checkpoint (None: the package's default model).
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike | None = None, *, backend: str = "torch",
+                 device: str = "auto", precision: str = "fp32", batch_size: int = 64,
+                 level_source: str = "pyramid", num_threads: int = 0, progress: bool = True,
+                 backend_options: dict | None = None):
+        if batch_size < 1:
+            raise M2ORTError(f"batch size must be at least 1, got {batch_size}")
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
+        model, self.card = load_checkpoint(self.checkpoint)
+        self.checkpoint_sha256 = file_sha256(self.checkpoint)
+        options = {"precision": precision, **(backend_options or {})}
+        if backend != "torch":
+            options.setdefault("checkpoint_path", str(self.checkpoint))
+        self.backend = make_backend(backend, model, self.card, device=device, **options)
+        self.backend_name = backend
+        self.precision = precision
+        self.batch_size = batch_size
+        self.level_source = level_source
+        self.num_threads = num_threads
+        self.progress = progress
+        self._mean = [float(v) for v in self.card.pixel_mean]
+        self._std = [float(v) for v in self.card.pixel_std]
+
+    @property
+    def genes(self) -> list[str]:
+        return self.card.genes
+
+    def predict_centers(self, slide: Slide, centers_px: np.ndarray, timer: StageTimer | None = None,
+                        desc: str | None = None) -> np.ndarray:
+        """Predictions (N, n_genes) float32 for spot centres (N, 2) in level-0 px of ``slide``."""
+        timer = timer or StageTimer()
+        n = len(centers_px)
+        predictions = np.empty((n, len(self.card.genes)), dtype=np.float32)
+        starts = range(0, n, self.batch_size)
+        if self.progress and n > self.batch_size:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=desc or slide.path.name, unit="batch", leave=False)
+        for start in starts:
+            stop = min(start + self.batch_size, n)
+            with timer.stage("read"):
+                patches = read_spot_patches(slide, centers_px[start:stop], self.card.level_mpp,
+                                            self.card.patch_sizes_px, level_source=self.level_source)
+            with timer.stage("assemble"):
+                levels = [torch.from_numpy(_core.assemble_batch(p, self._mean, self._std, num_threads=self.num_threads))
+                          for p in patches]
+            with timer.stage("model"):
+                predictions[start:stop] = self.backend(*levels).numpy()
+        return predictions
+
+    def predict_slide(self, slide_path: str | os.PathLike, *, spots: str | os.PathLike | Spots | None = None,
+                      spot_format: str = "auto", spacing_um: float | None = None, mpp: float | None = None,
+                      out_dir: str | os.PathLike = "m2ort-fast-out", heatmap_genes: Sequence[str] | None = None,
+                      n_heatmaps: int = 4, write_csv: bool = True, reader: str = "auto",
+                      stem: str | None = None) -> SlideResult:
+        """Predict every spot of one slide and write ``<stem>.h5ad``, ``.csv`` and heatmaps.
+
+        Spots: a spot file (Visium, legacy ST, CSV of centres), a :class:`Spots`, or None for a
+        hexagonal grid over the tissue every ``spacing_um`` (default: Visium's 100 um).
+        """
+        timer = StageTimer()
+        slide_path = Path(slide_path)
+        result = SlideResult(slide=slide_path)
+        with timer.stage("open"):
+            slide = open_slide(slide_path, mpp=mpp)
+        with slide:
+            with timer.stage("open"):
+                if spots is not None and not isinstance(spots, Spots):
+                    spots = load_spots(spots, format=spot_format)
+                if spots is not None and slide.mpp is None and spots.mpp_from_pitch:
+                    slide.set_mpp(spots.mpp_from_pitch, "spot-table")
+                    log.info("%s: no mpp in the slide; %.4f um/px derived from the array pitch of %s",
+                             slide_path.name, spots.mpp_from_pitch, spots.path.name if spots.path else "the spot table")
+                slide_mpp = require_mpp(slide)
+                thumbnail, downsample = slide.thumbnail(THUMBNAIL_MAX_SIDE_PX)
+                mask = tissue_mask(thumbnail)
+                if spots is None:
+                    spots = grid_spots(slide, spacing_um=spacing_um or VISIUM_PITCH_UM,
+                                       spot_diameter_um=VISIUM_SPOT_DIAMETER_UM, mask=mask)
+                else:
+                    width_px, height_px = slide.level_dimensions[0]
+                    check_spots_inside(spots, width_px, height_px, slide_path)
+                    _check_spots_on_tissue(spots, mask, downsample, slide_path)
+                self._warn_on_upsampling(slide_path, slide_mpp)
+            centers = np.asarray(spots.centers_px, dtype=np.float64)
+            predictions = self.predict_centers(slide, centers, timer)
+            with timer.stage("write"):
+                diameter_um = spots.spot_diameter_um or VISIUM_SPOT_DIAMETER_UM
+                uns = self._run_metadata(slide, spots, out_dir=out_dir, spacing_um=spacing_um)
+                adata = build_anndata(predictions, self.card.genes, spots.ids, centers, spots.columns, uns,
+                                      thumbnail=thumbnail, thumbnail_downsample=downsample,
+                                      spot_diameter_px=diameter_um / slide_mpp)
+                genes = pick_heatmap_genes(predictions, self.card.genes, list(heatmap_genes or []), n_heatmaps)
+                result.outputs = write_slide_outputs(
+                    Path(out_dir), stem or slide_path.stem, adata, write_csv=write_csv,
+                    heatmap_genes=genes if n_heatmaps or heatmap_genes else [], thumbnail=thumbnail,
+                    thumbnail_downsample=downsample, spot_diameter_px=diameter_um / slide_mpp)
+            result.n_spots = len(centers)
+            result.mpp, result.mpp_source = slide_mpp, slide.mpp_source
+        result.seconds = timer.summary()
+        return result
+
+    def _warn_on_upsampling(self, slide_path: Path, slide_mpp: float) -> None:
+        needed = self.card.level_mpp[0]
+        if slide_mpp > needed * 1.25:
+            log.warning("%s: slide resolution %.3f um/px is coarser than the model's %.3f um/px; "
+                        "level-1 patches are upsampled", slide_path.name, slide_mpp, needed)
+
+    def _run_metadata(self, slide: Slide, spots: Spots, **params) -> dict:
+        from . import __version__
+
+        card: ModelCard = self.card
+        return {
+            "version": __version__,
+            "model_id": card.model_id,
+            "variant": card.variant,
+            "trained": card.trained,
+            "checkpoint": str(self.checkpoint),
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "target_transform": card.target_transform,
+            "model_mpp": card.mpp,
+            "level_mpp": list(card.level_mpp),
+            "patch_sizes_px": list(card.patch_sizes_px),
+            "slide": str(slide.path),
+            "slide_reader": slide.reader_name,
+            "slide_vendor": slide.vendor,
+            "slide_mpp": slide.mpp,
+            "slide_mpp_source": slide.mpp_source,
+            "spots_source": spots.source,
+            "spots_file": str(spots.path) if spots.path else None,
+            "backend": self.backend_name,
+            "device": str(self.backend.device),
+            "precision": self.precision,
+            "batch_size": self.batch_size,
+            "level_source": self.level_source,
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in params.items()},
+        }
+
+
+def _check_spots_on_tissue(spots: Spots, mask: np.ndarray, downsample: float, slide_path: Path) -> None:
+    """Refuse a spot table none of whose spots (or too few) lie on the slide's tissue."""
+    h, w = mask.shape
+    xy = np.floor(np.asarray(spots.centers_px) / downsample).astype(np.int64)
+    xy[:, 0] = xy[:, 0].clip(0, w - 1)
+    xy[:, 1] = xy[:, 1].clip(0, h - 1)
+    on_tissue = mask[xy[:, 1], xy[:, 0]]
+    if on_tissue.mean() < MIN_SPOTS_ON_TISSUE_FRACTION:
+        where = spots.path or "spot table"
+        raise SpotsError(f"only {int(on_tissue.sum())} of {len(on_tissue)} spots lie on the tissue of "
+                         f"{slide_path.name}: spots outside the tissue (spot table for another slide or scale?)",
+                         where)
+
+
+def predict_slides(slides: Iterable[str | os.PathLike], *, model: str | os.PathLike | Predictor | None = None,
+                   out_dir: str | os.PathLike = "m2ort-fast-out",
+                   spots: Sequence[str | os.PathLike | Spots | None] | None = None,
+                   stop_on_error: bool = False, **options) -> list[SlideResult]:
+    """Predict many slides with one loaded model.
+
+    ``model``: a checkpoint path, a ready :class:`Predictor`, or None for the default model.
+    ``spots``: one spot source per slide (None entries: grid over the tissue).
+    ``options``: Predictor options (backend, device, precision, batch_size, ...) when ``model`` is
+    not a Predictor, and predict_slide options (spacing_um, mpp, heatmap_genes, ...).
+    A slide that fails is reported in its result's ``error`` and the batch goes on.
+    """
+    slides = [Path(s) for s in slides]
+    spots = list(spots) if spots is not None else [None] * len(slides)
+    if len(spots) != len(slides):
+        raise M2ORTError(f"{len(spots)} spot files given for {len(slides)} slides")
+    predictor_keys = {"backend", "device", "precision", "batch_size", "level_source", "num_threads",
+                      "progress", "backend_options"}
+    if isinstance(model, Predictor):
+        predictor = model
+    else:
+        predictor = Predictor(model, **{k: v for k, v in options.items() if k in predictor_keys})
+    slide_options = {k: v for k, v in options.items() if k not in predictor_keys}
+    results = []
+    for slide_path, slide_spots in zip(slides, spots):
+        try:
+            results.append(predictor.predict_slide(slide_path, spots=slide_spots, out_dir=out_dir, **slide_options))
+        except M2ORTError as exc:
+            if stop_on_error:
+                raise
+            log.error("%s", exc)
+            results.append(SlideResult(slide=slide_path, error=str(exc)))
+    return results
