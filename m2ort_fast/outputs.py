@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 DEFAULT_HEATMAP_COUNT = 4
+LOWRES_MAX_SIDE_PX = 600  # the image stored in the .h5ad, as Space Ranger's "lowres"
 
 
 @dataclass
@@ -65,12 +66,24 @@ def build_anndata(predictions: np.ndarray, genes: list[str], spot_ids: list[str]
     adata.obsm["spatial"] = np.ascontiguousarray(centers_px, dtype=np.float64)
     adata.uns["m2ort_fast"] = _jsonable(uns)
     if thumbnail is not None and thumbnail_downsample:
+        lowres, lowres_downsample = _shrink(thumbnail, thumbnail_downsample, LOWRES_MAX_SIDE_PX)
         library = Path(str(uns.get("slide", "slide"))).stem or "slide"
-        scalefactors = {"tissue_lowres_scalef": 1.0 / float(thumbnail_downsample)}
+        scalefactors = {"tissue_lowres_scalef": 1.0 / lowres_downsample}
         if spot_diameter_px:
             scalefactors["spot_diameter_fullres"] = float(spot_diameter_px)
-        adata.uns["spatial"] = {library: {"images": {"lowres": thumbnail}, "scalefactors": scalefactors}}
+        adata.uns["spatial"] = {library: {"images": {"lowres": lowres}, "scalefactors": scalefactors}}
     return adata
+
+
+def _shrink(image: np.ndarray, downsample: float, max_side_px: int) -> tuple[np.ndarray, float]:
+    """Resize ``image`` (a view of level 0 at ``downsample``) to at most ``max_side_px``."""
+    factor = max(image.shape[:2]) / max_side_px
+    if factor <= 1:
+        return image, float(downsample)
+    from PIL import Image
+
+    size = (max(1, round(image.shape[1] / factor)), max(1, round(image.shape[0] / factor)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR)), float(downsample) * image.shape[1] / size[0]
 
 
 def _jsonable(value):
@@ -87,7 +100,8 @@ def _jsonable(value):
 
 
 def write_heatmap(path: Path, gene: str, values: np.ndarray, centers_px: np.ndarray, thumbnail: np.ndarray,
-                  downsample: float, spot_diameter_px: float, title_suffix: str = "") -> None:
+                  downsample: float, spot_diameter_px: float, title_suffix: str = "",
+                  value_label: str = "predicted log1p CPM") -> None:
     """One PNG: the predicted value of ``gene`` at every spot, drawn as discs over the thumbnail."""
     import matplotlib
 
@@ -95,7 +109,7 @@ def write_heatmap(path: Path, gene: str, values: np.ndarray, centers_px: np.ndar
     import matplotlib.pyplot as plt
 
     h, w = thumbnail.shape[:2]
-    fig, ax = plt.subplots(figsize=(8, 8 * h / max(w, 1) + 0.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(8, 8 * h / max(w, 1) + 0.6), dpi=100)
     ax.imshow(thumbnail)
     xy = centers_px / downsample
     # scatter sizes are in points^2: convert the spot's diameter from thumbnail px to points
@@ -103,7 +117,7 @@ def write_heatmap(path: Path, gene: str, values: np.ndarray, centers_px: np.ndar
     diameter_pt = max(spot_diameter_px / downsample * axes_width_pt / max(w, 1), 2.0)
     scatter = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=diameter_pt**2, cmap="viridis", alpha=0.85,
                          edgecolors="none")
-    fig.colorbar(scatter, ax=ax, fraction=0.035, pad=0.02, label="predicted log1p CPM")
+    fig.colorbar(scatter, ax=ax, fraction=0.035, pad=0.02, label=value_label)
     ax.set_title(f"{gene}{title_suffix}")
     ax.set_axis_off()
     fig.tight_layout()
@@ -133,11 +147,13 @@ def write_slide_outputs(out_dir: Path, stem: str, adata, *, write_csv: bool = Tr
         if heatmap_genes and thumbnail is not None:
             staged_maps = staging / f"{stem}_heatmaps"
             staged_maps.mkdir()
+            untrained = not adata.uns.get("m2ort_fast", {}).get("trained", True)
+            suffix = f" ({stem}{', UNTRAINED demo model' if untrained else ''})"
             for gene in heatmap_genes:
                 column = adata.var_names.get_loc(gene)
                 write_heatmap(staged_maps / f"{_safe_name(gene)}.png", gene, np.asarray(adata.X[:, column]),
                               adata.obsm["spatial"], thumbnail, thumbnail_downsample, spot_diameter_px,
-                              title_suffix=f" ({stem})")
+                              title_suffix=suffix)
                 heatmap_paths.append(out_dir / f"{stem}_heatmaps" / f"{_safe_name(gene)}.png")
             final_maps = out_dir / f"{stem}_heatmaps"
             if final_maps.exists():

@@ -1,0 +1,86 @@
+#include "batch.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#include "parallel.hpp"
+
+namespace m2ort {
+
+namespace {
+// Enough pixels per thread that starting a thread (~10-20 us) is worth it.
+constexpr int64_t kMinPixelsPerThread = 1 << 15;
+constexpr uint8_t kWhite = 255;
+}  // namespace
+
+void assemble_batch(const uint8_t* patches, int64_t n, int64_t height, int64_t width,
+                    const std::array<double, 3>& mean, const std::array<double, 3>& std_dev,
+                    float* out, int64_t num_threads) {
+  // A uint8 has 256 values: a per-channel table computed in double gives the correctly rounded
+  // float32 of (v / 255 - mean) / std, and turns the inner loop into loads and stores.
+  float table[3][256];
+  for (int c = 0; c < 3; ++c) {
+    for (int v = 0; v < 256; ++v) {
+      table[c][v] = static_cast<float>((v / 255.0 - mean[c]) / std_dev[c]);
+    }
+  }
+  const int64_t plane = height * width;
+  const int64_t rows = n * height;  // unit of work: one image row of one patch
+  const int64_t threads = choose_threads(rows, num_threads, kMinPixelsPerThread / std::max<int64_t>(1, width));
+  parallel_for(rows, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t i = row / height, y = row % height;
+      const uint8_t* src = patches + row * width * 3;
+      float* red = out + i * 3 * plane + y * width;
+      float* green = red + plane;
+      float* blue = green + plane;
+      for (int64_t x = 0; x < width; ++x) {
+        red[x] = table[0][src[3 * x]];
+        green[x] = table[1][src[3 * x + 1]];
+        blue[x] = table[2][src[3 * x + 2]];
+      }
+    }
+  });
+}
+
+void crop_patches(const RegionView& region, const int64_t* origins_xy, int64_t n, int64_t size_px,
+                  uint8_t* out, int64_t num_threads) {
+  const int64_t out_row_bytes = size_px * 3;
+  const bool packed_pixels = region.pixel_stride == 3 && region.channel_stride == 1;
+  const int64_t rows = n * size_px;  // unit of work: one output row
+  const int64_t threads = choose_threads(rows, num_threads, kMinPixelsPerThread / std::max<int64_t>(1, size_px));
+  parallel_for(rows, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t i = row / size_px, r = row % size_px;
+      const int64_t origin_x = origins_xy[2 * i], origin_y = origins_xy[2 * i + 1];
+      uint8_t* dst = out + row * out_row_bytes;
+      // Rejecting far-away origins first keeps the arithmetic below free of int64 overflow.
+      const bool row_outside = origin_y >= region.height || origin_y <= -size_px ||
+                               origin_x >= region.width || origin_x <= -size_px ||
+                               origin_y + r >= region.height || origin_y + r < 0;
+      if (row_outside) {
+        std::memset(dst, kWhite, static_cast<size_t>(out_row_bytes));
+        continue;
+      }
+      // Output columns [first, last) come from the region; the rest are white.
+      const int64_t first = std::max<int64_t>(0, -origin_x);
+      const int64_t last = std::min<int64_t>(size_px, region.width - origin_x);
+      std::memset(dst, kWhite, static_cast<size_t>(first * 3));
+      std::memset(dst + last * 3, kWhite, static_cast<size_t>((size_px - last) * 3));
+      const uint8_t* src = region.data + (origin_y + r) * region.row_stride + (origin_x + first) * region.pixel_stride;
+      uint8_t* dst_inside = dst + first * 3;
+      if (packed_pixels) {
+        std::memcpy(dst_inside, src, static_cast<size_t>((last - first) * 3));
+      } else {
+        for (int64_t x = 0; x < last - first; ++x) {
+          const uint8_t* pixel = src + x * region.pixel_stride;
+          dst_inside[3 * x] = pixel[0];
+          dst_inside[3 * x + 1] = pixel[region.channel_stride];
+          dst_inside[3 * x + 2] = pixel[2 * region.channel_stride];
+        }
+      }
+    }
+  });
+}
+
+}  // namespace m2ort

@@ -1,0 +1,204 @@
+"""m2ort_fast._core (csrc/): batch assembly against the plain NumPy way."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from m2ort_fast import _core
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def numpy_assemble(patches: np.ndarray, mean, std) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32, the obvious NumPy way."""
+    normalised = (patches / 255.0 - np.asarray(mean)) / np.asarray(std)
+    return np.ascontiguousarray(normalised.astype(np.float32).transpose(0, 3, 1, 2))
+
+
+def numpy_crop(region: np.ndarray, origins_xy: np.ndarray, size_px: int) -> np.ndarray:
+    """Pad the region with white by `size_px` on every side, then slice."""
+    padded = np.pad(region, ((size_px, size_px), (size_px, size_px), (0, 0)), constant_values=255)
+    out = np.full((len(origins_xy), size_px, size_px, 3), 255, np.uint8)
+    height, width = region.shape[:2]
+    for i, (x, y) in enumerate(origins_xy):
+        if -size_px < x < width and -size_px < y < height:  # else wholly outside: stays white
+            out[i] = padded[y + size_px: y + 2 * size_px, x + size_px: x + 2 * size_px]
+    return out
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("shape", [(1, 224, 224), (5, 13, 13), (3, 7, 11), (2, 1, 1), (0, 8, 8)])
+@pytest.mark.parametrize("num_threads", [0, 1, 4])
+def test_assemble_batch_matches_numpy(rng, shape, num_threads):
+    patches = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    got = _core.assemble_batch(patches, MEAN, STD, num_threads=num_threads)
+    assert got.dtype == np.float32 and got.shape == (shape[0], 3, shape[1], shape[2])
+    assert got.flags.c_contiguous
+    np.testing.assert_allclose(got, numpy_assemble(patches, MEAN, STD), rtol=0, atol=1e-6)
+
+
+def test_assemble_batch_writes_out_in_place(rng):
+    patches = rng.integers(0, 256, (4, 17, 17, 3), dtype=np.uint8)
+    mean, std = np.array([0.1, 0.5, 0.9]), [0.3, 1.0, 2.0]  # an array works as the sequence too
+    out = np.full((4, 3, 17, 17), np.nan, np.float32)
+    returned = _core.assemble_batch(patches, mean, std, out=out, num_threads=4)
+    assert returned is out or np.shares_memory(returned, out)
+    np.testing.assert_allclose(out, numpy_assemble(patches, mean, std), rtol=0, atol=1e-6)
+
+
+def test_assemble_batch_covers_all_byte_values():
+    # Every uint8 value in every channel: the per-channel lookup must be exact at both ends.
+    values = np.arange(256, dtype=np.uint8)
+    patches = np.stack([values, values[::-1], values], axis=-1).reshape(1, 16, 16, 3)
+    got = _core.assemble_batch(patches, MEAN, STD)
+    np.testing.assert_allclose(got, numpy_assemble(patches, MEAN, STD), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_threads", [1, 4])
+def test_crop_patches_matches_numpy_inside_and_outside(rng, num_threads):
+    region = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    size = 9
+    origins = np.array([
+        [0, 0], [44, 28], [20, 10],      # wholly inside, touching both far edges
+        [-4, 3], [50, -2], [-8, -8],     # partly outside left/top/right/corner
+        [52, 36], [-9, 0], [53, 0],      # one pixel inside; wholly outside left and right
+        [0, 37], [0, -9], [10**12, -10**12],  # wholly outside bottom/top; far away
+    ], dtype=np.int64)
+    got = _core.crop_patches(region, origins, size, num_threads=num_threads)
+    assert got.shape == (len(origins), size, size, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got[:-1], numpy_crop(region, origins[:-1], size))
+    assert (got[-1] == 255).all()
+    assert (got[-2] == 255).all() and (got[7] == 255).all()
+    assert got[6, 0, 0].tolist() == region[36, 52].tolist() and (got[6, 1:] == 255).all() and (got[6, 0, 1:] == 255).all()
+
+
+def test_crop_patches_odd_size_single_patch_and_out(rng):
+    region = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    origins = np.array([[3, -2]], dtype=np.int64)
+    out = np.zeros((1, 7, 7, 3), np.uint8)
+    returned = _core.crop_patches(region, origins, 7, out=out, num_threads=1)
+    assert np.shares_memory(returned, out)
+    np.testing.assert_array_equal(out, numpy_crop(region, origins, 7))
+
+
+def test_crop_patches_reads_strided_rgba_view_without_copy(rng):
+    # OpenSlide gives RGBA: the [..., :3] view has a 4-byte pixel stride.
+    rgba = rng.integers(0, 256, (30, 40, 4), dtype=np.uint8)
+    origins = rng.integers(-10, 40, (25, 2))  # int64, and any other integer dtype is accepted too
+    got = _core.crop_patches(rgba[..., :3], origins.astype(np.int32), 12, num_threads=4)
+    np.testing.assert_array_equal(got, numpy_crop(np.ascontiguousarray(rgba[..., :3]), origins, 12))
+
+
+def test_crop_then_assemble_pipeline(rng):
+    region = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    origins = rng.integers(-8, 60, (6, 2))
+    patches = _core.crop_patches(region, origins, 16)
+    batch = _core.assemble_batch(patches, MEAN, STD)
+    np.testing.assert_allclose(batch, numpy_assemble(numpy_crop(region, origins, 16), MEAN, STD), atol=1e-6)
+
+
+ASSEMBLE_ERRORS = [
+    (lambda p: dict(patches=p.astype(np.float32)), "patches must have dtype uint8, got float32"),
+    (lambda p: dict(patches=p[..., 0]), r"patches must have shape \(N, H, W, 3\), got \(2, 8, 8\)"),
+    (lambda p: dict(patches=np.zeros((2, 8, 8, 4), np.uint8)), "patches must have shape"),
+    (lambda p: dict(patches=p[:, ::2]), "patches must be C-contiguous"),
+    (lambda p: dict(patches=p.tolist()), "patches must be a numpy.ndarray, got list"),
+    (lambda p: dict(mean=(0.5, 0.5)), "mean must have 3 values"),
+    (lambda p: dict(std=(0.5, 0.0, 0.5)), "std values must be non-zero"),
+    (lambda p: dict(out=np.empty((2, 3, 8, 8), np.float64)), "out must have dtype float32, got float64"),
+    (lambda p: dict(out=np.empty((2, 8, 8, 3), np.float32)), r"out must have shape \(2, 3, 8, 8\), got \(2, 8, 8, 3\)"),
+    (lambda p: dict(out=np.empty((2, 3, 8, 16), np.float32)[..., ::2]), "out must be C-contiguous"),
+    (lambda p: dict(num_threads=-1), "num_threads must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("change, message", ASSEMBLE_ERRORS)
+def test_assemble_batch_rejects_bad_arguments(change, message):
+    patches = np.zeros((2, 8, 8, 3), np.uint8)
+    kwargs = dict(patches=patches, mean=MEAN, std=STD) | change(patches)
+    with pytest.raises(ValueError, match=message):
+        _core.assemble_batch(**kwargs)
+
+
+def test_assemble_batch_rejects_read_only_and_aliased_out():
+    patches = np.zeros((2, 8, 8, 3), np.uint8)
+    out = np.zeros((2, 3, 8, 8), np.float32)
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match="out is read-only"):
+        _core.assemble_batch(patches, MEAN, STD, out=out)
+    shared = np.zeros(2 * 3 * 8 * 8 * 4, np.uint8)
+    with pytest.raises(ValueError, match="out must not share memory with the input"):
+        _core.assemble_batch(shared[: 2 * 8 * 8 * 3].reshape(2, 8, 8, 3), MEAN, STD,
+                             out=shared.view(np.float32).reshape(2, 3, 8, 8))
+
+
+CROP_ERRORS = [
+    (dict(region=np.zeros((10, 10, 3), np.float32)), "region must have dtype uint8"),
+    (dict(region=np.zeros((10, 10), np.uint8)), r"region must have shape \(H, W, 3\)"),
+    (dict(origins_px=np.zeros((3, 2), np.float64)), "origins_px must have an integer dtype"),
+    (dict(origins_px=np.zeros((3, 3), np.int64)), r"origins_px must have shape \(N, 2\)"),
+    (dict(size_px=0), "size_px must be > 0"),
+    (dict(out=np.zeros((3, 4, 4, 3), np.uint8)), r"out must have shape \(3, 5, 5, 3\)"),
+    (dict(out=np.zeros((3, 5, 5, 3), np.int8)), "out must have dtype uint8"),
+    (dict(num_threads=-2), "num_threads must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("change, message", CROP_ERRORS)
+def test_crop_patches_rejects_bad_arguments(change, message):
+    kwargs = dict(region=np.zeros((10, 10, 3), np.uint8), origins_px=np.zeros((3, 2), np.int64), size_px=5) | change
+    with pytest.raises(ValueError, match=message):
+        _core.crop_patches(**kwargs)
+
+
+def test_assemble_batch_releases_the_gil():
+    """A Python thread must make progress *during* a long assemble_batch call.
+
+    With the GIL held for the whole call, the ticker thread can run only before the call starts
+    (for at most one switch interval after `start`) or after it returns, so no tick can fall in
+    the middle of the window below. Retries absorb a busy machine not scheduling the ticker.
+    """
+    patches = np.random.default_rng(1).integers(0, 256, (192, 224, 224, 3), dtype=np.uint8)  # 29 MB
+    out = np.empty((192, 3, 224, 224), np.float32)  # 116 MB
+    margin_s = 0.003
+    ticks: list[float] = []
+    stop = threading.Event()
+
+    def ticker():
+        last = 0.0
+        while not stop.is_set():
+            now = time.perf_counter()
+            if now - last > 1e-4:  # bounded memory: at most one tick per 0.1 ms
+                ticks.append(now)
+                last = now
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)
+    thread = threading.Thread(target=ticker, daemon=True)
+    thread.start()
+    try:
+        windows = []
+        for _ in range(8):
+            start = time.perf_counter()
+            _core.assemble_batch(patches, MEAN, STD, out=out, num_threads=1)
+            end = time.perf_counter()
+            windows.append((start, end))
+            if end - start > 4 * margin_s and any(start + margin_s < t < end - margin_s for t in ticks):
+                break
+        else:
+            pytest.fail(f"no Python progress during any of {len(windows)} calls "
+                        f"(durations {[round(e - s, 4) for s, e in windows]} s): is the GIL released?")
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(old_interval)
