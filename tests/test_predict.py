@@ -1,0 +1,123 @@
+"""`predict` end to end: the demo, the real her2st sections (flat and converted), grids, outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import HER2ST_SECTIONS, her2st_section
+from m2ort_fast import outputs as outputs_module
+from m2ort_fast.checkpoint import load_checkpoint
+from m2ort_fast.convert import convert_to_pyramid
+from m2ort_fast.predict import DEFAULT_CHECKPOINT, DEMO_SLIDE, DEMO_SPOTS, Predictor, predict_slides
+from m2ort_fast.slide import open_slide, read_spot_patches
+from m2ort_fast.spots import load_spots
+from pyramids import write_test_pyramid
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return Predictor(progress=False, device="cpu")
+
+
+def read_h5ad(path):
+    import anndata
+
+    return anndata.read_h5ad(path)
+
+
+def expected_predictions(slide_path, centers_px, mpp=None):
+    """The reference computed without the engine: read patches, normalise in NumPy, eager model."""
+    model, card = load_checkpoint(DEFAULT_CHECKPOINT)
+    with open_slide(slide_path, mpp=mpp) as slide:
+        patches = read_spot_patches(slide, centers_px, card.level_mpp, card.patch_sizes_px)
+    mean, std = np.array(card.pixel_mean), np.array(card.pixel_std)
+    levels = [torch.from_numpy(((p / 255.0 - mean) / std).transpose(0, 3, 1, 2).astype(np.float32)) for p in patches]
+    with torch.no_grad():
+        return model(*levels).numpy()
+
+
+def test_demo_predict_matches_the_reference_path(predictor, tmp_path):
+    result = predictor.predict_slide(DEMO_SLIDE, spots=DEMO_SPOTS, out_dir=tmp_path)
+    table = pd.read_csv(DEMO_SPOTS, sep="\t")
+    adata = read_h5ad(result.outputs.h5ad)
+    assert adata.n_obs == len(table) == result.n_spots
+    assert list(adata.obs_names) == [f"{x}x{y}" for x, y in zip(table["x"], table["y"])]
+    np.testing.assert_allclose(adata.obsm["spatial"], table[["pixel_x", "pixel_y"]].to_numpy())
+    assert list(adata.var_names) == predictor.genes
+    np.testing.assert_allclose(adata.X, expected_predictions(DEMO_SLIDE, adata.obsm["spatial"]), rtol=1e-4, atol=1e-4)
+    assert adata.uns["m2ort_fast"]["slide_mpp_source"] == "metadata"
+    assert adata.uns["m2ort_fast"]["trained"] is False or adata.uns["m2ort_fast"]["trained"] == 0
+    csv = pd.read_csv(result.outputs.csv, index_col="spot_id")
+    np.testing.assert_allclose(csv[predictor.genes].to_numpy(), adata.X, rtol=1e-5, atol=1e-5)
+    assert len(result.outputs.heatmaps) == 4 and all(p.stat().st_size > 10_000 for p in result.outputs.heatmaps)
+    assert set(result.seconds) == {"open", "read", "assemble", "model", "write"}
+    assert not list(tmp_path.glob(".*partial*")), "staging folder left behind"
+
+
+@pytest.mark.parametrize("section", HER2ST_SECTIONS)
+def test_real_section_flat_jpeg_and_converted_pyramid(predictor, section, tmp_path):
+    folder = her2st_section(section)
+    image = next(folder.glob("*.jpg"))
+    table_path = next(folder.glob("*_selection.tsv"))
+    table = pd.read_csv(table_path, sep="\t")
+    table = table[table["selected"] == 1]
+    flat = predictor.predict_slide(image, spots=table_path, out_dir=tmp_path / "flat", heatmap_genes=["ERBB2"]
+                                   if "ERBB2" in predictor.genes else None, n_heatmaps=1)
+    assert flat.mpp_source == "spot-table" and flat.mpp == pytest.approx(200 / 290, rel=0.03)
+    adata = read_h5ad(flat.outputs.h5ad)
+    assert adata.n_obs == len(table)
+    np.testing.assert_allclose(adata.obsm["spatial"], table[["pixel_x", "pixel_y"]].to_numpy())
+
+    pyramid = convert_to_pyramid(image, tmp_path / f"{section}.tiff", mpp=flat.mpp)
+    converted = predictor.predict_slide(pyramid, spots=table_path, out_dir=tmp_path / "pyramid", n_heatmaps=0)
+    assert converted.mpp_source == "metadata" and converted.mpp == pytest.approx(flat.mpp, rel=1e-4)
+    adata_pyr = read_h5ad(converted.outputs.h5ad)
+    assert list(adata_pyr.obs_names) == list(adata.obs_names)
+    np.testing.assert_allclose(adata_pyr.obsm["spatial"], adata.obsm["spatial"])
+    # Same spots, same model: only JPEG re-encoding and the pyramid's own levels 2/3 differ.
+    spread = adata.X.std(axis=0).mean()
+    assert np.abs(adata_pyr.X - adata.X).mean() < spread
+
+
+def test_grid_over_tissue_and_spacing(predictor, tmp_path):
+    slide_path = write_test_pyramid(tmp_path / "grid.svs", layout="svs", size_px=2048, mpp=0.5)
+    coarse = predictor.predict_slide(slide_path, out_dir=tmp_path / "a", n_heatmaps=1)
+    dense = predictor.predict_slide(slide_path, spacing_um=50, out_dir=tmp_path / "b", n_heatmaps=0)
+    assert coarse.n_spots > 5
+    assert 3.0 < dense.n_spots / coarse.n_spots < 5.0  # half the spacing: ~4x the spots
+    adata = read_h5ad(dense.outputs.h5ad)
+    assert adata.uns["m2ort_fast"]["spots_source"] == "grid"
+    xy = adata.obsm["spatial"]
+    nearest = np.sort(np.linalg.norm(xy[:50, None] - xy[None], axis=-1), axis=1)[:, 1]
+    np.testing.assert_allclose(nearest, 50 / 0.5, rtol=0.02)
+
+
+def test_failed_write_leaves_no_complete_looking_output(predictor, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(outputs_module, "write_heatmap", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        predictor.predict_slide(DEMO_SLIDE, spots=DEMO_SPOTS, out_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_predict_slides_goes_on_after_a_bad_slide(predictor, tmp_path):
+    bad = tmp_path / "bad.svs"
+    bad.write_text("not a slide")
+    results = predict_slides([bad, DEMO_SLIDE], model=predictor, spots=[None, DEMO_SPOTS], out_dir=tmp_path / "out",
+                             n_heatmaps=0)
+    assert not results[0].ok and "bad.svs" in results[0].error
+    assert results[1].ok and results[1].outputs.h5ad.exists()
+
+
+def test_resize_level_source_is_the_papers_way(tmp_path):
+    spots = load_spots(DEMO_SPOTS)
+    with open_slide(DEMO_SLIDE) as slide:
+        resized = Predictor(progress=False, level_source="resize").predict_centers(slide, spots.centers_px[:8])
+        pyramid = Predictor(progress=False).predict_centers(slide, spots.centers_px[:8])
+    assert resized.shape == pyramid.shape
+    assert not np.allclose(resized, pyramid)  # level 2/3 pixels differ, and the model sees it
