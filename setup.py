@@ -86,7 +86,7 @@ setup(
     ],
     extras_require={
         # the Triton kernels' CPU tests run in Triton's interpreter; 3.7.1 is the version measured here
-        "test": ["pytest>=8", "triton==3.7.1"],
+        "test": ["pytest>=8", "triton==3.7.1", "threadpoolctl>=3"],
     },
     entry_points={"console_scripts": ["m2ort-fast=m2ort_fast.cli:main"]},
 )

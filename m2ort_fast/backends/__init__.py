@@ -25,6 +25,7 @@ from ..model import M2ORT
 # name -> "module:factory"; the factory is called as factory(model, card, device=..., **options)
 _REGISTRY: dict[str, str] = {
     "torch": "m2ort_fast.backends.torch_backend:TorchBackend",
+    "triton": "m2ort_fast.backends.triton_backend:TritonBackend",
 }
 
 
