@@ -1,0 +1,487 @@
+"""`m2ort-fast train`: train M2ORT the way the paper's code does.
+
+    m2ort-fast train --config configs/her2st_small.toml [--epochs N] [--variant V] [--test-sections C2] ...
+
+Recipe (``M2ORT_SPEC.md`` "Targets and training"): targets are log1p CPM of the gene panel's total
+(:mod:`m2ort_fast.targets`); loss MSE; Adam, lr 1e-4, no weight decay; batch 96; model kept at the
+best validation PCC (per spot, the paper's); augmentation by horizontal / vertical flips and a
+rotation by a random angle with white fill, the same transform on all three levels. bf16 autocast
+on a GPU.
+
+Outputs in ``--out``: ``last.safetensors`` (every epoch), ``best.safetensors`` (best validation
+PCC), ``resume.pt`` (model, optimizer, epoch, history: ``--resume`` continues from it),
+``metrics.csv`` / ``metrics.json`` (one row per epoch) and ``summary.json`` (final metrics). The
+checkpoints carry a full :class:`ModelCard` with provenance: data, split, gene-panel rule, config,
+command, metrics, and the training spots' mean expression (the mean baseline).
+
+Determinism: the initial weights come from ``seed``; every epoch draws its spot order and
+augmentations from a generator seeded by (seed, epoch), so a run resumed after epoch k makes
+exactly the same updates as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import metrics as M
+from .errors import M2ORTError
+
+log = logging.getLogger(__name__)
+
+RESUME_FILE = "resume.pt"
+SELECT_METRICS = ("pcc_spot_mean", "pcc_gene_mean", f"pcc_gene_top{M.TOP_GENES}_mean")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run depends on. Loaded from a TOML file, then CLI overrides."""
+
+    sections: list[str] = dataclasses.field(default_factory=list)  # sample folders (relative: to data_root)
+    data_root: str = ""  # relative: to the config file's folder
+    test_sections: list[str] = dataclasses.field(default_factory=list)  # folder names held out for testing
+    val_sections: list[str] = dataclasses.field(default_factory=list)
+    split: str = "explicit"  # "explicit" (the lists above) or "random" (the spec's 60/10/30 by slide)
+    val_spot_fraction: float = 0.1  # held-out spots of the training slides when no val slide is given
+    variant: str = "small"
+    n_genes: int = 250
+    panel_top_k: int = 1000
+    mpp: float = 0.0  # model's level-1 microns per pixel; 0: mean of the training sections'
+    level_source: str = "resize"  # levels 2 and 3 resized from level 1, as the paper's code does
+    epochs: int = 200
+    batch_size: int = 96
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    augment: bool = True
+    init_head_bias_to_mean: bool = True  # start from the mean baseline (speeds short runs; not in the paper)
+    select_metric: str = "pcc_spot_mean"
+    seed: int = 0
+    max_spots_per_section: int = 0  # 0: all (small numbers are for tests)
+    eval_batch_size: int = 128
+    model_id: str = ""
+    out: str = "runs/m2ort"
+    cache_dir: str = ""
+    device: str = "auto"
+    num_threads: int = 0  # torch CPU threads; 0: torch's default
+
+    @classmethod
+    def from_file(cls, path) -> "TrainConfig":
+        import tomllib
+
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError:
+            raise M2ORTError("cannot read config file", path) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise M2ORTError(f"invalid TOML ({exc})", path) from None
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise M2ORTError(f"unknown config keys: {', '.join(unknown)}", path)
+        cfg = cls(**data)
+        if cfg.data_root and not Path(cfg.data_root).is_absolute():
+            cfg.data_root = str((path.parent / cfg.data_root).resolve())
+        return cfg
+
+    def section_paths(self) -> list[Path]:
+        root = Path(self.data_root) if self.data_root else Path(".")
+        return [Path(s) if Path(s).is_absolute() else root / s for s in self.sections]
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+@dataclasses.dataclass
+class SpotSet:
+    """Spots ready for training: uint8 patches per level (N, S, S, 3), targets (N, G), origins."""
+
+    levels: list[np.ndarray]
+    targets: np.ndarray
+    section: list[str]
+
+    @classmethod
+    def concat(cls, parts: list["SpotSet"], n_genes: int, sizes) -> "SpotSet":
+        if not parts:
+            return cls([np.zeros((0, s, s, 3), np.uint8) for s in sizes], np.zeros((0, n_genes), np.float32), [])
+        return cls([np.concatenate([p.levels[i] for p in parts]) for i in range(len(sizes))],
+                   np.concatenate([p.targets for p in parts]), sum((p.section for p in parts), []))
+
+    def take(self, mask: np.ndarray) -> "SpotSet":
+        rows = np.flatnonzero(mask)
+        return SpotSet([lv[rows] for lv in self.levels], self.targets[rows], [self.section[i] for i in rows])
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+def _sample_mpp(sample) -> float:
+    if sample.mpp:
+        return float(sample.mpp)
+    from .slide import open_slide
+
+    slide = open_slide(sample.slide_path)
+    if slide.mpp is None:
+        raise M2ORTError("neither the slide nor the spot table gives a pixel size; set mpp in the config",
+                         sample.slide_path)
+    return float(slide.mpp)
+
+
+def _thin(sample, max_spots: int):
+    if not max_spots or sample.n_spots <= max_spots:
+        return sample
+    keep = np.zeros(sample.n_spots, dtype=bool)
+    keep[np.linspace(0, sample.n_spots - 1, max_spots).round().astype(int)] = True
+    return sample.subset(keep)
+
+
+def resolve_split(cfg: TrainConfig, names: list[str]) -> dict[str, list[str]]:
+    from .targets import split_slides
+
+    unknown = [n for n in cfg.test_sections + cfg.val_sections if n not in names]
+    if unknown:
+        raise M2ORTError(f"sections {', '.join(unknown)} are not among the configured sections ({', '.join(names)})")
+    if cfg.split == "random":
+        return split_slides(names, seed=cfg.seed)
+    if cfg.split != "explicit":
+        raise M2ORTError(f"unknown split {cfg.split!r}; use 'explicit' or 'random'")
+    held = set(cfg.test_sections) | set(cfg.val_sections)
+    train = [n for n in names if n not in held]
+    if not train:
+        raise M2ORTError("no training section left after the validation and test sections")
+    return {"train": train, "val": [n for n in names if n in cfg.val_sections],
+            "test": [n for n in names if n in cfg.test_sections]}
+
+
+def prepare_data(cfg: TrainConfig, genes: list[str] | None = None, mpp: float | None = None, progress: bool = True):
+    """Read the sections, choose the gene panel and mpp (unless given, e.g. on resume), build the
+    targets and the cached patches. Returns (sets {"train","val","test"}, info dict)."""
+    from .datasets import read_sample
+    from .model import IMAGE_SIZES_PX
+    from .patch_cache import PatchCache
+    from .targets import expression_targets, holdout_spots, select_gene_panel
+
+    paths = cfg.section_paths()
+    if not paths:
+        raise M2ORTError("no sections to train on (set `sections` in the config or pass --sections)")
+    samples = {}
+    for path in paths:
+        sample = _thin(read_sample(path), cfg.max_spots_per_section)
+        samples[path.name] = sample
+    split = resolve_split(cfg, list(samples))
+    train_samples = [samples[n] for n in split["train"]]
+    panel_rule = None
+    if genes is None:
+        panel = select_gene_panel(train_samples, n_genes=cfg.n_genes, top_k=cfg.panel_top_k, seed=cfg.seed)
+        genes, panel_rule = panel.genes, panel.rule
+    if mpp is None:
+        mpp = cfg.mpp or float(np.mean([_sample_mpp(s) for s in train_samples]))
+    from .checkpoint import ModelCard
+
+    card = ModelCard.for_variant(cfg.variant, genes, mpp)
+    cache = PatchCache(cfg.cache_dir or None)
+    parts: dict[str, list[SpotSet]] = {"train": [], "val": [], "test": []}
+    data_info = []
+    t0 = time.perf_counter()
+    for role in ("train", "val", "test"):
+        for name in split[role]:
+            sample = samples[name]
+            targets = expression_targets(sample.counts, sample.genes, genes)
+            levels = cache.patches(sample.slide_path, sample.centers_px, card.level_mpp, slide_mpp=sample.mpp,
+                                   mpp_source=sample.mpp_source, sizes_px=card.patch_sizes_px,
+                                   level_source=cfg.level_source, progress=progress)
+            rows = np.flatnonzero(targets.keep)
+            parts[role].append(SpotSet([np.asarray(lv[rows]) for lv in levels], targets.values, [name] * len(rows)))
+            data_info.append({"section": name, "role": role, "slide": sample.slide_path.name, "format": sample.format,
+                              "n_spots": int(len(rows)), "n_dropped_zero_panel_total": int((~targets.keep).sum()),
+                              "n_panel_genes_missing": len(targets.missing_genes), "mpp": sample.mpp,
+                              "mpp_source": sample.mpp_source, "notes": sample.notes})
+    sizes = card.patch_sizes_px
+    sets = {role: SpotSet.concat(parts[role], len(genes), sizes) for role in parts}
+    val_source = "sections " + ", ".join(split["val"]) if split["val"] else None
+    if not split["val"] and cfg.val_spot_fraction > 0:
+        held = holdout_spots(len(sets["train"]), cfg.val_spot_fraction, cfg.seed)
+        sets["val"], sets["train"] = sets["train"].take(held), sets["train"].take(~held)
+        val_source = f"{cfg.val_spot_fraction:.0%} of the training sections' spots (seed {cfg.seed})"
+    info = {"genes": genes, "panel_rule": panel_rule, "mpp": mpp, "split": split, "val_source": val_source,
+            "data": data_info, "data_seconds": time.perf_counter() - t0,
+            "cache_dir": str(cache.root)}
+    return sets, info
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation
+
+def augment(levels: list[torch.Tensor], generator: torch.Generator, white: torch.Tensor) -> list[torch.Tensor]:
+    """Random h/v flips and rotation by a random angle (white fill), the same per spot on all levels.
+
+    levels: (B, 3, S, S) normalised float tensors (S differs per level); white: (3,) the
+    normalised value of a white pixel. Rotation is bilinear, about the patch centre."""
+    b = levels[0].shape[0]
+    hflip = (torch.rand(b, generator=generator) < 0.5).view(b, 1, 1, 1)
+    vflip = (torch.rand(b, generator=generator) < 0.5).view(b, 1, 1, 1)
+    angle = torch.rand(b, generator=generator, dtype=torch.float64) * (2 * math.pi)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, -sin, zero], -1), torch.stack([sin, cos, zero], -1)], 1)
+    out = []
+    for x in levels:
+        device = x.device
+        x = torch.where(hflip.to(device), x.flip(-1), x)
+        x = torch.where(vflip.to(device), x.flip(-2), x)
+        grid = F.affine_grid(theta.to(device=device, dtype=x.dtype), list(x.shape), align_corners=False)
+        fill = white.to(device=device, dtype=x.dtype).view(1, 3, 1, 1)
+        # Rotating (x - white) with zero padding fills the corners with white.
+        x = F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+        out.append(x)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_history(out: Path, history: list[dict]) -> None:
+    import pandas as pd
+
+    tmp = out / ".metrics.csv.partial"
+    pd.DataFrame(history).to_csv(tmp, index=False, float_format="%.6f")
+    os.replace(tmp, out / "metrics.csv")
+    tmp = out / ".metrics.json.partial"
+    tmp.write_text(json.dumps(history, indent=1))
+    os.replace(tmp, out / "metrics.json")
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, command: str | None = None) -> dict:
+    """Run (or resume) training; returns the summary (also written to ``out/summary.json``)."""
+    from tqdm import tqdm
+
+    from .checkpoint import ModelCard, save_checkpoint
+    from .evaluate import normalize_levels, predict_levels, resolve_device
+    from .model import VARIANTS, M2ORT
+
+    if cfg.variant not in VARIANTS:
+        raise M2ORTError(f"unknown variant {cfg.variant!r}; known: {', '.join(VARIANTS)}")
+    if cfg.select_metric not in SELECT_METRICS:
+        raise M2ORTError(f"unknown select_metric {cfg.select_metric!r}; known: {', '.join(SELECT_METRICS)}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    state = None
+    resume_path = out / RESUME_FILE
+    if resume:
+        if not resume_path.is_file():
+            raise M2ORTError(f"nothing to resume: no {RESUME_FILE}", out)
+        state = torch.load(resume_path, map_location="cpu", weights_only=False)
+        saved_cfg = TrainConfig(**state["config"])
+        cfg = dataclasses.replace(saved_cfg, epochs=cfg.epochs, out=cfg.out, device=cfg.device,
+                                  cache_dir=cfg.cache_dir, num_threads=cfg.num_threads)
+    sets, info = prepare_data(cfg, genes=state["genes"] if state else None, mpp=state["mpp"] if state else None,
+                              progress=progress)
+    if state:
+        info["panel_rule"] = state["panel_rule"]
+    genes = info["genes"]
+    train_set, val_set, test_set = sets["train"], sets["val"], sets["test"]
+    if len(train_set) == 0:
+        raise M2ORTError("no training spots (all spots have a zero total over the gene panel?)")
+    train_mean = train_set.targets.mean(axis=0)
+
+    torch.manual_seed(cfg.seed)
+    model = M2ORT(VARIANTS[cfg.variant].with_genes(len(genes)))
+    if cfg.init_head_bias_to_mean:
+        with torch.no_grad():
+            model.head.bias.copy_(torch.from_numpy(train_mean))
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history: list[dict] = []
+    start_epoch, best = 0, -math.inf
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, best, history = state["epoch"], state["best"], state["history"]
+
+    card = ModelCard.for_variant(cfg.variant, genes, info["mpp"], trained=True,
+                                 model_id=cfg.model_id or f"m2ort-{cfg.variant}")
+    provenance = {
+        "data": info["data"],
+        "split": {**info["split"], "validation": info["val_source"]},
+        "gene_panel_rule": info["panel_rule"],
+        "target_transform": "counts over the panel -> CPM of the spot's panel total -> log1p; spots with panel total 0 dropped",
+        "level_source": cfg.level_source,
+        "mpp_rule": f"config mpp {cfg.mpp}" if cfg.mpp else "mean of the training sections' mpp (spot-table pitch)",
+        "config": dataclasses.asdict(cfg),
+        "command": command or "m2ort_fast.train.train(...)",
+        "train_mean_expression": [round(float(v), 5) for v in train_mean],
+        "torch": torch.__version__,
+    }
+    white = (1.0 - torch.tensor(card.pixel_mean)) / torch.tensor(card.pixel_std)
+    n_train = len(train_set)
+
+    def score(spot_set: SpotSet, desc: str) -> dict | None:
+        if len(spot_set) == 0:
+            return None
+        pred = predict_levels(model, card, spot_set.levels, batch_size=cfg.eval_batch_size, device=device,
+                              progress=progress, desc=desc)
+        return M.summarize(pred, spot_set.targets)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        generator = _epoch_generator(cfg.seed, epoch)
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # any global-RNG op (e.g. dropout) is per-epoch seeded too
+        order = torch.randperm(n_train, generator=generator).numpy()
+        model.train()
+        total, seen = 0.0, 0
+        batches = range(0, n_train, cfg.batch_size)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False, disable=not progress)
+        for start in bar:
+            rows = np.sort(order[start:start + cfg.batch_size])
+            inputs = normalize_levels(train_set.levels, card, rows)
+            if cfg.augment:
+                inputs = augment(inputs, generator, white)
+            inputs = [x.to(device, non_blocking=True) for x in inputs]
+            target = torch.from_numpy(train_set.targets[rows]).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                pred = model(*inputs)
+            loss = F.mse_loss(pred.float(), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(rows)
+            seen += len(rows)
+            bar.set_postfix(loss=f"{total / seen:.4f}")
+        train_seconds = time.perf_counter() - t0
+        val = score(val_set, "validate")
+        row = {"epoch": epoch + 1, "train_loss": total / seen, "train_seconds": round(train_seconds, 3),
+               "epoch_seconds": round(time.perf_counter() - t0, 3)}
+        if val:
+            row.update({f"val_{k}": v for k, v in val.items() if not k.startswith("n_")})
+        history.append(row)
+        card.provenance = {**provenance, "epoch": epoch + 1, "metrics": {"validation": val, "history_tail": history[-3:]}}
+        save_checkpoint(out / "last.safetensors", model, card)
+        current = val[cfg.select_metric] if val else -row["train_loss"]
+        improved = np.isfinite(current) and current > best
+        if improved or not (out / "best.safetensors").is_file():
+            best = max(best, current) if np.isfinite(current) else best
+            save_checkpoint(out / "best.safetensors", model, card)
+        _atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                            "best": best, "history": history, "genes": genes, "mpp": info["mpp"],
+                            "panel_rule": info["panel_rule"], "config": dataclasses.asdict(cfg),
+                            "torch_rng": torch.get_rng_state()}, resume_path)
+        _write_history(out, history)
+        log.info("epoch %d: %s", epoch + 1, row)
+        if progress:
+            shown = f"val PCC/spot {val['pcc_spot_mean']:.4f} PCC/gene {val['pcc_gene_mean']:.4f}" if val else ""
+            print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} {shown} "
+                  f"({row['epoch_seconds']:.1f} s)", file=sys.stderr)
+
+    # Final test of the best model: the report a reader compares with the mean baseline.
+    from .checkpoint import load_checkpoint
+
+    summary = {"out": str(out), "epochs": cfg.epochs, "best_" + cfg.select_metric: best,
+               "split": info["split"], "validation": info["val_source"], "n_train_spots": n_train,
+               "n_val_spots": len(val_set), "n_test_spots": len(test_set), "history": history,
+               "data_seconds": round(info["data_seconds"], 2)}
+    if (out / "best.safetensors").is_file():
+        best_model, best_card = load_checkpoint(out / "best.safetensors", device=device)
+        model = best_model
+        test_metrics, baseline_metrics = {}, {}
+        for name in info["split"]["test"]:
+            part = test_set.take(np.asarray([s == name for s in test_set.section]))
+            test_metrics[name] = score(part, f"test {name}")
+            baseline_metrics[name] = M.summarize(np.broadcast_to(train_mean, part.targets.shape), part.targets)
+        summary["test"] = test_metrics
+        summary["test_mean_baseline"] = baseline_metrics
+        if test_metrics:
+            best_card.provenance["metrics"] = {**best_card.provenance.get("metrics", {}), "test": test_metrics,
+                                               "test_mean_baseline": baseline_metrics}
+            save_checkpoint(out / "best.safetensors", best_model, best_card)
+    tmp = out / ".summary.json.partial"
+    tmp.write_text(json.dumps(summary, indent=1, default=float))
+    os.replace(tmp, out / "summary.json")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def config_from_args(args) -> TrainConfig:
+    cfg = TrainConfig.from_file(args.config) if args.config else TrainConfig()
+    overrides = {"epochs": args.epochs, "variant": args.variant, "lr": args.lr, "batch_size": args.batch_size,
+                 "out": args.out, "seed": args.seed, "val_sections": args.val_sections,
+                 "test_sections": args.test_sections, "sections": args.sections, "cache_dir": args.cache_dir,
+                 "device": args.device, "max_spots_per_section": args.max_spots, "split": args.split,
+                 "num_threads": args.threads}
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    if args.data_root is not None:
+        cfg.data_root = str(Path(args.data_root).resolve())
+    return cfg
+
+
+def run_train(args) -> int:
+    cfg = config_from_args(args)
+    command = "m2ort-fast train " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else None
+    summary = train(cfg, resume=args.resume, progress=not args.quiet, command=command)
+    best_key = "best_" + cfg.select_metric
+    print(f"best validation {cfg.select_metric}: {summary[best_key]:.4f}; checkpoints in {summary['out']}")
+    for name, metrics in (summary.get("test") or {}).items():
+        base = summary["test_mean_baseline"][name]
+        print(f"test {name}: PCC/spot {metrics['pcc_spot_mean']:.4f} (baseline {base['pcc_spot_mean']:.4f}), "
+              f"RMSE/spot {metrics['rmse_spot_mean']:.4f} (baseline {base['rmse_spot_mean']:.4f}), "
+              f"PCC/gene {metrics['pcc_gene_mean']:.4f} (baseline undefined: constant)")
+    return 0
+
+
+def add_subcommands(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train M2ORT on spatial-transcriptomics sections (config file + overrides)")
+    p.add_argument("--config", default=None, help="TOML config (e.g. configs/her2st_small.toml)")
+    p.add_argument("--sections", type=_names, default=None, help="comma-separated section folders (overrides the config)")
+    p.add_argument("--data-root", default=None, help="folder the section names are relative to")
+    p.add_argument("--test-sections", type=_names, default=None, help="comma-separated section names held out for testing")
+    p.add_argument("--val-sections", type=_names, default=None,
+                   help="comma-separated validation sections (none: a share of the training spots)")
+    p.add_argument("--split", choices=["explicit", "random"], default=None,
+                   help="random: the spec's 60/10/30 split by slide with --seed")
+    p.add_argument("--variant", default=None, help="tiny, small, base or large")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-spots", type=int, default=None, help="use at most this many spots per section (quick tests)")
+    p.add_argument("--out", default=None, help="run folder (checkpoints, metrics, resume file)")
+    p.add_argument("--cache-dir", default=None, help="patch cache folder (default ~/.cache/m2ort-fast/patches)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its resume.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_train)
