@@ -41,6 +41,7 @@ class M2ORTConfig:
     mlp_dim: int
     n_genes: int = 250
     variant: str = "custom"
+    dropout: float = 0.1  # in ITMM and ICMM, training only (the paper's code); no parameters
 
     def __post_init__(self):
         if self.dim % 3:
@@ -120,6 +121,7 @@ class ITMM(nn.Module):
         self.to_k = nn.Linear(d, inner, bias=False)
         self.to_v = nn.Linear(d, inner, bias=False)
         self.proj = nn.Linear(inner, cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
         self.scale = HEAD_DIM**-0.5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,7 +134,7 @@ class ITMM(nn.Module):
         q, k, v = (z.reshape(b, t, self.heads, HEAD_DIM).transpose(1, 2) for z in (q, k, v))
         attn = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
         out = (attn @ v).transpose(1, 2).reshape(b, t, self.heads * HEAD_DIM)
-        return x + self.proj(out)
+        return x + self.drop(self.proj(out))
 
 
 class ICMM(nn.Module):
@@ -143,9 +145,10 @@ class ICMM(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
         self.fc1 = nn.Linear(cfg.dim, cfg.mlp_dim)
         self.fc2 = nn.Linear(cfg.mlp_dim, cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+        return x + self.drop(self.fc2(self.drop(F.gelu(self.fc1(self.norm(x))))))
 
 
 class Block(nn.Module):
