@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "batch.hpp"
+#include "read_plan.hpp"
 
 namespace py = pybind11;
 
@@ -149,6 +150,59 @@ py::array_t<uint8_t> crop_patches(const py::object& region_obj, const py::object
   return out;
 }
 
+template <typename T>
+py::array_t<T> to_numpy(const std::vector<T>& values, const std::vector<py::ssize_t>& shape) {
+  py::array_t<T> out(shape);
+  std::copy(values.begin(), values.end(), out.mutable_data());
+  return out;
+}
+
+py::dict plan_reads(const py::object& centers_obj, const std::vector<std::array<int64_t, 4>>& sources_in,
+                    const py::list& patch_sets_in, int64_t max_bytes, int64_t max_step_spots,
+                    int64_t reads_in_flight) {
+  const std::string where = "plan_reads";
+  py::array centers_any = as_array(centers_obj, where, "centers_px");
+  if (centers_any.ndim() != 2 || centers_any.shape(1) != 2) {
+    fail(where, "centers_px must have shape (N, 2) holding (x, y), got " + shape_of(centers_any));
+  }
+  auto centers = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(centers_any);
+  const int64_t n = centers.shape(0);
+  std::vector<m2ort::PlanSource> sources;
+  for (const auto& s : sources_in) sources.push_back({s[0], s[1], s[2], s[3]});
+  std::vector<py::array_t<int64_t>> keep_alive;
+  std::vector<m2ort::PlanPatchSet> patch_sets;
+  for (const auto& item : patch_sets_in) {
+    auto entry = item.cast<py::tuple>();
+    if (entry.size() != 3) fail(where, "each patch set must be (source, read_px, top_left_px)");
+    py::array top_left_any = as_array(entry[2], where, "top_left_px");
+    if (top_left_any.ndim() != 2 || top_left_any.shape(1) != 2 || top_left_any.shape(0) != n) {
+      fail(where, "top_left_px must have shape (" + std::to_string(n) + ", 2), got " + shape_of(top_left_any));
+    }
+    keep_alive.push_back(py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(top_left_any));
+    patch_sets.push_back({entry[0].cast<int64_t>(), entry[1].cast<int64_t>(), keep_alive.back().data()});
+  }
+  m2ort::ReadPlan plan;
+  {
+    py::gil_scoped_release release;
+    plan = m2ort::plan_reads(centers.data(), n, sources, patch_sets, max_bytes, max_step_spots, reads_in_flight);
+  }
+  const auto n_src = static_cast<py::ssize_t>(plan.n_sources);
+  const auto n_stripes = static_cast<py::ssize_t>(plan.n_stripes());
+  const auto n_steps = static_cast<py::ssize_t>(plan.n_steps());
+  py::dict out;
+  out["order"] = to_numpy(plan.order, {static_cast<py::ssize_t>(n)});
+  out["stripe_columns"] = to_numpy(plan.stripe_columns, {n_stripes, n_src, 2});
+  out["stripe_rows"] = to_numpy(plan.stripe_rows, {n_stripes, n_src});
+  out["step_stripe"] = to_numpy(plan.step_stripe, {n_steps});
+  out["step_offsets"] = to_numpy(plan.step_offsets, {n_steps + 1});
+  out["step_rows"] = to_numpy(plan.step_rows, {n_steps, n_src, 3});
+  out["tiles_decoded"] = plan.tiles_decoded;
+  out["tiles_needed"] = plan.tiles_needed;
+  out["naive_tile_reads"] = plan.naive_tile_reads;
+  out["peak_bytes"] = plan.peak_bytes;
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -170,4 +224,15 @@ region: (H, W, 3) uint8 (any strides, e.g. an RGBA array's [..., :3] view). orig
 integer top-left (x, y) of each patch in region pixels; patches may lie partly or wholly outside
 the region, where they are filled with white (255). size_px: patch side. out: optional
 (N, size_px, size_px, 3) uint8 C-contiguous array written in place. Returns out.)doc");
+  m.def("plan_reads", &plan_reads, py::arg("centers_px"), py::arg("sources"), py::arg("patch_sets"),
+        py::arg("max_bytes") = 0, py::arg("max_step_spots") = 256, py::arg("reads_in_flight") = 1,
+        R"doc(Plan the streamed engine's reads: each needed tile decoded once, held while spots need it.
+
+centers_px: (N, 2) float level-0 spot centres (x, y), for ordering. sources: one
+(width_px, height_px, tile_width_px, tile_height_px) per pyramid level read. patch_sets: one
+(source, read_px, top_left_px (N, 2) int) per model input. max_bytes: budget for peak_bytes
+(0: none); reads_in_flight: decoded steps held besides the windows. Returns a dict: order (N,),
+stripe_columns (S, n_sources, 2), stripe_rows (S, n_sources), step_stripe (T,), step_offsets
+(T + 1,), step_rows (T, n_sources, 3) = (keep_from, read_y0, read_y1), tiles_decoded,
+tiles_needed, naive_tile_reads, peak_bytes. See csrc/read_plan.hpp.)doc");
 }

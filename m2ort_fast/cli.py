@@ -13,7 +13,9 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 from .errors import M2ORTError
 
@@ -30,6 +32,17 @@ def _csv_list(text: str) -> list[str]:
 def add_predict(subparsers) -> None:
     p = subparsers.add_parser("predict", help="predict per-spot expression for slides (no slide: the demo)")
     p.add_argument("slides", nargs="*", help="slides (.svs, pyramidal TIFF, or flat JPEG/PNG/TIFF); none: the shipped demo")
+    p.add_argument("--list", dest="slide_list", default=None, metavar="FILE",
+                   help="text file naming slides, one per line (added after SLIDE ...; # starts a comment)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo slides whose .h5ad exists in --out (default: skip them, so a stopped batch resumes)")
+    p.add_argument("--engine", default="streamed", choices=["streamed", "naive"],
+                   help="streamed (default: each tile decoded once, stages overlapped, bounded memory) or naive "
+                        "(one read per spot per level); same predictions")
+    p.add_argument("--max-memory-mb", type=float, default=None,
+                   help="streamed engine: bound on decoded slide pixels held at once (default 1024)")
+    p.add_argument("--profile", nargs="?", const="", default=None, metavar="FILE",
+                   help="write a per-stage timing summary as JSON (default file: OUT/profile.json) and print it")
     p.add_argument("--spots", action="append", default=None, metavar="FILE",
                    help="spot table, once per slide: Visium spatial/ folder or tissue_positions file, legacy ST "
                         "spot table, or CSV of centres in level-0 px; none: a grid over the tissue")
@@ -55,14 +68,20 @@ def add_predict(subparsers) -> None:
 def run_predict(args) -> int:
     from .predict import DEMO_SLIDE, DEMO_SPOTS, predict_slides
 
-    slides, spots = args.slides, args.spots
+    slides, spots = list(args.slides), args.spots
+    if args.slide_list:
+        slides += _read_slide_list(args.slide_list)
     if not slides:
         slides, spots = [str(DEMO_SLIDE)], [str(DEMO_SPOTS)]
         log.info("no slide given: running the demo (%s with its spot table)", DEMO_SLIDE.name)
     if spots is not None and len(spots) != len(slides):
         raise M2ORTError(f"--spots given {len(spots)} times for {len(slides)} slides: give it once per slide, or not at all")
+    engine_options = {"streamed": args.engine == "streamed"}
+    if args.max_memory_mb is not None:
+        engine_options["max_memory_mb"] = args.max_memory_mb
     results = predict_slides(
         slides, model=args.checkpoint, out_dir=args.out, spots=spots, spot_format=args.spot_format,
+        overwrite=args.overwrite, **engine_options,
         spacing_um=args.spacing_um, mpp=args.mpp, heatmap_genes=args.genes, n_heatmaps=args.heatmaps,
         write_csv=not args.no_csv, backend=args.backend, device=args.device, precision=args.precision,
         batch_size=args.batch_size, level_source=args.level_source, progress=not args.quiet,
@@ -72,12 +91,52 @@ def run_predict(args) -> int:
         if not result.ok:
             failed += 1
             continue
+        if result.skipped:
+            print(f"{result.slide.name}: skipped, its .h5ad exists in {args.out} (--overwrite to redo it)")
+            continue
         stages = ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items())
         print(f"{result.slide.name}: {result.n_spots} spots at {result.mpp:.4f} um/px ({result.mpp_source}) -> "
               f"{result.outputs.h5ad}  [{stages}]")
+    if args.profile is not None:
+        _write_profile(args.profile or str(Path(args.out) / "profile.json"), results, args)
     if failed:
         print(f"{failed} of {len(results)} slides failed (see the errors above)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _read_slide_list(path: str) -> list[str]:
+    """Slides named in a text file, one per line; relative paths are relative to the file."""
+    list_path = Path(path)
+    try:
+        lines = list_path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise M2ORTError(f"cannot read the slide list: {exc}", list_path) from None
+    names = [line.split("#", 1)[0].strip() for line in lines]
+    slides = [str(list_path.parent / name) if not Path(name).is_absolute() else name for name in names if name]
+    if not slides:
+        raise M2ORTError("the slide list names no slides", list_path)
+    return slides
+
+
+def _write_profile(path: str, results, args) -> None:
+    """Per-slide stage seconds (stages overlap in the streamed engine), throughput, read plan."""
+    slides = []
+    for r in results:
+        entry = {"slide": str(r.slide), "ok": r.ok, "skipped": r.skipped, "error": r.error}
+        if r.ok and not r.skipped:
+            entry.update({"spots": r.n_spots, "wall_s": r.wall_seconds, "stage_s": r.seconds,
+                          "spots_per_s": round(r.n_spots / r.wall_seconds, 2) if r.wall_seconds else None,
+                          "engine": r.engine})
+        slides.append(entry)
+    report = {"engine": args.engine, "backend": args.backend, "device": args.device, "batch_size": args.batch_size,
+              "slides": slides}
+    text = json.dumps(report, indent=2)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    print(text)
+    print(f"profile written to {path}")
 
 
 def add_info(subparsers) -> None:

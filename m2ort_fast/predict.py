@@ -5,14 +5,18 @@
 
 One :class:`Predictor` holds one loaded model and backend and serves any number of slides.
 A slide goes through stages, each an NVTX range and a timed entry of ``SlideResult.seconds``:
-``open`` (slide, spots, tissue), ``read`` (multi-level patches), ``assemble`` (normalised NCHW
-batches, in the C++ extension), ``model`` (the backend), ``write`` (h5ad, CSV, heatmaps).
+``open`` (slide, spots, tissue), ``read`` (decoding), ``assemble`` (normalised NCHW batches, in
+the C++ extension), ``model`` (the backend), ``write`` (h5ad, CSV, heatmaps); the streamed engine
+(:mod:`m2ort_fast.stream`, the default) adds ``plan``, ``crop`` and ``resize`` and runs the stages
+concurrently, so their seconds overlap.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -28,6 +32,7 @@ from .outputs import SlideOutputs, build_anndata, pick_heatmap_genes, write_slid
 from .profiling import StageTimer
 from .slide import Slide, open_slide, read_spot_patches, require_mpp
 from .spots import Spots, check_spots_inside, grid_spots, load_spots
+from .stream import DEFAULT_MAX_MEMORY_MB, ChunkedH5adWriter, plan_slide_reads, run_stream
 from .tissue import tissue_mask
 
 log = logging.getLogger("m2ort_fast")
@@ -53,6 +58,9 @@ class SlideResult:
     mpp_source: str | None = None
     seconds: dict = field(default_factory=dict)
     error: str | None = None
+    skipped: bool = False  # its .h5ad existed already (resume) and overwrite was not asked for
+    engine: dict = field(default_factory=dict)  # streamed engine: read plan statistics
+    wall_seconds: float = 0.0  # open + predict + write, end to end (stages overlap when streamed)
 
     @property
     def ok(self) -> bool:
@@ -63,12 +71,16 @@ class Predictor:
     """A loaded model + backend, ready for many slides.
 
     ``checkpoint``: path of a ``.safetensors`` checkpoint (None: the package's default model).
+    ``streamed``: use the streamed engine (each tile decoded once, stages overlapped, output
+    written in chunks; :mod:`m2ort_fast.stream`) rather than one read per spot per level; both
+    give the same predictions. ``max_memory_mb``: the streamed engine's bound on decoded pixels.
     """
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, *, backend: str = "torch",
                  device: str = "auto", precision: str = "fp32", batch_size: int = 64,
                  level_source: str = "pyramid", num_threads: int = 0, progress: bool = True,
-                 backend_options: dict | None = None):
+                 backend_options: dict | None = None, streamed: bool = True,
+                 max_memory_mb: float = DEFAULT_MAX_MEMORY_MB):
         if batch_size < 1:
             raise M2ORTError(f"batch size must be at least 1, got {batch_size}")
         self.checkpoint = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
@@ -84,6 +96,8 @@ class Predictor:
         self.level_source = level_source
         self.num_threads = num_threads
         self.progress = progress
+        self.streamed = streamed
+        self.max_memory_mb = max_memory_mb
         self._mean = [float(v) for v in self.card.pixel_mean]
         self._std = [float(v) for v in self.card.pixel_std]
 
@@ -118,18 +132,26 @@ class Predictor:
                       spot_format: str = "auto", spacing_um: float | None = None, mpp: float | None = None,
                       out_dir: str | os.PathLike = "m2ort-fast-out", heatmap_genes: Sequence[str] | None = None,
                       n_heatmaps: int = 4, write_csv: bool = True, reader: str = "auto",
-                      stem: str | None = None) -> SlideResult:
+                      stem: str | None = None, streamed: bool | None = None) -> SlideResult:
         """Predict every spot of one slide and write ``<stem>.h5ad``, ``.csv`` and heatmaps.
 
         Spots: a spot file (Visium, legacy ST, CSV of centres), a :class:`Spots`, or None for a
         hexagonal grid over the tissue every ``spacing_um`` (default: Visium's 100 um).
+        ``streamed``: None uses the Predictor's setting.
         """
+        opened = self._open_slide(slide_path, spots=spots, spot_format=spot_format, spacing_um=spacing_um,
+                                  mpp=mpp, reader=reader)
+        return self._predict_opened(opened, out_dir=out_dir, heatmap_genes=heatmap_genes, n_heatmaps=n_heatmaps,
+                                    write_csv=write_csv, stem=stem, spacing_um=spacing_um, streamed=streamed)
+
+    def _open_slide(self, slide_path, *, spots=None, spot_format="auto", spacing_um=None, mpp=None,
+                    reader="auto") -> "_OpenedSlide":
+        """The ``open`` stage: slide, spots, thumbnail and tissue (run ahead for the next slide)."""
         timer = StageTimer()
         slide_path = Path(slide_path)
-        result = SlideResult(slide=slide_path)
         with timer.stage("open"):
-            slide = open_slide(slide_path, mpp=mpp)
-        with slide:
+            slide = open_slide(slide_path, mpp=mpp, reader=reader)
+        try:
             with timer.stage("open"):
                 if spots is not None and not isinstance(spots, Spots):
                     spots = load_spots(spots, format=spot_format)
@@ -148,23 +170,82 @@ class Predictor:
                     check_spots_inside(spots, width_px, height_px, slide_path)
                     _check_spots_on_tissue(spots, mask, downsample, slide_path)
                 self._warn_on_upsampling(slide_path, slide_mpp)
+        except BaseException:
+            slide.close()
+            raise
+        return _OpenedSlide(slide_path, slide, spots, thumbnail, downsample, slide_mpp, timer)
+
+    def _predict_opened(self, opened: "_OpenedSlide", *, out_dir, heatmap_genes, n_heatmaps, write_csv, stem,
+                        spacing_um, streamed) -> SlideResult:
+        started = time.perf_counter()
+        streamed = self.streamed if streamed is None else streamed
+        slide, spots, thumbnail, downsample, slide_mpp, timer = (
+            opened.slide, opened.spots, opened.thumbnail, opened.downsample, opened.slide_mpp, opened.timer)
+        result = SlideResult(slide=opened.path)
+        stem = stem or opened.path.stem
+        with slide:
             centers = np.asarray(spots.centers_px, dtype=np.float64)
-            predictions = self.predict_centers(slide, centers, timer)
-            with timer.stage("write"):
-                diameter_um = spots.spot_diameter_um or VISIUM_SPOT_DIAMETER_UM
-                uns = self._run_metadata(slide, spots, out_dir=out_dir, spacing_um=spacing_um)
-                adata = build_anndata(predictions, self.card.genes, spots.ids, centers, spots.columns, uns,
-                                      thumbnail=thumbnail, thumbnail_downsample=downsample,
-                                      spot_diameter_px=diameter_um / slide_mpp)
-                genes = pick_heatmap_genes(predictions, self.card.genes, list(heatmap_genes or []), n_heatmaps)
-                result.outputs = write_slide_outputs(
-                    Path(out_dir), stem or slide_path.stem, adata, write_csv=write_csv,
-                    heatmap_genes=genes if n_heatmaps or heatmap_genes else [], thumbnail=thumbnail,
-                    thumbnail_downsample=downsample, spot_diameter_px=diameter_um / slide_mpp)
+            diameter_um = spots.spot_diameter_um or VISIUM_SPOT_DIAMETER_UM
+            uns = self._run_metadata(slide, spots, out_dir=out_dir, spacing_um=spacing_um, streamed=streamed)
+            if streamed:
+                result.outputs, result.engine = self._predict_streamed(
+                    slide, spots, centers, uns, timer, out_dir=out_dir, stem=stem, heatmap_genes=heatmap_genes,
+                    n_heatmaps=n_heatmaps, write_csv=write_csv, thumbnail=thumbnail, downsample=downsample,
+                    spot_diameter_px=diameter_um / slide_mpp)
+            else:
+                predictions = self.predict_centers(slide, centers, timer)
+                with timer.stage("write"):
+                    adata = build_anndata(predictions, self.card.genes, spots.ids, centers, spots.columns, uns,
+                                          thumbnail=thumbnail, thumbnail_downsample=downsample,
+                                          spot_diameter_px=diameter_um / slide_mpp)
+                    genes = pick_heatmap_genes(predictions, self.card.genes, list(heatmap_genes or []), n_heatmaps)
+                    result.outputs = write_slide_outputs(
+                        Path(out_dir), stem, adata, write_csv=write_csv,
+                        heatmap_genes=genes if n_heatmaps or heatmap_genes else [], thumbnail=thumbnail,
+                        thumbnail_downsample=downsample, spot_diameter_px=diameter_um / slide_mpp)
             result.n_spots = len(centers)
             result.mpp, result.mpp_source = slide_mpp, slide.mpp_source
         result.seconds = timer.summary()
+        result.wall_seconds = round(time.perf_counter() - started + timer.seconds.get("open", 0.0), 4)
         return result
+
+    def _predict_streamed(self, slide: Slide, spots: Spots, centers: np.ndarray, uns: dict, timer: StageTimer, *,
+                          out_dir, stem, heatmap_genes, n_heatmaps, write_csv, thumbnail, downsample,
+                          spot_diameter_px):
+        """Predictions streamed from the read plan straight into the ``.h5ad`` (bounded memory)."""
+        if heatmap_genes:
+            pick_heatmap_genes(np.zeros((0, len(self.card.genes))), self.card.genes, list(heatmap_genes))  # check names
+        with timer.stage("plan"):
+            plan = plan_slide_reads(slide, centers, self.card.level_mpp, self.card.patch_sizes_px,
+                                    level_source=self.level_source, max_memory_mb=self.max_memory_mb)
+        with timer.stage("write"):
+            skeleton = build_anndata(np.empty((len(centers), 0), dtype=np.float32), [], spots.ids, centers,
+                                     spots.columns, uns, thumbnail=thumbnail, thumbnail_downsample=downsample,
+                                     spot_diameter_px=spot_diameter_px)
+            writer = ChunkedH5adWriter(Path(out_dir), stem, skeleton, self.card.genes)
+            del skeleton
+        try:
+            bar = None
+            if self.progress and len(centers) > self.batch_size:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(centers), desc=slide.path.name, unit="spot", leave=False)
+            try:
+                run_stream(slide, plan, self.backend, self._mean, self._std, writer.write, batch_size=self.batch_size,
+                           timer=timer, num_threads=self.num_threads, progress=bar.update if bar else None)
+            finally:
+                if bar is not None:
+                    bar.close()
+            with timer.stage("write"):
+                untrained = not self.card.trained
+                outputs = writer.finish(write_csv=write_csv, heatmap_genes=heatmap_genes, n_heatmaps=n_heatmaps,
+                                        thumbnail=thumbnail, thumbnail_downsample=downsample,
+                                        spot_diameter_px=spot_diameter_px,
+                                        title_suffix=f" ({stem}{', UNTRAINED demo model' if untrained else ''})")
+        except BaseException:
+            writer.abort()
+            raise
+        return outputs, plan.stats()
 
     def _warn_on_upsampling(self, slide_path: Path, slide_mpp: float) -> None:
         needed = self.card.level_mpp[0]
@@ -203,6 +284,17 @@ class Predictor:
         }
 
 
+@dataclass
+class _OpenedSlide:
+    path: Path
+    slide: Slide
+    spots: Spots
+    thumbnail: np.ndarray
+    downsample: float
+    slide_mpp: float
+    timer: StageTimer
+
+
 def _check_spots_on_tissue(spots: Spots, mask: np.ndarray, downsample: float, slide_path: Path) -> None:
     """Refuse a spot table none of whose spots (or too few) lie on the slide's tissue."""
     h, w = mask.shape
@@ -220,33 +312,74 @@ def _check_spots_on_tissue(spots: Spots, mask: np.ndarray, downsample: float, sl
 def predict_slides(slides: Iterable[str | os.PathLike], *, model: str | os.PathLike | Predictor | None = None,
                    out_dir: str | os.PathLike = "m2ort-fast-out",
                    spots: Sequence[str | os.PathLike | Spots | None] | None = None,
-                   stop_on_error: bool = False, **options) -> list[SlideResult]:
+                   stop_on_error: bool = False, overwrite: bool = True, **options) -> list[SlideResult]:
     """Predict many slides with one loaded model.
 
     ``model``: a checkpoint path, a ready :class:`Predictor`, or None for the default model.
     ``spots``: one spot source per slide (None entries: grid over the tissue).
-    ``options``: Predictor options (backend, device, precision, batch_size, ...) when ``model`` is
-    not a Predictor, and predict_slide options (spacing_um, mpp, heatmap_genes, ...).
-    A slide that fails is reported in its result's ``error`` and the batch goes on.
+    ``options``: Predictor options (backend, device, precision, batch_size, streamed,
+    max_memory_mb, ...) when ``model`` is not a Predictor, and predict_slide options (spacing_um,
+    mpp, heatmap_genes, ...).
+    ``overwrite``: False skips (resumes past) slides whose ``<stem>.h5ad`` exists; outputs are
+    renamed into place only when complete, so an interrupted batch resumes where it stopped.
+    A slide that fails is reported in its result's ``error`` and the batch goes on. The next
+    slide is opened (slide, spots, thumbnail, tissue) while the current one is predicted.
     """
     slides = [Path(s) for s in slides]
     spots = list(spots) if spots is not None else [None] * len(slides)
     if len(spots) != len(slides):
         raise M2ORTError(f"{len(spots)} spot files given for {len(slides)} slides")
     predictor_keys = {"backend", "device", "precision", "batch_size", "level_source", "num_threads",
-                      "progress", "backend_options"}
+                      "progress", "backend_options", "streamed", "max_memory_mb"}
     if isinstance(model, Predictor):
         predictor = model
     else:
         predictor = Predictor(model, **{k: v for k, v in options.items() if k in predictor_keys})
     slide_options = {k: v for k, v in options.items() if k not in predictor_keys}
-    results = []
-    for slide_path, slide_spots in zip(slides, spots):
-        try:
-            results.append(predictor.predict_slide(slide_path, spots=slide_spots, out_dir=out_dir, **slide_options))
-        except M2ORTError as exc:
-            if stop_on_error:
+    open_keys = ("spot_format", "spacing_um", "mpp", "reader")
+    open_options = {k: v for k, v in slide_options.items() if k in open_keys}
+    run_options = {k: v for k, v in slide_options.items() if k not in open_keys}
+    run_options.setdefault("spacing_um", slide_options.get("spacing_um"))
+    for key, default in (("heatmap_genes", None), ("n_heatmaps", 4), ("write_csv", True), ("stem", None),
+                         ("streamed", None)):
+        run_options.setdefault(key, default)
+
+    todo = []
+    results: dict[int, SlideResult] = {}
+    for i, slide_path in enumerate(slides):
+        stem = run_options["stem"] or slide_path.stem
+        if not overwrite and (Path(out_dir) / f"{stem}.h5ad").exists():
+            log.info("%s: %s.h5ad exists, skipped (overwrite to redo it)", slide_path.name, stem)
+            results[i] = SlideResult(slide=slide_path, skipped=True)
+        else:
+            todo.append(i)
+
+    def open_one(i):
+        return predictor._open_slide(slides[i], spots=spots[i], **open_options)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="m2ort-open") as opener:
+        pending = opener.submit(open_one, todo[0]) if todo else None
+        for k, i in enumerate(todo):
+            future = pending
+            pending = opener.submit(open_one, todo[k + 1]) if k + 1 < len(todo) else None
+            try:
+                results[i] = predictor._predict_opened(future.result(), out_dir=out_dir, **run_options)
+            except M2ORTError as exc:
+                if stop_on_error:
+                    if pending is not None:
+                        _close_when_opened(pending)
+                    raise
+                log.error("%s", exc)
+                results[i] = SlideResult(slide=slides[i], error=str(exc))
+            except BaseException:
+                if pending is not None:
+                    _close_when_opened(pending)
                 raise
-            log.error("%s", exc)
-            results.append(SlideResult(slide=slide_path, error=str(exc)))
-    return results
+    return [results[i] for i in range(len(slides))]
+
+
+def _close_when_opened(future) -> None:
+    try:
+        future.result().slide.close()
+    except BaseException:
+        pass

@@ -53,7 +53,7 @@ def test_demo_predict_matches_the_reference_path(predictor, tmp_path):
     csv = pd.read_csv(result.outputs.csv, index_col="spot_id")
     np.testing.assert_allclose(csv[predictor.genes].to_numpy(), adata.X, rtol=1e-5, atol=1e-5)
     assert len(result.outputs.heatmaps) == 4 and all(p.stat().st_size > 10_000 for p in result.outputs.heatmaps)
-    assert set(result.seconds) == {"open", "read", "assemble", "model", "write"}
+    assert {"open", "read", "assemble", "model", "write"} <= set(result.seconds)
     assert not list(tmp_path.glob(".*partial*")), "staging folder left behind"
 
 

@@ -1,0 +1,239 @@
+"""Whole-slide bench: the naive path against the streamed engine on a real her2st section.
+
+    python bench/slide.py                          # C2, 55 um dense grid, tiny model, ~2 min on 2 cores
+    python bench/slide.py --spacing-um 27.5 --region-px 0 --variant small --json out.json
+
+The section's JPEG (or a --region-px crop of its centre) is converted to an SVS-like pyramid
+(levels 1, 4, 16) in a temporary folder, at the mpp fitted from its spot table. Spots: a dense
+hexagonal grid over the tissue. Both paths use the same backend, spots and batch size:
+
+- naive: ``Predictor.predict_centers`` (one ``read_region`` per spot per level, then the model);
+- streamed: ``stream.run_stream`` (read plan, each tile decoded once, stages overlapped).
+
+Each is run twice: with the model (end to end) and with a zero "model" (the data path alone:
+reading, cropping, resizing, assembling). Reported: spots/s, tiles decoded per spot, traced peak
+host memory (tracemalloc: numpy and Python allocations), per-stage seconds (streamed stages
+overlap, so they add up to more than the wall time), and each reader (cuCIM, tiffslide,
+OpenSlide) on the same regions. Predictions of the two paths are checked equal bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "her2st"
+
+
+class ZeroModel:
+    """Returns zeros: isolates the data path (the backend interface: levels -> (B, G) CPU)."""
+
+    def __init__(self, n_genes: int):
+        self.n_genes, self.device = n_genes, torch.device("cpu")
+
+    def __call__(self, l1, l2, l3):
+        return torch.zeros((l1.shape[0], self.n_genes))
+
+
+def prepare_slide(section: Path, region_px: int, out: Path):
+    from m2ort_fast.convert import write_pyramid
+    from m2ort_fast.slide import open_slide
+    from m2ort_fast.spots import load_spots
+
+    spots = load_spots(next(section.glob("*_selection.tsv")), format="st")
+    with open_slide(next(section.glob("*_HE*.jpg"))) as flat:
+        image = flat.image
+        if region_px:
+            h, w = image.shape[:2]
+            top, left = max(0, (h - region_px) // 2), max(0, (w - region_px) // 2)
+            image = image[top:top + region_px, left:left + region_px]
+        path = write_pyramid(np.ascontiguousarray(image), out / f"{section.name}.svs", mpp=spots.mpp_from_pitch,
+                             layout="svs", downsamples=(1, 4, 16))
+    return path, spots.mpp_from_pitch
+
+
+def make_predictor(args, mpp: float, tmp: Path):
+    from m2ort_fast.checkpoint import ModelCard, read_card, save_checkpoint
+    from m2ort_fast.model import build_model
+    from m2ort_fast.predict import DEFAULT_CHECKPOINT, Predictor
+
+    checkpoint = args.checkpoint
+    if checkpoint is None and args.variant != "tiny":
+        genes = read_card(DEFAULT_CHECKPOINT).genes
+        card = ModelCard.for_variant(args.variant, genes, mpp)
+        torch.manual_seed(0)
+        model = build_model(args.variant, len(genes), seed=0)
+        checkpoint = tmp / f"{args.variant}.safetensors"
+        save_checkpoint(checkpoint, model, card)
+    return Predictor(checkpoint, backend=args.backend, device=args.device, batch_size=args.batch_size, progress=False)
+
+
+def traced(fn):
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        value = fn()
+        seconds = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return value, seconds, peak
+
+
+def device_peak_mb() -> float | None:
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return None
+
+
+def run_naive(predictor, slide, centers):
+    from m2ort_fast.profiling import StageTimer
+
+    timer = StageTimer()
+    predictions, seconds, peak = traced(lambda: predictor.predict_centers(slide, centers, timer))
+    return predictions, seconds, peak, timer.summary()
+
+
+def run_streamed(predictor, slide, centers, max_memory_mb):
+    from m2ort_fast.profiling import StageTimer
+    from m2ort_fast.stream import plan_slide_reads, run_stream
+
+    timer = StageTimer()
+    predictions = np.empty((len(centers), len(predictor.genes)), dtype=np.float32)
+
+    def store(spots, values):
+        predictions[spots] = values
+
+    def work():
+        with timer.stage("plan"):
+            plan = plan_slide_reads(slide, centers, predictor.card.level_mpp, predictor.card.patch_sizes_px,
+                                    level_source=predictor.level_source, max_memory_mb=max_memory_mb)
+        run_stream(slide, plan, predictor.backend, predictor._mean, predictor._std, store,
+                   batch_size=predictor.batch_size, timer=timer, num_threads=predictor.num_threads)
+        return plan
+
+    plan, seconds, peak = traced(work)
+    return predictions, seconds, peak, timer.summary(), plan
+
+
+def bench_readers(path: Path, mpp: float, centers: np.ndarray, card, max_memory_mb: float) -> list[dict]:
+    """Each reader on the same regions: naive squares and the streamed engine's planned rows."""
+    from m2ort_fast.errors import M2ORTError
+    from m2ort_fast.slide import open_slide, read_spot_patches
+    from m2ort_fast.stream import iter_streamed_patches, plan_slide_reads
+
+    rows = []
+    for reader in ("cucim", "tiffslide", "openslide"):
+        try:
+            slide = open_slide(path, reader=reader)
+        except M2ORTError as exc:
+            rows.append({"reader": reader, "error": str(exc)})
+            continue
+        with slide:
+            start = time.perf_counter()
+            read_spot_patches(slide, centers, card.level_mpp, card.patch_sizes_px)
+            naive_s = time.perf_counter() - start
+            plan = plan_slide_reads(slide, centers, card.level_mpp, card.patch_sizes_px, max_memory_mb=max_memory_mb)
+            start = time.perf_counter()
+            for _ in iter_streamed_patches(slide, plan, resize_workers=2):
+                pass
+            streamed_s = time.perf_counter() - start
+        rows.append({"reader": reader, "spots": len(centers), "naive_read_spots_per_s": round(len(centers) / naive_s, 1),
+                     "streamed_read_spots_per_s": round(len(centers) / streamed_s, 1),
+                     "ratio": round(naive_s / streamed_s, 2)})
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="her2st folder (default: %(default)s)")
+    parser.add_argument("--section", default="C2")
+    parser.add_argument("--region-px", type=int, default=3072, help="centre crop of the section (0: whole section)")
+    parser.add_argument("--spacing-um", type=float, default=55.0)
+    parser.add_argument("--variant", default="tiny", help="random-weight model of this variant (tiny: the demo model)")
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-memory-mb", type=float, default=512)
+    parser.add_argument("--reader", default="tiffslide", help="reader for the two paths (default: %(default)s)")
+    parser.add_argument("--reader-spots", type=int, default=300, help="spots for the per-reader comparison")
+    parser.add_argument("--json", type=Path, default=None, help="also write the report here")
+    args = parser.parse_args(argv)
+
+    from m2ort_fast.slide import open_slide
+    from m2ort_fast.spots import grid_spots
+    from m2ort_fast.tissue import tissue_mask
+
+    section = args.data / args.section
+    if not section.is_dir():
+        print(f"bench/slide.py: no her2st section at {section} (../shared/data is absent): nothing measured",
+              file=sys.stderr)
+        return 2
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        path, mpp = prepare_slide(section, args.region_px, tmp)
+        predictor = make_predictor(args, mpp, tmp)
+        with open_slide(path, reader=args.reader) as slide:
+            thumbnail, _ = slide.thumbnail(1600)
+            spots = grid_spots(slide, spacing_um=args.spacing_um, mask=tissue_mask(thumbnail))
+            centers = np.asarray(spots.centers_px, dtype=np.float64)
+            n = len(centers)
+            report = {"slide": f"her2st {args.section} {slide.level_dimensions[0]} px, {mpp:.4f} um/px, svs 1/4/16",
+                      "reader": args.reader, "spots": n, "spacing_um": args.spacing_um,
+                      "model": f"{predictor.card.variant} ({args.backend}, {predictor.backend.device})",
+                      "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(), "runs": {}}
+            # Warm the model (first calls allocate).
+            predictor.backend(*[torch.zeros(2, 3, s, s) for s in predictor.card.patch_sizes_px])
+            model = predictor.backend
+            for label, backend in (("end_to_end", model), ("data_path", ZeroModel(len(predictor.genes)))):
+                predictor.backend = backend
+                naive = run_naive(predictor, slide, centers)
+                streamed = run_streamed(predictor, slide, centers, args.max_memory_mb)
+                plan = streamed[4]
+                if label == "end_to_end":
+                    report["bit_equal"] = bool(np.array_equal(naive[0], streamed[0]))
+                report["runs"][label] = {
+                    "naive": {"spots_per_s": round(n / naive[1], 1), "seconds": round(naive[1], 2),
+                              "tiles_decoded_per_spot": round(plan.naive_tile_reads / n, 2),
+                              "peak_host_mb": round(naive[2] / 2**20, 1), "stages_s": naive[3]},
+                    "streamed": {"spots_per_s": round(n / streamed[1], 1), "seconds": round(streamed[1], 2),
+                                 "tiles_decoded_per_spot": round(plan.tiles_decoded / n, 3),
+                                 "peak_host_mb": round(streamed[2] / 2**20, 1), "stages_s": streamed[3],
+                                 "plan": plan.stats()},
+                    "speedup": round(naive[1] / streamed[1], 2),
+                    "peak_device_mb": device_peak_mb(),
+                }
+            predictor.backend = model
+        subset = centers[np.linspace(0, n - 1, min(n, args.reader_spots)).astype(int)]
+        report["readers"] = bench_readers(path, mpp, subset, predictor.card, args.max_memory_mb)
+
+    print(json.dumps(report, indent=2))
+    print()
+    print(f"{'run':<12}{'path':<10}{'spots/s':>9}{'tiles/spot':>12}{'peak MB':>9}   stages (s)")
+    for label, run in report["runs"].items():
+        for path_name in ("naive", "streamed"):
+            r = run[path_name]
+            print(f"{label:<12}{path_name:<10}{r['spots_per_s']:>9}{r['tiles_decoded_per_spot']:>12}"
+                  f"{r['peak_host_mb']:>9}   {r['stages_s']}")
+        print(f"{label:<12}speedup {run['speedup']}x")
+    print(f"predictions bit-equal: {report['bit_equal']}")
+    for r in report["readers"]:
+        print(r)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,560 @@
+"""The streamed engine: a slide's spots read tile by tile, once, in bounded memory.
+
+    plan = plan_slide_reads(slide, centers_px, card.level_mpp, card.patch_sizes_px)
+    run_stream(slide, plan, backend, mean, std, on_batch=lambda spots, predictions: ...)
+
+Whole-slide inference is bound by decoding, not by the model. The naive path
+(:func:`m2ort_fast.slide.read_spot_patches`) reads one square per spot per model input, so
+neighbouring spots decode the same tiles again and again. Here:
+
+1. ``plan_slide_reads``: the C++ read plan (``_core.plan_reads``, csrc/read_plan.hpp) orders the
+   spots in row-major bands and says, step by step, which tile-aligned rows of which pyramid
+   levels to decode and which rows to drop; each tile is decoded once (per stripe, where the
+   memory budget forces vertical stripes) and held only while spots still need it.
+2. ``run_stream``: threads joined by bounded queues, each stage an NVTX range of its name:
+   ``read`` (decode the planned rows: ``Slide.read_level_region``) -> ``crop`` + ``resize`` +
+   ``assemble`` (patches cut from the decoded windows by ``_core.crop_patches``, resized where
+   the pyramid lacks the level, normalised into contiguous (pinned on GPU) batches) -> ``model``
+   (the backend, on its own CUDA stream on a GPU) -> ``write`` (the caller's sink, e.g.
+   :class:`ChunkedH5adWriter`, rows straight into the ``.h5ad``).
+
+The patches equal the naive path's bit for bit: the same square origins (``spot_squares``
+mirrors ``slide._read_squares``), the same decoded pixels (white outside the slide), the same
+resize function on the same pixels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import _core
+from .errors import M2ORTError
+from .profiling import StageTimer
+from .slide import MPP_TOLERANCE, Slide, best_level_for_mpp, resize_patches
+
+log = logging.getLogger("m2ort_fast")
+
+DEFAULT_MAX_MEMORY_MB = 1024
+DEFAULT_TILE_PX = 256  # the tile grid assumed where the file does not say (flat images, unknown formats)
+STEP_SPOTS = 256  # most spots per plan step
+QUEUE_DEPTH = 2  # items in flight between two stages
+RESIZE_MIN_PATCHES_PER_WORKER = 16
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry and plan
+
+
+@dataclass
+class SpotSquares:
+    """One model input's squares: read ``read_px`` squares of pyramid ``level`` at ``top_left_px``
+    ((N, 2) int64 (x, y) in pixels of that level), then resize to ``size_px`` if they differ."""
+
+    level: int
+    read_px: int
+    size_px: int
+    top_left_px: np.ndarray
+
+
+def spot_squares(slide: Slide, centers_px: np.ndarray, target_mpp: float, size_px: int) -> SpotSquares:
+    """The squares ``read_spot_patches`` reads for one model input (same level choice, same
+    rounding: keep in step with ``slide._read_squares``; tests/test_stream.py checks they agree)."""
+    level = best_level_for_mpp(slide, target_mpp)
+    side_px = size_px * target_mpp / slide.level_mpp(level)
+    read_px = size_px if abs(side_px - size_px) <= MPP_TOLERANCE * size_px else max(1, round(side_px))
+    centers_level_px = np.asarray(centers_px, dtype=np.float64).reshape(-1, 2) / slide.level_downsamples[level]
+    top_left_px = np.floor(centers_level_px - read_px / 2 + 0.5).astype(np.int64)
+    return SpotSquares(level, int(read_px), int(size_px), top_left_px)
+
+
+def level_tile_sizes(slide: Slide) -> list[tuple[int, int]]:
+    """(tile_width_px, tile_height_px) of each pyramid level: from the TIFF's tags (a stripped
+    level's "tile" is a full-width strip), OpenSlide's properties for other formats, else
+    DEFAULT_TILE_PX (flat images are in memory: any grid will do)."""
+    sizes = [(DEFAULT_TILE_PX, DEFAULT_TILE_PX)] * slide.level_count
+    if slide.reader_name == "flat":
+        return sizes
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(slide.path) as tif:
+            by_shape = {}
+            for series in tif.series:
+                for level in series.levels:
+                    page = level.keyframe
+                    if page.is_tiled:
+                        by_shape.setdefault((page.imagewidth, page.imagelength), (page.tilewidth, page.tilelength))
+                    else:
+                        by_shape.setdefault((page.imagewidth, page.imagelength),
+                                            (page.imagewidth, min(page.rowsperstrip or page.imagelength, page.imagelength)))
+        return [by_shape.get(dims, size) for dims, size in zip(slide.level_dimensions, sizes)]
+    except Exception:  # not a TIFF: ask OpenSlide
+        pass
+    try:
+        import openslide
+
+        with contextlib.closing(openslide.OpenSlide(str(slide.path))) as osr:
+            props = osr.properties
+            return [(int(props.get(f"openslide.level[{i}].tile-width", size[0])),
+                     int(props.get(f"openslide.level[{i}].tile-height", size[1]))) for i, size in enumerate(sizes)]
+    except Exception:
+        return sizes
+
+
+@dataclass
+class ReadPlan:
+    """The C++ plan (see ``_core.plan_reads``) with the slide geometry it was made for.
+
+    sources: pyramid levels read (one window each). inputs: per model input, (index into
+    sources, SpotSquares). Arrays as returned by ``_core.plan_reads``."""
+
+    sources: list[int]
+    inputs: list[tuple[int, SpotSquares]]
+    derived_sizes: list[int]  # level_source == "resize": sizes of inputs 2.., resized from input 1
+    order: np.ndarray
+    stripe_columns: np.ndarray
+    stripe_rows: np.ndarray
+    step_stripe: np.ndarray
+    step_offsets: np.ndarray
+    step_rows: np.ndarray
+    tiles_decoded: int
+    tiles_needed: int
+    naive_tile_reads: int
+    peak_bytes: int
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.step_stripe)
+
+    @property
+    def n_spots(self) -> int:
+        return len(self.order)
+
+    def step_spots(self, step: int) -> np.ndarray:
+        """Indices (into the centres) of the spots whose patches are ready after ``step``."""
+        return self.order[self.step_offsets[step]:self.step_offsets[step + 1]]
+
+    def step_reads(self, step: int) -> list[tuple[int, int, int, int, int]]:
+        """What to decode before ``step``: (source index, x0, y0, width, height) in level px."""
+        reads = []
+        stripe = self.step_stripe[step]
+        for source, (_, y0, y1) in enumerate(self.step_rows[step]):
+            x0, x1 = self.stripe_columns[stripe, source]
+            if y1 > y0:
+                reads.append((source, int(x0), int(y0), int(x1 - x0), int(y1 - y0)))
+        return reads
+
+    def stats(self) -> dict:
+        n = max(self.n_spots, 1)
+        return {"spots": self.n_spots, "steps": self.n_steps, "stripes": len(self.stripe_rows),
+                "tiles_decoded": self.tiles_decoded, "tiles_needed": self.tiles_needed,
+                "tiles_decoded_per_spot": round(self.tiles_decoded / n, 4),
+                "naive_tiles_per_spot": round(self.naive_tile_reads / n, 4),
+                "plan_peak_mb": round(self.peak_bytes / 2**20, 1)}
+
+
+def plan_slide_reads(slide: Slide, centers_px: np.ndarray, level_mpp: Sequence[float],
+                     sizes_px: Sequence[int] = (224, 112, 56), *, level_source: str = "pyramid",
+                     max_memory_mb: float = DEFAULT_MAX_MEMORY_MB, step_spots: int = STEP_SPOTS,
+                     reads_in_flight: int = QUEUE_DEPTH + 1) -> ReadPlan:
+    """Plan the streamed reads of the model inputs of spots ``centers_px`` ((N, 2) level-0 px).
+
+    ``max_memory_mb`` bounds the decoded pixels the engine holds (windows plus ``reads_in_flight``
+    steps' reads); M2ORTError when even the narrowest plan needs more."""
+    if len(level_mpp) != len(sizes_px):
+        raise ValueError(f"{len(level_mpp)} level mpps for {len(sizes_px)} sizes")
+    if level_source not in ("pyramid", "resize"):
+        raise ValueError(f"level_source must be 'pyramid' or 'resize', not {level_source!r}")
+    centers_px = np.asarray(centers_px, dtype=np.float64).reshape(-1, 2)
+    read_inputs = range(len(sizes_px)) if level_source == "pyramid" else range(1)
+    squares = [spot_squares(slide, centers_px, level_mpp[i], sizes_px[i]) for i in read_inputs]
+    sources = sorted({s.level for s in squares})
+    tiles = level_tile_sizes(slide)
+    source_specs = [(*slide.level_dimensions[level], *tiles[level]) for level in sources]
+    inputs = [(sources.index(s.level), s) for s in squares]
+    patch_sets = [(source, s.read_px, s.top_left_px) for source, s in inputs]
+    try:
+        raw = _core.plan_reads(centers_px, source_specs, patch_sets, max_bytes=int(max_memory_mb * 2**20),
+                               max_step_spots=step_spots, reads_in_flight=reads_in_flight)
+    except RuntimeError as exc:
+        raise M2ORTError(f"{slide.path.name}: {exc} (raise --max-memory-mb)") from None
+    derived_sizes = [int(size) for size in sizes_px[1:]] if level_source == "resize" else []
+    return ReadPlan(sources=sources, inputs=inputs, derived_sizes=derived_sizes, **raw)
+
+
+# --------------------------------------------------------------------------------------------
+# Windows: the decoded rows of one source that the current step needs
+
+
+class _Window:
+    """Rows [top, top + live) of one source over the stripe's columns, in a buffer of twice the
+    plan's most rows: when appending reaches the end, the live rows move to the front, and they
+    never overlap their new place (so no temporary copy; see csrc/read_plan.cpp)."""
+
+    def __init__(self, max_rows: int, width_px: int):
+        self.buffer = np.empty((2 * max(max_rows, 1), width_px, 3), dtype=np.uint8)
+        self.start = 0  # buffer row of source row `top`
+        self.top = 0
+        self.live = 0
+
+    def drop_above(self, row: int) -> None:
+        dropped = min(max(row - self.top, 0), self.live)
+        self.start += dropped
+        self.live -= dropped
+        self.top = row if self.live == 0 else self.top + dropped
+
+    def append(self, first_row: int, rows: np.ndarray) -> None:
+        if self.live == 0:
+            self.top, self.start = first_row, 0
+        elif first_row != self.top + self.live:
+            raise AssertionError(f"read plan out of order: appending row {first_row} after {self.top + self.live}")
+        n = len(rows)
+        if self.start + self.live + n > len(self.buffer):
+            self.buffer[:self.live] = self.buffer[self.start:self.start + self.live]
+            self.start = 0
+        self.buffer[self.start + self.live:self.start + self.live + n] = rows
+        self.live += n
+
+    def region(self) -> np.ndarray:
+        return self.buffer[self.start:self.start + self.live]
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Pipe:
+    """A bounded queue whose producers and consumers give up when any stage failed."""
+
+    DONE = object()
+
+    def __init__(self, failed: threading.Event, depth: int = QUEUE_DEPTH):
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.failed = failed
+
+    def put(self, item) -> None:
+        while True:
+            if self.failed.is_set():
+                raise _Stop
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self):
+        while True:
+            if self.failed.is_set():
+                raise _Stop
+            try:
+                item = self.queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if item is self.DONE:
+                return
+            yield item
+
+
+@dataclass
+class StreamStats:
+    spots: int = 0
+    batches: int = 0
+    plan: dict = field(default_factory=dict)
+
+
+def iter_streamed_patches(slide: Slide, plan: ReadPlan, *, timer: StageTimer | None = None,
+                          resize_workers: int = 1, reads: Callable | None = None):
+    """Yield (spot indices (n,), [patches (n, S_l, S_l, 3) uint8 per model input]) step by step,
+    cropped from windows of decoded rows. ``reads``: an iterable of each step's decoded rows
+    (the pipeline's reader thread); None reads them here."""
+    timer = timer or StageTimer()
+    if reads is None:
+        reads = (read_step(slide, plan, step, timer) for step in range(plan.n_steps))
+    windows: list[_Window] = []
+    current_stripe = -1
+    pool = ThreadPoolExecutor(resize_workers) if resize_workers > 1 else None
+    try:
+        for step, decoded in enumerate(reads):
+            stripe = int(plan.step_stripe[step])
+            with timer.stage("crop"):
+                if stripe != current_stripe:
+                    windows = [_Window(int(rows), int(x1 - x0)) for rows, (x0, x1)
+                               in zip(plan.stripe_rows[stripe], plan.stripe_columns[stripe])]
+                    current_stripe = stripe
+                for source, window in enumerate(windows):
+                    window.drop_above(int(plan.step_rows[step, source, 0]))
+                for source, y0, pixels in decoded:
+                    windows[source].append(y0, pixels)
+                del decoded
+                spots = plan.step_spots(step)
+                crops = {}  # inputs read at the same level and size (a 1,4,16 pyramid's first two) share a crop
+                for source, squares in plan.inputs:
+                    if (source, squares.read_px) not in crops:
+                        x0 = plan.stripe_columns[stripe, source, 0]
+                        origins = squares.top_left_px[spots] - np.array([x0, windows[source].top], dtype=np.int64)
+                        crops[source, squares.read_px] = _core.crop_patches(windows[source].region(), origins,
+                                                                            squares.read_px)
+                patches = [crops[source, squares.read_px] for source, squares in plan.inputs]
+            with timer.stage("resize"):
+                for i, (_, squares) in enumerate(plan.inputs):
+                    if squares.read_px != squares.size_px:
+                        patches[i] = _resize(patches[i], squares.size_px, pool)
+                if plan.derived_sizes:
+                    patches += [_resize(patches[0], size, pool) for size in plan.derived_sizes]
+            yield spots, patches
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+def _resize(patches: np.ndarray, size_px: int, pool: ThreadPoolExecutor | None) -> np.ndarray:
+    """resize_patches, split over threads (PIL releases the GIL); the same function per patch."""
+    if pool is None or len(patches) < 2 * RESIZE_MIN_PATCHES_PER_WORKER:
+        return resize_patches(patches, size_px)
+    bounds = np.linspace(0, len(patches), pool._max_workers + 1).astype(int)
+    parts = pool.map(lambda ab: resize_patches(patches[ab[0]:ab[1]], size_px), zip(bounds[:-1], bounds[1:]))
+    return np.concatenate(list(parts))
+
+
+def read_step(slide: Slide, plan: ReadPlan, step: int, timer: StageTimer) -> list[tuple[int, int, np.ndarray]]:
+    """Decode the rows ``step`` appends: [(source index, first row, (rows, width, 3) uint8)]."""
+    out = []
+    with timer.stage("read"):
+        for source, x0, y0, width, height in plan.step_reads(step):
+            out.append((source, y0, slide.read_level_region(plan.sources[source], x0, y0, width, height)))
+    return out
+
+
+def run_stream(slide: Slide, plan: ReadPlan, backend, mean: Sequence[float], std: Sequence[float],
+               on_batch: Callable[[np.ndarray, np.ndarray], None], *, batch_size: int = 64,
+               timer: StageTimer | None = None, num_threads: int = 0, resize_workers: int = 0,
+               progress: Callable[[int], None] | None = None) -> StreamStats:
+    """Predict every planned spot; ``on_batch(spot indices (B,), predictions (B, G) float32)``
+    runs on the writer thread, in plan order. Stages run on their own threads (read, assemble,
+    write; the model on the calling thread) joined by bounded queues; an exception in any stage
+    stops them all and is raised here."""
+    import torch
+
+    timer = timer or StageTimer()
+    failed = threading.Event()
+    errors: list[BaseException] = []
+    decoded_q, batch_q, write_q = _Pipe(failed), _Pipe(failed), _Pipe(failed)
+    device = torch.device(getattr(backend, "device", "cpu"))
+    on_gpu = device.type == "cuda"
+    resize_workers = resize_workers or min(4, os.cpu_count() or 1)
+    stats = StreamStats(plan=plan.stats())
+
+    def guarded(fn):
+        def body():
+            try:
+                fn()
+            except _Stop:
+                pass
+            except BaseException as exc:  # handed to the caller's thread
+                errors.append(exc)
+                failed.set()
+        return body
+
+    def reader():
+        for step in range(plan.n_steps):
+            decoded_q.put(read_step(slide, plan, step, timer))
+        decoded_q.put(_Pipe.DONE)
+
+    def assembler():
+        pending_spots: list[np.ndarray] = []
+        pending: list[list[np.ndarray]] = []
+        n_pending = 0
+
+        def emit(n: int) -> None:
+            nonlocal pending_spots, pending, n_pending
+            spots = np.concatenate(pending_spots)
+            levels = [np.concatenate(parts) for parts in zip(*pending)]
+            with timer.stage("assemble"):
+                tensors = []
+                for patches in levels[:]:
+                    batch = patches[:n]
+                    # Pinned host memory on a GPU: the copy to the device overlaps the next batch.
+                    out = torch.empty((n, 3, *batch.shape[1:3]), dtype=torch.float32, pin_memory=on_gpu)
+                    _core.assemble_batch(np.ascontiguousarray(batch), mean, std, out=out.numpy(), num_threads=num_threads)
+                    tensors.append(out)
+            batch_q.put((spots[:n], tensors))
+            pending_spots = [spots[n:]] if len(spots) > n else []
+            pending = [[level[n:] for level in levels]] if len(spots) > n else []
+            n_pending = len(spots) - n
+
+        for spots, patches in iter_streamed_patches(slide, plan, timer=timer, resize_workers=resize_workers,
+                                                    reads=iter(decoded_q)):
+            pending_spots.append(spots)
+            pending.append(patches)
+            n_pending += len(spots)
+            while n_pending >= batch_size:
+                emit(batch_size)
+        if n_pending:
+            emit(n_pending)
+        batch_q.put(_Pipe.DONE)
+
+    def writer():
+        for spots, predictions in write_q:
+            with timer.stage("write"):
+                on_batch(spots, predictions)
+        stats.spots = plan.n_spots
+
+    threads = [threading.Thread(target=guarded(fn), name=f"m2ort-{fn.__name__}", daemon=True)
+               for fn in (reader, assembler, writer)]
+    for thread in threads:
+        thread.start()
+    # The model runs here, on its own CUDA stream on a GPU (untested: no GPU in this project's CI),
+    # so that the host-to-device copies and kernels of one batch overlap the next batch's assembly.
+    cuda_stream = torch.cuda.Stream(device=device) if on_gpu else None
+    try:
+        with torch.cuda.stream(cuda_stream) if on_gpu else contextlib.nullcontext():
+            for spots, tensors in batch_q:
+                with timer.stage("model"):
+                    predictions = backend(*tensors)
+                    predictions = predictions.numpy() if hasattr(predictions, "numpy") else np.asarray(predictions)
+                write_q.put((spots, predictions))
+                stats.batches += 1
+                if progress is not None:
+                    progress(len(spots))
+        write_q.put(_Pipe.DONE)
+    except _Stop:
+        pass
+    except BaseException as exc:
+        errors.append(exc)
+        failed.set()
+    finally:
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise errors[0]
+    return stats
+
+
+# --------------------------------------------------------------------------------------------
+# Output: predictions straight into the .h5ad, in row chunks
+
+
+class ChunkedH5adWriter:
+    """Writes a slide's ``.h5ad`` while its predictions arrive, in bounded memory.
+
+    The file is first written by anndata with everything but X (obs, obsm, uns: from
+    ``build_anndata`` with an empty gene axis), then X (n_spots, n_genes) float32 is created in
+    row chunks and filled as batches arrive (in any row order). Per-gene sums give the variances
+    that pick the heatmap genes. ``finish`` writes the CSV and heatmaps from the file in row
+    chunks and renames everything into place, the ``.h5ad`` last (as outputs.write_slide_outputs).
+    """
+
+    ROWS_PER_CHUNK = 4096
+
+    def __init__(self, out_dir: Path, stem: str, skeleton, genes: Sequence[str]):
+        import h5py
+        import pandas as pd
+        from anndata.io import write_elem
+
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.stem = stem
+        self.genes = list(genes)
+        self.n_spots = skeleton.n_obs
+        self.ids = [str(name) for name in skeleton.obs_names]
+        self.staging = Path(tempfile.mkdtemp(prefix=f".{stem}.partial-", dir=self.out_dir))
+        self.h5ad = self.staging / f"{stem}.h5ad"
+        skeleton.write_h5ad(self.h5ad)
+        self.file = h5py.File(self.h5ad, "r+")
+        del self.file["X"], self.file["var"]
+        write_elem(self.file, "var", pd.DataFrame(index=pd.Index(self.genes, name="gene")))
+        chunk_rows = max(1, min(self.n_spots, max(1, 2**20 // (4 * max(len(self.genes), 1)))))
+        self.X = self.file.create_dataset("X", (self.n_spots, len(self.genes)), dtype=np.float32,
+                                          chunks=(chunk_rows, max(len(self.genes), 1)) if self.n_spots else None)
+        self.X.attrs["encoding-type"] = "array"
+        self.X.attrs["encoding-version"] = "0.2.0"
+        self.written = np.zeros(self.n_spots, dtype=bool)
+        self.sum = np.zeros(len(self.genes), dtype=np.float64)
+        self.sum_sq = np.zeros(len(self.genes), dtype=np.float64)
+
+    def write(self, spots: np.ndarray, predictions: np.ndarray) -> None:
+        order = np.argsort(spots, kind="stable")  # h5py writes rows in increasing order
+        self.X[spots[order]] = predictions[order]
+        self.written[spots] = True
+        values = predictions.astype(np.float64)
+        self.sum += values.sum(axis=0)
+        self.sum_sq += (values * values).sum(axis=0)
+
+    def gene_variance(self) -> np.ndarray:
+        n = max(self.n_spots, 1)
+        mean = self.sum / n
+        return np.maximum(self.sum_sq / n - mean * mean, 0.0)
+
+    def finish(self, *, write_csv: bool, heatmap_genes: Sequence[str] | None, n_heatmaps: int,
+               thumbnail: np.ndarray | None, thumbnail_downsample: float, spot_diameter_px: float,
+               title_suffix: str):
+        from .outputs import SlideOutputs, _safe_name, pick_heatmap_genes, write_heatmap
+
+        if not self.written.all():
+            raise RuntimeError(f"{int((~self.written).sum())} spots have no prediction")
+        if heatmap_genes:
+            genes = pick_heatmap_genes(np.zeros((0, len(self.genes))), self.genes, list(heatmap_genes))
+        else:
+            genes = [self.genes[i] for i in np.argsort(-self.gene_variance(), kind="stable")[:n_heatmaps]]
+        columns = [self.genes.index(g) for g in genes]
+        heat_values = np.empty((self.n_spots, len(columns)), dtype=np.float32)
+        centers = self.file["obsm"]["spatial"][:]
+        ids = self.ids
+        csv_path = self.staging / f"{self.stem}.csv"
+        for start in range(0, self.n_spots, self.ROWS_PER_CHUNK):
+            rows = self.X[start:start + self.ROWS_PER_CHUNK]
+            heat_values[start:start + len(rows)] = rows[:, columns]
+            if write_csv:
+                self._append_csv(csv_path, rows, ids[start:start + len(rows)], centers[start:start + len(rows)],
+                                 header=start == 0)
+        self.file.close()
+        heatmap_paths = []
+        if genes and thumbnail is not None:
+            staged_maps = self.staging / f"{self.stem}_heatmaps"
+            staged_maps.mkdir()
+            for k, gene in enumerate(genes):
+                write_heatmap(staged_maps / f"{_safe_name(gene)}.png", gene, heat_values[:, k], centers, thumbnail,
+                              thumbnail_downsample, spot_diameter_px, title_suffix=title_suffix)
+                heatmap_paths.append(self.out_dir / f"{self.stem}_heatmaps" / f"{_safe_name(gene)}.png")
+            final_maps = self.out_dir / f"{self.stem}_heatmaps"
+            if final_maps.exists():
+                shutil.rmtree(final_maps)
+            os.replace(staged_maps, final_maps)
+        final_csv = None
+        if write_csv:
+            final_csv = self.out_dir / f"{self.stem}.csv"
+            os.replace(csv_path, final_csv)
+        final_h5ad = self.out_dir / f"{self.stem}.h5ad"
+        os.replace(self.h5ad, final_h5ad)
+        self.abort()
+        return SlideOutputs(h5ad=final_h5ad, csv=final_csv, heatmaps=heatmap_paths)
+
+    def _append_csv(self, path: Path, rows: np.ndarray, ids, centers: np.ndarray, header: bool) -> None:
+        import pandas as pd
+
+        table = pd.DataFrame(rows, index=pd.Index(ids, name="spot_id"), columns=self.genes)
+        table.insert(0, "y_px", centers[:, 1])
+        table.insert(0, "x_px", centers[:, 0])
+        table.to_csv(path, mode="w" if header else "a", header=header, index_label="spot_id", float_format="%.6g")
+
+    def abort(self) -> None:
+        """Close and remove the staging folder (an interrupted slide leaves no output)."""
+        with contextlib.suppress(Exception):
+            self.file.close()
+        shutil.rmtree(self.staging, ignore_errors=True)

@@ -1,0 +1,178 @@
+"""The streamed engine (m2ort_fast.stream): the same patches and predictions as the naive path,
+bit for bit; interruption and resume; bounded memory on a large pyramid; slide batches."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import anndata
+import numpy as np
+import pytest
+import torch
+
+from m2ort_fast.convert import write_pyramid
+from m2ort_fast.errors import M2ORTError
+from m2ort_fast.predict import DEMO_SLIDE, DEMO_SPOTS, Predictor, predict_slides
+from m2ort_fast.slide import open_slide, read_spot_patches
+from m2ort_fast.stream import iter_streamed_patches, plan_slide_reads, run_stream, spot_squares
+from pyramids import synthetic_tissue, write_test_pyramid
+
+SIZES = (224, 112, 56)
+
+
+@pytest.fixture(scope="module")
+def pyramids(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("stream")
+    return {layout: write_test_pyramid(folder / f"{layout}.tiff", layout, size_px=1536) for layout in ("svs", "generic")}
+
+
+def streamed_patches(slide, centers, level_mpp, level_source, **plan_options):
+    plan = plan_slide_reads(slide, centers, level_mpp, SIZES, level_source=level_source, **plan_options)
+    out = [np.zeros((len(centers), s, s, 3), np.uint8) for s in SIZES]
+    for spots, patches in iter_streamed_patches(slide, plan, resize_workers=2):
+        for whole, part in zip(out, patches):
+            whole[spots] = part
+    return out
+
+
+@pytest.mark.parametrize("layout", ["svs", "generic"])
+@pytest.mark.parametrize("level_mpp", [(0.5, 1.0, 2.0), (0.62, 1.24, 2.48), (0.4, 0.8, 1.6)])
+@pytest.mark.parametrize("level_source", ["pyramid", "resize"])
+def test_streamed_patches_equal_naive_bit_for_bit(pyramids, layout, level_mpp, level_source):
+    rng = np.random.default_rng(len(layout))
+    centers = rng.uniform(-40, 1576, (120, 2))  # some spots reach past the slide's edges (white there)
+    with open_slide(pyramids[layout], reader="tiffslide") as slide:
+        naive = read_spot_patches(slide, centers, level_mpp, SIZES, level_source=level_source)
+        streamed = streamed_patches(slide, centers, level_mpp, level_source, step_spots=17, max_memory_mb=24)
+    for level, (a, b) in enumerate(zip(naive, streamed)):
+        assert np.array_equal(a, b), f"level {level} differs"
+
+
+def test_spot_squares_match_the_naive_reads(pyramids):
+    """The geometry the plan uses is the one read_spot_patches reads (guards against drift)."""
+    centers = np.array([[100.3, 700.5], [1000.5, 20.49]])
+    with open_slide(pyramids["svs"], reader="tiffslide") as slide:
+        calls = []
+        original = slide.read_level_squares
+        slide.read_level_squares = lambda level, top_left, size: calls.append((level, top_left.copy(), size)) or \
+            original(level, top_left, size)
+        read_spot_patches(slide, centers, (0.62, 1.24, 2.48), SIZES)
+        reads = {(level, size): top_left for level, top_left, size in calls}
+        for mpp, out_px in zip((0.62, 1.24, 2.48), SIZES):
+            squares = spot_squares(slide, centers, mpp, out_px)
+            assert np.array_equal(squares.top_left_px, reads[squares.level, squares.read_px])
+
+
+def test_streamed_predictions_and_files_equal_naive(tmp_path):
+    predictor = Predictor(progress=False, batch_size=16)
+    streamed = predictor.predict_slide(DEMO_SLIDE, spots=DEMO_SPOTS, out_dir=tmp_path / "s", n_heatmaps=1)
+    naive = predictor.predict_slide(DEMO_SLIDE, spots=DEMO_SPOTS, out_dir=tmp_path / "n", n_heatmaps=1, streamed=False)
+    a, b = anndata.read_h5ad(streamed.outputs.h5ad), anndata.read_h5ad(naive.outputs.h5ad)
+    assert a.X.dtype == np.float32 and a.shape == b.shape == (65, len(predictor.genes))
+    assert np.array_equal(a.X, b.X), "same backend: predictions bit for bit"
+    assert a.obs.equals(b.obs) and list(a.var_names) == list(b.var_names)
+    assert np.array_equal(a.obsm["spatial"], b.obsm["spatial"])
+    assert streamed.outputs.csv.read_text() == naive.outputs.csv.read_text()
+    assert [p.name for p in streamed.outputs.heatmaps] == [p.name for p in naive.outputs.heatmaps]
+    assert streamed.engine["tiles_decoded_per_spot"] < streamed.engine["naive_tiles_per_spot"]
+    assert {"read", "crop", "assemble", "model", "write"} <= set(streamed.seconds)
+
+
+class FailingBackend:
+    """Wraps a backend and raises after ``after`` batches (an interruption mid-slide)."""
+
+    def __init__(self, backend, after):
+        self.backend, self.after, self.device, self.calls = backend, after, backend.device, 0
+
+    def __call__(self, *levels):
+        self.calls += 1
+        if self.calls > self.after:
+            raise KeyboardInterrupt
+        return self.backend(*levels)
+
+
+def test_interruption_leaves_nothing_and_resume_gives_the_same_file(tmp_path):
+    reference = predict_slides([DEMO_SLIDE], spots=[DEMO_SPOTS], out_dir=tmp_path / "ref", progress=False,
+                               batch_size=16, n_heatmaps=0, write_csv=False)[0]
+    predictor = Predictor(progress=False, batch_size=16)
+    working = predictor.backend
+    predictor.backend = FailingBackend(working, after=2)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        predict_slides([DEMO_SLIDE], spots=[DEMO_SPOTS], model=predictor, out_dir=out, n_heatmaps=0, write_csv=False)
+    assert list(out.iterdir()) == [], "an interrupted slide leaves no partial output"
+    predictor.backend = working
+    resumed = predict_slides([DEMO_SLIDE], spots=[DEMO_SPOTS], model=predictor, out_dir=out, overwrite=False,
+                             n_heatmaps=0, write_csv=False)[0]
+    assert resumed.ok and not resumed.skipped
+    a, b = anndata.read_h5ad(reference.outputs.h5ad), anndata.read_h5ad(resumed.outputs.h5ad)
+    assert np.array_equal(a.X, b.X) and a.obs.equals(b.obs)
+    again = predict_slides([DEMO_SLIDE], spots=[DEMO_SPOTS], model=predictor, out_dir=out, overwrite=False)[0]
+    assert again.skipped, "resume skips a slide whose .h5ad exists"
+
+
+def test_batch_reports_a_failing_slide_and_goes_on(tmp_path):
+    broken = tmp_path / "broken.svs"
+    broken.write_bytes(b"II*\x00" + b"\x00" * 64)
+    results = predict_slides([broken, DEMO_SLIDE], spots=[None, DEMO_SPOTS], out_dir=tmp_path, progress=False,
+                             n_heatmaps=0, write_csv=False)
+    assert not results[0].ok and "broken.svs" in results[0].error
+    assert results[1].ok and results[1].outputs.h5ad.exists()
+
+
+class ZeroBackend:
+    """Stands in for the model where only the data path is measured."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, n_genes):
+        self.n_genes = n_genes
+
+    def __call__(self, l1, l2, l3):
+        return torch.zeros((l1.shape[0], self.n_genes))
+
+
+def test_memory_stays_under_the_bound_on_a_large_pyramid(tmp_path):
+    """A 12288^2 generic pyramid: full-width windows would need ~2x the budget; the plan splits
+    the slide into stripes and the engine's traced allocations stay under budget + batches."""
+    tile = synthetic_tissue(1024)
+    image = np.tile(tile, (12, 12, 1))
+    path = write_pyramid(image, tmp_path / "big.tiff", mpp=0.5, layout="generic", downsamples=(1, 2, 4), quality=70)
+    del image
+    budget_mb, batch_size = 40, 8
+    with open_slide(path, reader="tiffslide") as slide:
+        axis = np.arange(200, 12288, 700.0)
+        xx, yy = np.meshgrid(axis, axis)
+        centers = np.stack([xx.ravel(), yy.ravel()], 1)
+        unbounded = plan_slide_reads(slide, centers, (0.5, 1.0, 2.0), SIZES, max_memory_mb=0)
+        assert unbounded.peak_bytes > 1.5 * budget_mb * 2**20, "the test must need the bound"
+        plan = plan_slide_reads(slide, centers, (0.5, 1.0, 2.0), SIZES, max_memory_mb=budget_mb)
+        assert len(plan.stripe_rows) > 1 and plan.peak_bytes <= budget_mb * 2**20
+        seen = np.zeros(len(centers), dtype=int)
+
+        def count(spots, predictions):
+            seen[spots] += 1
+
+        tracemalloc.start()
+        try:
+            run_stream(slide, plan, ZeroBackend(4), [0.0] * 3, [1.0] * 3, count, batch_size=batch_size)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert (seen == 1).all()
+    # Besides the decoded pixels: batches in flight (uint8 patches + float32 inputs, <= 8 batches).
+    per_spot_bytes = sum(3 * s * s * (1 + 4) for s in SIZES)
+    allowance = 8 * batch_size * per_spot_bytes + 8 * 2**20
+    assert peak <= budget_mb * 2**20 + allowance, f"traced peak {peak / 2**20:.1f} MiB"
+
+
+def test_streamed_engine_reports_a_reader_error(tmp_path, pyramids):
+    with open_slide(pyramids["svs"], reader="tiffslide") as slide:
+        plan = plan_slide_reads(slide, np.array([[700.0, 700.0]]), (0.5, 1.0, 2.0), SIZES)
+
+        def broken(*args):
+            raise M2ORTError("cannot read level 0", slide.path)
+
+        slide.read_level_region = broken
+        with pytest.raises(M2ORTError, match="cannot read level 0"):
+            run_stream(slide, plan, ZeroBackend(4), [0.0] * 3, [1.0] * 3, lambda *a: None)
