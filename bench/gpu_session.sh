@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Everything to do on a lent GPU machine, in one call: install the carried wheels, build the
+# extension, run the test suite (the GPU tests included), run every benchmark. Results go to $OUT.
+#
+# Here, once per session (PyPI and ../shared are reachable from here, not from there):
+#     bash bench/fetch_gpu_wheels.sh                      # .whl/: cuCIM, anndata, nvtx, readers (~57 MB)
+#     mkdir -p .gpu_data/her2st && cp -r ../shared/data/her2st/C2 .gpu_data/her2st/   # one real section
+#     grep -qx '/.gpu_data/' .git/info/exclude || echo '/.gpu_data/' >> .git/info/exclude
+# Then, with the device tool:
+#     run(command="bash bench/gpu_session.sh tests", carry=[".whl", ".gpu_data"], timeout_s=600)
+#     run(command="bash bench/gpu_session.sh bench", carry=[".whl", ".gpu_data"], timeout_s=600)
+# ("all" does both in one call when they fit in 10 minutes.)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+what="${1:-all}"
+OUT="${OUT:-/tmp/m2ort-gpu-out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 M2ORT_SHARED_DATA="$PWD/.gpu_data" M2ORT_FAST_CACHE=/tmp/m2ort-cache
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "gpu_session: carried wheels did not install"; exit 1; }
+export PYTHONPATH=/tmp/site
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > "$OUT/build.log" 2>&1 \
+  || { tail -30 "$OUT/build.log"; exit 1; }
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+} | tee "$OUT/device.txt"
+
+if [[ "$what" == tests || "$what" == all ]]; then
+  # GPU tests first (Triton fp16/bf16, TensorRT where it imports, cuCIM on the GPU), then the rest.
+  python3 -m pytest -q -rs -m gpu tests 2>&1 | tee "$OUT/tests_gpu.log" | tail -40
+  python3 -m pytest -q -rs -m "not gpu" -x tests 2>&1 | tee "$OUT/tests_rest.log" | tail -15
+fi
+
+if [[ "$what" == bench || "$what" == all ]]; then
+  python3 bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
+  if [[ -f bench/backends.py ]]; then
+    python3 bench/backends.py --json "$OUT/backends.json" 2>&1 | tee "$OUT/backends.txt"
+  fi
+  python3 bench/slide.py --data .gpu_data/her2st --reader cucim --json "$OUT/slide.json" 2>&1 | tail -20 | tee "$OUT/slide.txt"
+  m2ort-fast predict --quiet --overwrite --device cuda --profile "$OUT/profile_demo.json" --out /tmp/m2ort-demo 2>&1 | tail -5
+fi
