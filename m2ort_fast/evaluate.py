@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from . import metrics as M
+from .backends import resolve_device
 from .checkpoint import ModelCard
 from .errors import M2ORTError
 from .targets import expression_targets
@@ -34,15 +35,6 @@ from .targets import expression_targets
 log = logging.getLogger(__name__)
 
 PLOT_GENES = 4
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise M2ORTError(f"device {name!r} asked for but no CUDA GPU is available")
-    return device
 
 
 def normalize_levels(levels: list[np.ndarray], card: ModelCard, rows=None, num_threads: int = 0) -> list[torch.Tensor]:

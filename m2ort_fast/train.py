@@ -277,7 +277,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, comm
     from tqdm import tqdm
 
     from .checkpoint import ModelCard, save_checkpoint
-    from .evaluate import normalize_levels, predict_levels, resolve_device
+    from .backends import resolve_device
+    from .evaluate import normalize_levels, predict_levels
     from .model import VARIANTS, M2ORT
 
     if cfg.variant not in VARIANTS:
