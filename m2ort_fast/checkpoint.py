@@ -61,6 +61,12 @@ class ModelCard:
         return [self.mpp * self.patch_sizes_px[0] / size for size in self.patch_sizes_px]
 
     @property
+    def level_source(self) -> str:
+        """How the model's levels 2 and 3 were made in training: "resize" (from level 1, as the
+        paper's code does) or "pyramid" (read from the slide's pyramid); inference does the same."""
+        return self.provenance.get("level_source", "pyramid")
+
+    @property
     def field_of_view_um(self) -> float:
         """Side of the physical square every level of a spot covers."""
         return self.mpp * self.patch_sizes_px[0]

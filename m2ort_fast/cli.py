@@ -56,8 +56,9 @@ def add_predict(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--backend", default="torch", help="inference backend (default: %(default)s)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--level-source", default="pyramid", choices=["pyramid", "resize"],
-                   help="levels 2 and 3 read from the pyramid (default) or resized from level 1 as the paper's code does")
+    p.add_argument("--level-source", default=None, choices=["pyramid", "resize"],
+                   help="levels 2 and 3 read from the pyramid or resized from level 1 as the paper's code does "
+                        "(default: as the checkpoint's model was trained)")
     p.add_argument("--genes", type=_csv_list, default=None, help="comma-separated genes to draw heatmaps of")
     p.add_argument("--heatmaps", type=int, default=4, help="number of heatmaps when --genes is not given (0: none)")
     p.add_argument("--no-csv", action="store_true", help="do not write the CSV")

@@ -201,7 +201,7 @@ def evaluate_sections(checkpoint, sections, *, out_dir=None, baseline_sections=N
 
     torch_device = resolve_device(device)
     model, card = load_checkpoint(checkpoint, device=torch_device)
-    level_source = level_source or card.provenance.get("level_source", "resize")
+    level_source = level_source or card.level_source
     baseline, baseline_source = mean_baseline(card, baseline_sections)
     cache = PatchCache(cache_dir)
     out = Path(out_dir) if out_dir else None

@@ -78,7 +78,7 @@ class Predictor:
 
     def __init__(self, checkpoint: str | os.PathLike | None = None, *, backend: str = "torch",
                  device: str = "auto", precision: str = "fp32", batch_size: int = 64,
-                 level_source: str = "pyramid", num_threads: int = 0, progress: bool = True,
+                 level_source: str | None = None, num_threads: int = 0, progress: bool = True,
                  backend_options: dict | None = None, streamed: bool = True,
                  max_memory_mb: float = DEFAULT_MAX_MEMORY_MB):
         if batch_size < 1:
@@ -86,14 +86,13 @@ class Predictor:
         self.checkpoint = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
         model, self.card = load_checkpoint(self.checkpoint)
         self.checkpoint_sha256 = file_sha256(self.checkpoint)
-        options = {"precision": precision, **(backend_options or {})}
-        if backend != "torch":
-            options.setdefault("checkpoint_path", str(self.checkpoint))
+        options = {"precision": precision, "checkpoint_path": str(self.checkpoint), **(backend_options or {})}
         self.backend = make_backend(backend, model, self.card, device=device, **options)
         self.backend_name = backend
         self.precision = precision
         self.batch_size = batch_size
-        self.level_source = level_source
+        # None: as the model was trained (the checkpoint says), so inputs match what it learned from
+        self.level_source = level_source or self.card.level_source
         self.num_threads = num_threads
         self.progress = progress
         self.streamed = streamed

@@ -13,7 +13,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model: M2ORT, card: ModelCard, *, device: torch.device, precision: str = "fp32"):
+    def __init__(self, model: M2ORT, card: ModelCard, *, device: torch.device, precision: str = "fp32",
+                 checkpoint_path: str | None = None):
         self.device = device
         self.dtype = DTYPES[precision]
         self.model = model.to(device=device, dtype=self.dtype).eval()

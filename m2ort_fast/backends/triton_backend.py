@@ -29,7 +29,8 @@ class TritonBackend:
 
     name = "triton"
 
-    def __init__(self, model: M2ORT, card: ModelCard, *, device: torch.device, precision: str | None = None):
+    def __init__(self, model: M2ORT, card: ModelCard, *, device: torch.device, precision: str | None = None,
+                 checkpoint_path: str | None = None):
         self.device = torch.device(device)
         if precision is None:
             precision = "bf16" if self.device.type == "cuda" else "fp32"
