@@ -85,7 +85,8 @@ def write_pyramid(image: np.ndarray, dst: str | os.PathLike, *, mpp: float | Non
                 if downsample != level_downsample:
                     # Each level from the previous one (as libvips and scanners do): far cheaper
                     # than from level 0, and the bilinear filter is antialiased either way.
-                    level_image = resize_rgb(level_image, max(1, width_px // downsample), max(1, height_px // downsample),
+                    level_image = resize_rgb(level_image, max(1, width_px // downsample),
+                                             max(1, height_px // downsample),
                                              exact_factor=downsample // level_downsample)
                     level_downsample = downsample
                 level_h, level_w = level_image.shape[:2]

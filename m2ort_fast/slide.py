@@ -255,15 +255,28 @@ class CuCIMSlide(Slide):
         tiff_meta = _tiff_metadata(path)
         super().__init__(path, tiff_meta["vendor"], resolutions["level_dimensions"], tiff_meta["mpp"])
         self._set_downsamples(resolutions["level_downsamples"])  # cuCIM maps locations with these
-        self.num_workers = max(1, min(4, os.cpu_count() or 1))
+        self.num_workers = max(1, min(8, os.cpu_count() or 1))
         self._device = _cucim_device()
 
     def _read_level(self, level, x_px, y_px, width_px, height_px):
-        region = self._image.read_region(self._level0_location(level, x_px, y_px), (width_px, height_px), level,
-                                         device=self._device)
-        return self._to_numpy(region)[..., :3]
+        return self._on_device(lambda: self._to_numpy(self._image.read_region(
+            self._level0_location(level, x_px, y_px), (width_px, height_px), level, device=self._device))[..., :3])
 
     def _read_level_batch(self, level, top_left_px, size_px):
+        return self._on_device(lambda: self._read_batch(level, top_left_px, size_px))
+
+    def _on_device(self, read: Callable[[], np.ndarray]) -> np.ndarray:
+        if self._device == "cpu":
+            return read()
+        try:
+            return read()
+        except Exception as exc:  # the GPU read path failed: the CPU one still works
+            log.warning("%s: cuCIM reads on %s failed (%s); reading on the CPU", self.path.name, self._device,
+                        " ".join(str(exc).split())[:200])
+            self._device = "cpu"
+            return read()
+
+    def _read_batch(self, level, top_left_px, size_px):
         if len(top_left_px) == 1:
             return self._read_level(level, *map(int, top_left_px[0]), size_px, size_px)[None]
         locations = [self._level0_location(level, int(x), int(y)) for x, y in top_left_px]
@@ -294,7 +307,8 @@ class CuCIMSlide(Slide):
 
 
 def _cucim_device() -> str:
-    """"cuda" where cupy sees a GPU (cuCIM then reads into GPU memory), else "cpu"."""
+    """"cuda" where cupy sees a GPU (cuCIM then reads into GPU memory), else "cpu".
+    M2ORT_CUCIM_DEVICE=cpu|cuda overrides. (The GPU path has not been run here: no GPU.)"""
     if os.environ.get("M2ORT_CUCIM_DEVICE"):
         return os.environ["M2ORT_CUCIM_DEVICE"]
     try:
@@ -315,9 +329,9 @@ class TiffSlideSlide(Slide):
 
         self._slide = tiffslide.TiffSlide(str(path))
         props = self._slide.properties
-        mpp = _positive_float(props.get("tiffslide.mpp-x")) or _tiff_metadata(path)["mpp"]
-        super().__init__(path, props.get("tiffslide.vendor") or _tiff_metadata(path)["vendor"],
-                         self._slide.level_dimensions, mpp)
+        tiff_meta = _tiff_metadata(path)
+        super().__init__(path, props.get("tiffslide.vendor") or tiff_meta["vendor"], self._slide.level_dimensions,
+                         _positive_float(props.get("tiffslide.mpp-x")) or tiff_meta["mpp"])
         self._set_downsamples(self._slide.level_downsamples)
 
     def _read_level(self, level, x_px, y_px, width_px, height_px):
@@ -476,7 +490,8 @@ def _check_tiff(path: Path) -> int:
 
     file_size = path.stat().st_size
     if _ifd_chain_runs_past(path, file_size):
-        raise SlideError(f"truncated: its directory of images points past the end of the file ({file_size} bytes)", path)
+        raise SlideError(f"truncated: its directory of images points past the end of the file ({file_size} bytes)",
+                         path)
     try:
         with tifffile.TiffFile(path) as tif:
             if not tif.series:

@@ -22,9 +22,15 @@ from ..checkpoint import ModelCard
 from ..errors import M2ORTError
 from ..model import M2ORT
 
-# name -> "module:factory"; the factory is called as factory(model, card, device=..., **options)
+# name -> "module:factory"; the factory is called as factory(model, card, device=..., **options), where
+# options always hold `precision` and `checkpoint_path` (the file the weights came from, or None: compiled
+# backends key their caches on it) and may hold backend-specific settings.
 _REGISTRY: dict[str, str] = {
     "torch": "m2ort_fast.backends.torch_backend:TorchBackend",
+    "onnxruntime": "m2ort_fast.backends.onnxruntime_backend:OnnxRuntimeBackend",
+    "aoti": "m2ort_fast.backends.aoti_backend:AOTIBackend",
+    "tensorrt": "m2ort_fast.backends.tensorrt_backend:TensorRTBackend",
+    "auto": "m2ort_fast.backends.auto:AutoBackend",
     "triton": "m2ort_fast.backends.triton_backend:TritonBackend",
 }
 

@@ -1,0 +1,87 @@
+"""Get-or-build of each compiled artifact through the cache: what backends and the CLI call.
+
+Each function returns (path, reused). The key is (checkpoint sha256, toolkit version, device
+name, precision, batch profile), see :mod:`.cache`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import ModelCard, file_sha256
+from ..model import M2ORT
+from . import aoti, onnx_export, tensorrt_engine
+from .cache import ArtifactKey, cache_root, cached_artifact, check_precision, device_name, weights_sha256
+
+
+def checkpoint_hash(model: M2ORT, card: ModelCard, checkpoint_path: str | os.PathLike | None = None) -> str:
+    """sha256 of the checkpoint file when its path is known (cheap to trust: load_checkpoint
+    built ``model`` from it), else of the in-memory weights and card."""
+    if checkpoint_path is not None:
+        return file_sha256(checkpoint_path)
+    return weights_sha256(model, card)
+
+
+def onnx_key(sha: str, precision: str) -> ArtifactKey:
+    return ArtifactKey("onnx", sha, f"torch {torch.__version__}, onnx opset {onnx_export.OPSET}", "portable",
+                       check_precision(precision), None)
+
+
+def onnx_artifact(model: M2ORT, card: ModelCard, *, sha: str, precision: str = "fp32",
+                  cache_dir: str | os.PathLike | None = None) -> tuple[Path, bool]:
+    return cached_artifact(
+        onnx_key(sha, precision), "model.onnx",
+        lambda path: onnx_export.export_onnx(model, card, path, precision=precision, checkpoint_sha256=sha),
+        cache_dir)
+
+
+def aoti_key(sha: str, device: torch.device, precision: str, batch_profile: tuple[int, int, int],
+             use_kernels: bool = True) -> ArtifactKey:
+    return ArtifactKey("aoti", sha, aoti.toolkit_version(device, use_kernels), device_name(device),
+                       check_precision(precision), tuple(batch_profile))
+
+
+def aoti_artifact(model: M2ORT, card: ModelCard, *, sha: str, device: torch.device, precision: str = "fp32",
+                  batch_profile: tuple[int, int, int], use_kernels: bool = True,
+                  cache_dir: str | os.PathLike | None = None) -> tuple[Path, bool]:
+    return cached_artifact(
+        aoti_key(sha, device, precision, batch_profile, use_kernels), "model.pt2",
+        lambda path: aoti.compile_aoti(model, card, path, device=device, precision=precision,
+                                       batch_profile=batch_profile, use_kernels=use_kernels),
+        cache_dir)
+
+
+def tensorrt_key(sha: str, device: torch.device, precision: str, batch_profile: tuple[int, int, int]) -> ArtifactKey:
+    import tensorrt as trt
+
+    toolkit = f"tensorrt {trt.__version__}, torch {torch.__version__}, onnx opset {onnx_export.OPSET}"
+    return ArtifactKey("tensorrt", sha, toolkit, device_name(device), check_precision(precision),
+                       tuple(batch_profile))
+
+
+def timing_cache_path(device: torch.device, cache_dir: str | os.PathLike | None = None) -> Path:
+    """One TensorRT timing cache per (TensorRT version, GPU), shared by every engine built there."""
+    import tensorrt as trt
+
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"{trt.__version__}-{device_name(device)}").strip("-")
+    folder = cache_root(cache_dir) / "tensorrt"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"timing-{slug}.cache"
+
+
+def tensorrt_artifact(model: M2ORT, card: ModelCard, *, sha: str, device: torch.device, precision: str = "fp16",
+                      batch_profile: tuple[int, int, int],
+                      cache_dir: str | os.PathLike | None = None) -> tuple[Path, bool]:
+    tensorrt_engine.require_tensorrt()
+    onnx_path, _ = onnx_artifact(model, card, sha=sha, precision=precision, cache_dir=cache_dir)
+
+    def build(path: Path) -> None:
+        with torch.cuda.device(device):
+            tensorrt_engine.build_engine(onnx_path, path, batch_profile=batch_profile,
+                                         timing_cache_path=timing_cache_path(device, cache_dir))
+
+    return cached_artifact(tensorrt_key(sha, device, precision, batch_profile), "model.plan", build, cache_dir)
