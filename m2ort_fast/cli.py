@@ -3,6 +3,8 @@
     m2ort-fast predict [SLIDE ...]       per-spot predictions (.h5ad, .csv, heatmaps); no slide: the demo
     m2ort-fast info [SLIDE] [--model V]  slide levels / mpp / vendor; model parameters and FLOPs
     m2ort-fast convert IMAGE OUT.tiff    flat image -> tiled pyramidal TIFF
+    m2ort-fast export --checkpoint CKPT --format onnx|aoti|tensorrt
+    m2ort-fast train --config CONFIG     /  m2ort-fast evaluate --checkpoint CKPT SECTION_DIR
 
 Problems with the input are printed as one line (``m2ort-fast: error: FILE: problem``), exit 2.
 """
@@ -212,13 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict(subparsers)
     add_info(subparsers)
     for module_name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            # a subcommand whose module has not been written yet, or whose optional toolkit is absent
-            log.debug("subcommands of %s unavailable: %s", module_name, exc)
-            continue
-        module.add_subcommands(subparsers)
+        importlib.import_module(module_name).add_subcommands(subparsers)
     return parser
 
 
