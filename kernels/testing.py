@@ -79,3 +79,15 @@ def randomize_(module: nn.Module, seed: int) -> nn.Module:
             sub.weight.copy_(1 + 0.2 * torch.randn(sub.weight.shape, generator=gen))
             sub.bias.copy_(0.2 * torch.randn(sub.bias.shape, generator=gen))
     return module
+
+
+# Shapes of the kernel tests. 197 tokens: not a multiple of 16, so every tile edge is masked. The
+# interpreter is slow: batch 64 for the tiny variant only, batches 1 and 7 for every variant.
+TOKENS = 197
+CPU_CASES = [("tiny", 1), ("tiny", 7), ("tiny", 64)] + [(v, b) for v in ("small", "base", "large") for b in (1, 7)]
+
+
+def random_tokens(batch: int, dim: int, seed: int) -> torch.Tensor:
+    """(batch, 197, dim) fresh random block inputs, offset from zero like real activations."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, TOKENS, dim, generator=gen) + 0.5

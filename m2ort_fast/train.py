@@ -168,7 +168,6 @@ def prepare_data(cfg: TrainConfig, genes: list[str] | None = None, mpp: float | 
     """Read the sections, choose the gene panel and mpp (unless given, e.g. on resume), build the
     targets and the cached patches. Returns (sets {"train","val","test"}, info dict)."""
     from .datasets import read_sample
-    from .model import IMAGE_SIZES_PX
     from .patch_cache import PatchCache
     from .targets import expression_targets, holdout_spots, select_gene_panel
 

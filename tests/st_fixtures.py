@@ -14,8 +14,6 @@ PITCH_PX = 290.0  # one 200 um array step, as in the real images (about 0.69 um/
 def write_st_section(folder: Path, name: str = "S1", grid: int = 4, n_genes: int = 60, seed: int = 0) -> Path:
     """grid x grid spots; each spot's tissue colour drives the expression of the first genes, so
     a model has something to learn."""
-    from PIL import Image  # noqa: F401  (imported lazily: only for the JPEG writer)
-
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     size = int(PITCH_PX * (grid + 1))

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from conftest import HER2ST
-from m2ort_fast.checkpoint import ModelCard, read_card, save_checkpoint
+from m2ort_fast.checkpoint import ModelCard, save_checkpoint
 from m2ort_fast.errors import CheckpointError
 from m2ort_fast.evaluate import add_subcommands, evaluate_sections
 from m2ort_fast.model import M2ORT, VARIANTS

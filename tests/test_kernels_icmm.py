@@ -11,28 +11,23 @@ import pytest
 import torch
 
 from m2ort_fast.kernels.icmm import ICMMWeights, icmm, reference_icmm
-from m2ort_fast.kernels.testing import ERROR_BOUNDS, randomize_, relative_error, triton_compiled, triton_interpreter
-from m2ort_fast.model import ICMM, NUM_TOKENS, VARIANTS
+from m2ort_fast.kernels.testing import (
+    CPU_CASES, ERROR_BOUNDS, random_tokens, randomize_, relative_error, triton_compiled, triton_interpreter,
+)
+from m2ort_fast.model import ICMM, VARIANTS
 
-TOKENS = NUM_TOKENS + 1
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-CPU_CASES = [("tiny", 1), ("tiny", 7), ("tiny", 64)] + [(v, b) for v in ("small", "base", "large") for b in (1, 7)]
 
 
 def _block(variant: str, seed: int) -> ICMM:
     return randomize_(ICMM(VARIANTS[variant]), seed).eval()
 
 
-def _tokens(batch: int, dim: int, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, TOKENS, dim, generator=gen) + 0.5
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @torch.no_grad()
 def test_reference_matches_model_icmm(variant):
     block = _block(variant, seed=1)
-    x = _tokens(2, block.norm.normalized_shape[0], seed=2)
+    x = random_tokens(2, block.norm.normalized_shape[0], seed=2)
     torch.testing.assert_close(reference_icmm(x, ICMMWeights(block)), block(x), rtol=1e-5, atol=1e-5)
 
 
@@ -40,7 +35,7 @@ def test_reference_matches_model_icmm(variant):
 @torch.no_grad()
 def test_icmm_kernel_fp32_interpreter(variant, batch):
     block = _block(variant, seed=batch)
-    x = _tokens(batch, block.norm.normalized_shape[0], seed=100 + batch)
+    x = random_tokens(batch, block.norm.normalized_shape[0], seed=100 + batch)
     with triton_interpreter():
         out = icmm(x, ICMMWeights(block))
     ref = reference_icmm(x, ICMMWeights(block))
@@ -57,7 +52,7 @@ def test_icmm_kernel_fp32_interpreter(variant, batch):
 @torch.no_grad()
 def test_icmm_kernel_gpu(dtype, variant, batch):
     block = _block(variant, seed=batch).cuda()
-    x = _tokens(batch, block.norm.normalized_shape[0], seed=batch).cuda()
+    x = random_tokens(batch, block.norm.normalized_shape[0], seed=batch).cuda()
     with triton_compiled():
         out = icmm(x.to(dtype), ICMMWeights(block.to(dtype)))
     ref = reference_icmm(x.to(dtype).float(), ICMMWeights(block.float()))

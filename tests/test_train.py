@@ -3,7 +3,6 @@ run resumed after epoch 1 ends with exactly the weights of an uninterrupted 2-ep
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
