@@ -147,8 +147,7 @@ def write_slide_outputs(out_dir: Path, stem: str, adata, *, write_csv: bool = Tr
         if heatmap_genes and thumbnail is not None:
             staged_maps = staging / f"{stem}_heatmaps"
             staged_maps.mkdir()
-            untrained = not adata.uns.get("m2ort_fast", {}).get("trained", True)
-            suffix = f" ({stem}{', UNTRAINED demo model' if untrained else ''})"
+            suffix = heatmap_title_suffix(stem, trained=bool(adata.uns.get("m2ort_fast", {}).get("trained", True)))
             for gene in heatmap_genes:
                 column = adata.var_names.get_loc(gene)
                 write_heatmap(staged_maps / f"{_safe_name(gene)}.png", gene, np.asarray(adata.X[:, column]),
@@ -166,6 +165,11 @@ def write_slide_outputs(out_dir: Path, stem: str, adata, *, write_csv: bool = Tr
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return SlideOutputs(h5ad=h5ad_path, csv=csv_path, heatmaps=heatmap_paths)
+
+
+def heatmap_title_suffix(stem: str, trained: bool) -> str:
+    """What a heatmap's title adds to the gene: the slide, and a warning for an untrained model."""
+    return f" ({stem}{'' if trained else ', UNTRAINED model'})"
 
 
 def _safe_name(gene: str) -> str:

@@ -28,7 +28,7 @@ from . import _core
 from .backends import make_backend
 from .checkpoint import ModelCard, file_sha256, load_checkpoint
 from .errors import M2ORTError, SpotsError
-from .outputs import SlideOutputs, build_anndata, pick_heatmap_genes, write_slide_outputs
+from .outputs import SlideOutputs, build_anndata, heatmap_title_suffix, pick_heatmap_genes, write_slide_outputs
 from .profiling import StageTimer
 from .slide import Slide, open_slide, read_spot_patches, require_mpp
 from .spots import Spots, check_spots_inside, grid_spots, load_spots
@@ -40,7 +40,7 @@ log = logging.getLogger("m2ort_fast")
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_SLIDE = ASSETS / "demo_slide.tiff"
 DEMO_SPOTS = ASSETS / "demo_spots.tsv"
-DEFAULT_CHECKPOINT = ASSETS / "demo_model.safetensors"
+DEFAULT_CHECKPOINT = ASSETS / "m2ort_her2st_tiny.safetensors"
 
 VISIUM_PITCH_UM = 100.0
 VISIUM_SPOT_DIAMETER_UM = 55.0
@@ -236,11 +236,10 @@ class Predictor:
                 if bar is not None:
                     bar.close()
             with timer.stage("write"):
-                untrained = not self.card.trained
                 outputs = writer.finish(write_csv=write_csv, heatmap_genes=heatmap_genes, n_heatmaps=n_heatmaps,
                                         thumbnail=thumbnail, thumbnail_downsample=downsample,
                                         spot_diameter_px=spot_diameter_px,
-                                        title_suffix=f" ({stem}{', UNTRAINED demo model' if untrained else ''})")
+                                        title_suffix=heatmap_title_suffix(stem, self.card.trained))
         except BaseException:
             writer.abort()
             raise

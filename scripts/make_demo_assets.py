@@ -1,15 +1,13 @@
-"""Make the package's embedded demo from the real HER2+ data in ../shared/data/her2st.
+"""Make the package's embedded demo slide from the real HER2+ data in ../shared/data/her2st.
 
 Writes into m2ort_fast/assets/:
 * demo_slide.tiff: a crop of section C3's H&E image (the crop with the most spots), as an
   Aperio-SVS-like pyramidal TIFF with JPEG tiles and its mpp in the metadata;
 * demo_spots.tsv: the section's legacy ST spot table restricted to the crop, pixel coordinates
-  shifted into it (the format of the her2st `*_selection.tsv` files);
-* demo_model.safetensors: the "tiny" configuration (not a paper variant) with the gene panel
-  chosen from the four sections by the paper's rule. Its weights are NOT trained: random
-  (seed 0), with the regression head's bias set to the mean log1p-CPM of the panel over the four
-  sections' spots, so that its output is the mean-expression baseline plus image-dependent noise.
-  The training issue replaces it with trained weights.
+  shifted into it (the format of the her2st `*_selection.tsv` files).
+
+The embedded model (m2ort_her2st_tiny.safetensors) is not made here: it is trained by
+`scripts/train_her2st.sh` (see the README's "The shipped model").
 
     python scripts/make_demo_assets.py [--data ../shared/data/her2st] [--crop-px 2304]
 """
@@ -21,19 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from m2ort_fast.checkpoint import ModelCard, save_checkpoint
 from m2ort_fast.convert import write_pyramid
 from m2ort_fast.datasets import read_sample
-from m2ort_fast.model import build_model
 from m2ort_fast.slide import open_slide
-from m2ort_fast.targets import expression_targets, select_gene_panel
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "m2ort_fast" / "assets"
 DEMO_SECTION = "C3"
-SECTIONS = ("C2", "C3", "C4", "C5")
 
 
 def densest_crop(centers_px: np.ndarray, crop_px: int, width_px: int, height_px: int) -> tuple[int, int]:
@@ -56,8 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     ASSETS.mkdir(parents=True, exist_ok=True)
 
-    samples = [read_sample(args.data / name) for name in SECTIONS]
-    demo = samples[SECTIONS.index(DEMO_SECTION)]
+    demo = read_sample(args.data / DEMO_SECTION)
     mpp = demo.mpp
 
     # The slide crop and its spot table.
@@ -77,25 +69,7 @@ def main() -> None:
     crop_table["pixel_y"] -= y0
     crop_table.to_csv(ASSETS / "demo_spots.tsv", sep="\t", index=False, float_format="%.2f")
 
-    # The untrained demo model: mean-expression head bias over the real panel.
-    panel = select_gene_panel(samples, seed=0)
-    targets = np.concatenate([expression_targets(s.counts, s.genes, panel.genes).values for s in samples])
-    model = build_model("tiny", n_genes=len(panel.genes), seed=0)
-    with torch.no_grad():
-        model.head.bias.copy_(torch.from_numpy(targets.mean(axis=0)))
-    card = ModelCard.for_variant(
-        "tiny", panel.genes, mpp=float(mpp), model_id="m2ort-demo-untrained", trained=False,
-        provenance={
-            "what": "demo model: NOT trained. Random weights (seed 0) with the head bias set to the mean "
-                    "log1p-CPM of the gene panel over all spots of the four sections.",
-            "data": "her2st sections " + ", ".join(SECTIONS) + " (Andersson et al. 2021)",
-            "gene_panel_rule": panel.rule,
-            "mpp_source": f"array pitch of {DEMO_SECTION}'s spot table (200 um per step)",
-            "command": "python scripts/make_demo_assets.py",
-        })
-    save_checkpoint(ASSETS / "demo_model.safetensors", model, card)
-    print(f"demo slide: {DEMO_SECTION} crop at ({x0}, {y0}), {args.crop_px} px, mpp {mpp:.4f}, "
-          f"{len(crop_table)} spots; model: tiny, {len(panel.genes)} genes ({panel.candidates} candidates)")
+    print(f"demo slide: {DEMO_SECTION} crop at ({x0}, {y0}), {args.crop_px} px, mpp {mpp:.4f}, {len(crop_table)} spots")
     for path in sorted(ASSETS.iterdir()):
         print(f"  {path.relative_to(REPO)}: {path.stat().st_size / 1e6:.2f} MB")
 

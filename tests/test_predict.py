@@ -32,7 +32,8 @@ def expected_predictions(slide_path, centers_px, mpp=None):
     """The reference computed without the engine: read patches, normalise in NumPy, eager model."""
     model, card = load_checkpoint(DEFAULT_CHECKPOINT)
     with open_slide(slide_path, mpp=mpp) as slide:
-        patches = read_spot_patches(slide, centers_px, card.level_mpp, card.patch_sizes_px)
+        patches = read_spot_patches(slide, centers_px, card.level_mpp, card.patch_sizes_px,
+                                    level_source=card.level_source)
     mean, std = np.array(card.pixel_mean), np.array(card.pixel_std)
     levels = [torch.from_numpy(((p / 255.0 - mean) / std).transpose(0, 3, 1, 2).astype(np.float32)) for p in patches]
     with torch.no_grad():
@@ -49,7 +50,7 @@ def test_demo_predict_matches_the_reference_path(predictor, tmp_path):
     assert list(adata.var_names) == predictor.genes
     np.testing.assert_allclose(adata.X, expected_predictions(DEMO_SLIDE, adata.obsm["spatial"]), rtol=1e-4, atol=1e-4)
     assert adata.uns["m2ort_fast"]["slide_mpp_source"] == "metadata"
-    assert adata.uns["m2ort_fast"]["trained"] is False or adata.uns["m2ort_fast"]["trained"] == 0
+    assert bool(adata.uns["m2ort_fast"]["trained"]) == predictor.card.trained
     csv = pd.read_csv(result.outputs.csv, index_col="spot_id")
     np.testing.assert_allclose(csv[predictor.genes].to_numpy(), adata.X, rtol=1e-5, atol=1e-5)
     assert len(result.outputs.heatmaps) == 4 and all(p.stat().st_size > 10_000 for p in result.outputs.heatmaps)
@@ -114,10 +115,11 @@ def test_predict_slides_goes_on_after_a_bad_slide(predictor, tmp_path):
     assert results[1].ok and results[1].outputs.h5ad.exists()
 
 
-def test_resize_level_source_is_the_papers_way(tmp_path):
+def test_level_source_follows_the_checkpoint_unless_asked(tmp_path):
     spots = load_spots(DEMO_SPOTS)
+    assert Predictor(progress=False).level_source == load_checkpoint(DEFAULT_CHECKPOINT)[1].level_source
     with open_slide(DEMO_SLIDE) as slide:
         resized = Predictor(progress=False, level_source="resize").predict_centers(slide, spots.centers_px[:8])
-        pyramid = Predictor(progress=False).predict_centers(slide, spots.centers_px[:8])
+        pyramid = Predictor(progress=False, level_source="pyramid").predict_centers(slide, spots.centers_px[:8])
     assert resized.shape == pyramid.shape
     assert not np.allclose(resized, pyramid)  # level 2/3 pixels differ, and the model sees it
