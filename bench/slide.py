@@ -157,6 +157,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="her2st folder (default: %(default)s)")
     parser.add_argument("--section", default="C2")
+    parser.add_argument("--slide", type=Path, default=None,
+                        help="bench on this pyramid (with mpp) instead of a converted her2st section, e.g. the demo slide")
     parser.add_argument("--region-px", type=int, default=3072, help="centre crop of the section (0: whole section)")
     parser.add_argument("--spacing-um", type=float, default=55.0)
     parser.add_argument("--variant", default="tiny", help="random-weight model of this variant (tiny: the demo model)")
@@ -170,26 +172,31 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args(argv)
 
-    from m2ort_fast.slide import open_slide
+    from m2ort_fast.slide import open_slide, require_mpp
     from m2ort_fast.spots import grid_spots
     from m2ort_fast.tissue import tissue_mask
 
     section = args.data / args.section
-    if not section.is_dir():
+    if args.slide is None and not section.is_dir():
         print(f"bench/slide.py: no her2st section at {section} (../shared/data is absent): nothing measured",
               file=sys.stderr)
         return 2
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        path, mpp = prepare_slide(section, args.region_px, tmp)
+        if args.slide is not None:
+            with open_slide(args.slide) as given:
+                path, mpp = args.slide, require_mpp(given)
+        else:
+            path, mpp = prepare_slide(section, args.region_px, tmp)
         predictor = make_predictor(args, mpp, tmp)
         with open_slide(path, reader=args.reader) as slide:
             thumbnail, _ = slide.thumbnail(1600)
             spots = grid_spots(slide, spacing_um=args.spacing_um, mask=tissue_mask(thumbnail))
             centers = np.asarray(spots.centers_px, dtype=np.float64)
             n = len(centers)
-            report = {"slide": f"her2st {args.section} {slide.level_dimensions[0]} px, {mpp:.4f} um/px, svs 1/4/16",
+            label = args.slide.name if args.slide is not None else f"her2st {args.section}"
+            report = {"slide": f"{label} {slide.level_dimensions[0]} px, {mpp:.4f} um/px, levels {slide.level_downsamples}",
                       "reader": args.reader, "spots": n, "spacing_um": args.spacing_um,
                       "model": f"{predictor.card.variant} ({args.backend}, {predictor.backend.device})",
                       "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(), "runs": {}}
