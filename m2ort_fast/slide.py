@@ -30,6 +30,7 @@ import math
 import os
 import re
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -735,16 +736,37 @@ def read_spot_patches(slide: Slide, centers_px: np.ndarray, level_mpp: Sequence[
     raise ValueError(f"level_source must be 'pyramid' or 'resize', not {level_source!r}")
 
 
+@dataclass
+class SpotSquares:
+    """One model input's squares: read ``read_px`` squares of pyramid ``level`` at ``top_left_px``
+    ((N, 2) int64 (x, y) in pixels of that level), then resize to ``size_px`` if they differ."""
+
+    level: int
+    read_px: int
+    size_px: int
+    top_left_px: np.ndarray
+
+
+def spot_squares(slide: Slide, centers_px: np.ndarray, target_mpp: float, size_px: int) -> SpotSquares:
+    """Where one model input's squares are read: the coarsest pyramid level fine enough for
+    ``target_mpp``, the square's side in that level's pixels, and each square's top-left corner
+    (the centre rounded to the level's pixel grid). The naive path and the streamed engine both
+    read exactly these squares, which is what makes their patches equal."""
+    level = best_level_for_mpp(slide, target_mpp)
+    side_px = size_px * target_mpp / slide.level_mpp(level)
+    read_px = size_px if abs(side_px - size_px) <= MPP_TOLERANCE * size_px else max(1, round(side_px))
+    centers_level_px = np.asarray(centers_px, dtype=np.float64).reshape(-1, 2) / slide.level_downsamples[level]
+    top_left_px = np.floor(centers_level_px - read_px / 2 + 0.5).astype(np.int64)
+    return SpotSquares(level, int(read_px), int(size_px), top_left_px)
+
+
 def _read_squares(slide: Slide, centers_px: np.ndarray, target_mpp: float, size_px: int, reads: dict) -> np.ndarray:
     """(N, size_px, size_px, 3): squares of side size_px * target_mpp microns centred on centers_px."""
-    level = best_level_for_mpp(slide, target_mpp)
-    side_px = size_px * target_mpp / slide.level_mpp(level)  # the square's side in pixels of that level
-    read_px = size_px if abs(side_px - size_px) <= MPP_TOLERANCE * size_px else max(1, round(side_px))
+    where = spot_squares(slide, centers_px, target_mpp, size_px)
     # On a 1,4,16 pyramid the 1/2-resolution input is read at the same level and size as the
     # full-resolution one: the same squares, so read them once.
-    if (level, read_px) not in reads:
-        centers_level_px = centers_px / slide.level_downsamples[level]
-        top_left_px = np.floor(centers_level_px - read_px / 2 + 0.5).astype(np.int64)
-        reads[level, read_px] = slide.read_level_squares(level, top_left_px, read_px)
-    squares = reads[level, read_px]
-    return squares if read_px == size_px else resize_patches(squares, size_px)
+    key = (where.level, where.read_px)
+    if key not in reads:
+        reads[key] = slide.read_level_squares(where.level, where.top_left_px, where.read_px)
+    squares = reads[key]
+    return squares if where.read_px == size_px else resize_patches(squares, size_px)

@@ -42,7 +42,7 @@ import numpy as np
 from . import _core
 from .errors import M2ORTError
 from .profiling import StageTimer
-from .slide import MPP_TOLERANCE, Slide, best_level_for_mpp, resize_patches
+from .slide import Slide, SpotSquares, resize_patches, spot_squares
 
 log = logging.getLogger("m2ort_fast")
 
@@ -55,28 +55,6 @@ RESIZE_MIN_PATCHES_PER_WORKER = 16
 
 # --------------------------------------------------------------------------------------------
 # Geometry and plan
-
-
-@dataclass
-class SpotSquares:
-    """One model input's squares: read ``read_px`` squares of pyramid ``level`` at ``top_left_px``
-    ((N, 2) int64 (x, y) in pixels of that level), then resize to ``size_px`` if they differ."""
-
-    level: int
-    read_px: int
-    size_px: int
-    top_left_px: np.ndarray
-
-
-def spot_squares(slide: Slide, centers_px: np.ndarray, target_mpp: float, size_px: int) -> SpotSquares:
-    """The squares ``read_spot_patches`` reads for one model input (same level choice, same
-    rounding: keep in step with ``slide._read_squares``; tests/test_stream.py checks they agree)."""
-    level = best_level_for_mpp(slide, target_mpp)
-    side_px = size_px * target_mpp / slide.level_mpp(level)
-    read_px = size_px if abs(side_px - size_px) <= MPP_TOLERANCE * size_px else max(1, round(side_px))
-    centers_level_px = np.asarray(centers_px, dtype=np.float64).reshape(-1, 2) / slide.level_downsamples[level]
-    top_left_px = np.floor(centers_level_px - read_px / 2 + 0.5).astype(np.int64)
-    return SpotSquares(level, int(read_px), int(size_px), top_left_px)
 
 
 def level_tile_sizes(slide: Slide) -> list[tuple[int, int]]:

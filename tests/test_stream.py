@@ -49,7 +49,7 @@ def test_streamed_patches_equal_naive_bit_for_bit(pyramids, layout, level_mpp, l
 
 
 def test_spot_squares_match_the_naive_reads(pyramids):
-    """The geometry the plan uses is the one read_spot_patches reads (guards against drift)."""
+    """read_spot_patches reads exactly the squares spot_squares describes (the plan relies on it)."""
     centers = np.array([[100.3, 700.5], [1000.5, 20.49]])
     with open_slide(pyramids["svs"], reader="tiffslide") as slide:
         calls = []
