@@ -68,6 +68,27 @@ def test_reader_matches_tifffile(pyramids, reference_levels, layout, reader):
             np.testing.assert_array_equal(region, expected[y:y + h // 4 + 3, x:x + w // 4 + 1])
 
 
+@pytest.mark.gpu
+def test_cucim_decodes_on_the_gpu(pyramids, reference_levels, monkeypatch):
+    """Where there is a GPU, cuCIM reads into GPU memory (nvJPEG) and the pixels match the CPU
+    decode up to the decoders' rounding; no silent fall back to the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (cuCIM decodes on the GPU only there; its CPU reads are tested above)")
+    monkeypatch.delenv("M2ORT_CUCIM_DEVICE", raising=False)
+    centers = np.array([[300.0, 400.0], [1500.5, 900.5], [10.0, 2040.0]])
+    with open_slide(pyramids["svs"], reader="cucim") as slide:
+        assert slide._device == "cuda"
+        (patches,) = read_spot_patches(slide, centers, (TEST_MPP,), (224,))
+        assert slide._device == "cuda", "the GPU read failed and fell back to the CPU"
+    reference = reference_levels["svs"][0]
+    padded = np.pad(reference, ((224, 224), (224, 224), (0, 0)), constant_values=255)
+    for patch, (x, y) in zip(patches, _top_left(centers, 1, 224)):
+        expected = _crop(padded, x + 224, y + 224, 224)
+        assert np.abs(patch.astype(np.int16) - expected).mean() < 1.5
+
+
 def test_auto_picks_cucim_first_and_falls_back(pyramids, reference_levels, monkeypatch):
     with open_slide(pyramids["svs"]) as slide:
         assert slide.reader_name == "cucim"
