@@ -134,37 +134,55 @@ def write_slide_outputs(out_dir: Path, stem: str, adata, *, write_csv: bool = Tr
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{stem}.partial-", dir=out_dir))
     try:
-        staged_h5ad = staging / f"{stem}.h5ad"
-        adata.write_h5ad(staged_h5ad)
-        csv_path = None
+        adata.write_h5ad(staging / f"{stem}.h5ad")
         if write_csv:
-            table = pd.DataFrame(adata.X, index=adata.obs_names, columns=adata.var_names)
-            table.insert(0, "y_px", adata.obsm["spatial"][:, 1])
-            table.insert(0, "x_px", adata.obsm["spatial"][:, 0])
-            table.to_csv(staging / f"{stem}.csv", index_label="spot_id", float_format="%.6g")
-            csv_path = out_dir / f"{stem}.csv"
-        heatmap_paths = []
+            write_csv_rows(staging / f"{stem}.csv", adata.X, adata.obs_names, list(adata.var_names),
+                           adata.obsm["spatial"])
         if heatmap_genes and thumbnail is not None:
-            staged_maps = staging / f"{stem}_heatmaps"
-            staged_maps.mkdir()
+            columns = [adata.var_names.get_loc(gene) for gene in heatmap_genes]
             suffix = heatmap_title_suffix(stem, trained=bool(adata.uns.get("m2ort_fast", {}).get("trained", True)))
-            for gene in heatmap_genes:
-                column = adata.var_names.get_loc(gene)
-                write_heatmap(staged_maps / f"{_safe_name(gene)}.png", gene, np.asarray(adata.X[:, column]),
-                              adata.obsm["spatial"], thumbnail, thumbnail_downsample, spot_diameter_px,
-                              title_suffix=suffix)
-                heatmap_paths.append(out_dir / f"{stem}_heatmaps" / f"{_safe_name(gene)}.png")
-            final_maps = out_dir / f"{stem}_heatmaps"
-            if final_maps.exists():
-                shutil.rmtree(final_maps)
-            os.replace(staged_maps, final_maps)
-        if csv_path is not None:
-            os.replace(staging / f"{stem}.csv", csv_path)
-        h5ad_path = out_dir / f"{stem}.h5ad"
-        os.replace(staged_h5ad, h5ad_path)
+            write_heatmaps(staging / f"{stem}_heatmaps", list(heatmap_genes), np.asarray(adata.X[:, columns]),
+                           adata.obsm["spatial"], thumbnail, thumbnail_downsample, spot_diameter_px, suffix)
+        return publish_staged(staging, out_dir, stem, list(heatmap_genes))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return SlideOutputs(h5ad=h5ad_path, csv=csv_path, heatmaps=heatmap_paths)
+
+
+def write_csv_rows(path: Path, values: np.ndarray, spot_ids, genes: list[str], centers_px: np.ndarray,
+                   append: bool = False) -> None:
+    """The CSV: spot_id, x_px, y_px, then one column per gene; ``append`` adds rows (chunked writes)."""
+    table = pd.DataFrame(values, index=pd.Index(spot_ids, name="spot_id"), columns=genes)
+    table.insert(0, "y_px", centers_px[:, 1])
+    table.insert(0, "x_px", centers_px[:, 0])
+    table.to_csv(path, mode="a" if append else "w", header=not append, index_label="spot_id", float_format="%.6g")
+
+
+def write_heatmaps(folder: Path, genes: list[str], values: np.ndarray, centers_px: np.ndarray,
+                   thumbnail: np.ndarray, downsample: float, spot_diameter_px: float, title_suffix: str) -> None:
+    """One PNG per gene into ``folder`` (created); ``values`` (N, len(genes))."""
+    folder.mkdir()
+    for k, gene in enumerate(genes):
+        write_heatmap(folder / f"{_safe_name(gene)}.png", gene, values[:, k], centers_px, thumbnail, downsample,
+                      spot_diameter_px, title_suffix=title_suffix)
+
+
+def publish_staged(staging: Path, out_dir: Path, stem: str, heatmap_genes: list[str]) -> SlideOutputs:
+    """Rename what ``staging`` holds of ``<stem>.csv``, ``<stem>_heatmaps/`` and ``<stem>.h5ad``
+    into ``out_dir``, the ``.h5ad`` last: an ``.h5ad`` that exists is complete."""
+    staged_maps, staged_csv = staging / f"{stem}_heatmaps", staging / f"{stem}.csv"
+    heatmaps, csv_path = [], None
+    if staged_maps.is_dir():
+        final_maps = out_dir / f"{stem}_heatmaps"
+        if final_maps.exists():
+            shutil.rmtree(final_maps)
+        os.replace(staged_maps, final_maps)
+        heatmaps = [final_maps / f"{_safe_name(gene)}.png" for gene in heatmap_genes]
+    if staged_csv.exists():
+        csv_path = out_dir / f"{stem}.csv"
+        os.replace(staged_csv, csv_path)
+    h5ad_path = out_dir / f"{stem}.h5ad"
+    os.replace(staging / f"{stem}.h5ad", h5ad_path)
+    return SlideOutputs(h5ad=h5ad_path, csv=csv_path, heatmaps=heatmaps)
 
 
 def heatmap_title_suffix(stem: str, trained: bool) -> str:

@@ -482,7 +482,7 @@ class ChunkedH5adWriter:
     def finish(self, *, write_csv: bool, heatmap_genes: Sequence[str] | None, n_heatmaps: int,
                thumbnail: np.ndarray | None, thumbnail_downsample: float, spot_diameter_px: float,
                title_suffix: str):
-        from .outputs import SlideOutputs, _safe_name, pick_heatmap_genes, write_heatmap
+        from .outputs import pick_heatmap_genes, publish_staged, write_csv_rows, write_heatmaps
 
         if not self.written.all():
             raise RuntimeError(f"{int((~self.written).sum())} spots have no prediction")
@@ -499,37 +499,15 @@ class ChunkedH5adWriter:
             rows = self.X[start:start + self.ROWS_PER_CHUNK]
             heat_values[start:start + len(rows)] = rows[:, columns]
             if write_csv:
-                self._append_csv(csv_path, rows, ids[start:start + len(rows)], centers[start:start + len(rows)],
-                                 header=start == 0)
+                write_csv_rows(csv_path, rows, ids[start:start + len(rows)], list(self.genes),
+                               centers[start:start + len(rows)], append=start > 0)
         self.file.close()
-        heatmap_paths = []
         if genes and thumbnail is not None:
-            staged_maps = self.staging / f"{self.stem}_heatmaps"
-            staged_maps.mkdir()
-            for k, gene in enumerate(genes):
-                write_heatmap(staged_maps / f"{_safe_name(gene)}.png", gene, heat_values[:, k], centers, thumbnail,
-                              thumbnail_downsample, spot_diameter_px, title_suffix=title_suffix)
-                heatmap_paths.append(self.out_dir / f"{self.stem}_heatmaps" / f"{_safe_name(gene)}.png")
-            final_maps = self.out_dir / f"{self.stem}_heatmaps"
-            if final_maps.exists():
-                shutil.rmtree(final_maps)
-            os.replace(staged_maps, final_maps)
-        final_csv = None
-        if write_csv:
-            final_csv = self.out_dir / f"{self.stem}.csv"
-            os.replace(csv_path, final_csv)
-        final_h5ad = self.out_dir / f"{self.stem}.h5ad"
-        os.replace(self.h5ad, final_h5ad)
+            write_heatmaps(self.staging / f"{self.stem}_heatmaps", genes, heat_values, centers, thumbnail,
+                           thumbnail_downsample, spot_diameter_px, title_suffix)
+        outputs = publish_staged(self.staging, self.out_dir, self.stem, genes)
         self.abort()
-        return SlideOutputs(h5ad=final_h5ad, csv=final_csv, heatmaps=heatmap_paths)
-
-    def _append_csv(self, path: Path, rows: np.ndarray, ids, centers: np.ndarray, header: bool) -> None:
-        import pandas as pd
-
-        table = pd.DataFrame(rows, index=pd.Index(ids, name="spot_id"), columns=self.genes)
-        table.insert(0, "y_px", centers[:, 1])
-        table.insert(0, "x_px", centers[:, 0])
-        table.to_csv(path, mode="w" if header else "a", header=header, index_label="spot_id", float_format="%.6g")
+        return outputs
 
     def abort(self) -> None:
         """Close and remove the staging folder (an interrupted slide leaves no output)."""
