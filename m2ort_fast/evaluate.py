@@ -30,22 +30,12 @@ from . import metrics as M
 from .backends import resolve_device
 from .checkpoint import ModelCard
 from .errors import M2ORTError
+from .predict import normalize_levels
 from .targets import expression_targets
 
 log = logging.getLogger(__name__)
 
 PLOT_GENES = 4
-
-
-def normalize_levels(levels: list[np.ndarray], card: ModelCard, rows=None, num_threads: int = 0) -> list[torch.Tensor]:
-    """uint8 (N, S, S, 3) per level -> float32 (N, 3, S, S) tensors, normalised as the card says."""
-    from . import _core
-
-    out = []
-    for level in levels:
-        batch = np.ascontiguousarray(level if rows is None else level[rows])
-        out.append(torch.from_numpy(_core.assemble_batch(batch, card.pixel_mean, card.pixel_std, num_threads=num_threads)))
-    return out
 
 
 @torch.no_grad()

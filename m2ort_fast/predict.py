@@ -67,6 +67,15 @@ class SlideResult:
         return self.error is None
 
 
+def normalize_levels(levels: list[np.ndarray], card: ModelCard, rows=None, num_threads: int = 0) -> list[torch.Tensor]:
+    """uint8 (N, S, S, 3) per level -> float32 (N, 3, S, S) tensors, normalised as the card says."""
+    out = []
+    for level in levels:
+        batch = np.ascontiguousarray(level if rows is None else level[rows])
+        out.append(torch.from_numpy(_core.assemble_batch(batch, card.pixel_mean, card.pixel_std, num_threads=num_threads)))
+    return out
+
+
 class Predictor:
     """A loaded model + backend, ready for many slides.
 
@@ -121,8 +130,7 @@ class Predictor:
                 patches = read_spot_patches(slide, centers_px[start:stop], self.card.level_mpp,
                                             self.card.patch_sizes_px, level_source=self.level_source)
             with timer.stage("assemble"):
-                levels = [torch.from_numpy(_core.assemble_batch(p, self._mean, self._std, num_threads=self.num_threads))
-                          for p in patches]
+                levels = normalize_levels(patches, self.card, num_threads=self.num_threads)
             with timer.stage("model"):
                 predictions[start:stop] = self.backend(*levels).numpy()
         return predictions

@@ -277,7 +277,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, comm
 
     from .checkpoint import ModelCard, save_checkpoint
     from .backends import resolve_device
-    from .evaluate import normalize_levels, predict_levels
+    from .evaluate import predict_levels
+    from .predict import normalize_levels
     from .model import VARIANTS, M2ORT
 
     if cfg.variant not in VARIANTS:
