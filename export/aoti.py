@@ -22,7 +22,6 @@ was written; the CPU path is tested.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import time
@@ -36,7 +35,7 @@ from ..checkpoint import METADATA_KEY, ModelCard
 from ..errors import M2ORTError
 from ..model import M2ORT
 from .cache import DEFAULT_BATCH_PROFILE
-from .onnx_export import ExportGraph, export_model, sample_inputs
+from .graph import GRAPH_VERSION, export_model, sample_inputs
 
 log = logging.getLogger("m2ort_fast")
 
@@ -59,20 +58,8 @@ def kernel_ops(device: torch.device) -> dict[str, Callable] | None:
     return ops
 
 
-class _KernelBlock(torch.nn.Module):
-    """An encoder block whose ITMM and ICMM run through traceable Triton ops: (B, T, D) -> (B, T, D)."""
-
-    def __init__(self, block: torch.nn.Module, ops: dict[str, Callable]):
-        super().__init__()
-        self.itmm, self.icmm = block.itmm, block.icmm
-        self._itmm_op, self._icmm_op = ops["itmm"], ops["icmm"]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._icmm_op(self._itmm_op(x, self.itmm), self.icmm)
-
-
 def toolkit_version(device: torch.device, use_kernels: bool) -> str:
-    parts = [f"torch {torch.__version__}"]
+    parts = [f"torch {torch.__version__}", f"graph v{GRAPH_VERSION}"]
     if torch.device(device).type == "cuda":
         import triton
 
@@ -99,11 +86,7 @@ def exported_program(model: M2ORT, *, device: torch.device, precision: str,
                      batch_profile: tuple[int, int, int] = DEFAULT_BATCH_PROFILE,
                      use_kernels: bool = True) -> torch.export.ExportedProgram:
     """torch.export of the model (float32 in and out, ``precision`` inside) with a dynamic batch."""
-    graph: ExportGraph = export_model(model, precision, device)
-    ops = kernel_ops(device) if use_kernels else None
-    if ops is not None:
-        graph.model = copy.copy(graph.model)  # a shallow copy: the caller's block list stays as is
-        graph.model.blocks = torch.nn.ModuleList(_KernelBlock(b, ops) for b in graph.model.blocks)
+    graph = export_model(model, precision, device, block_ops=kernel_ops(device) if use_kernels else None)
     low, _, high = batch_profile
     example = sample_inputs(batch=min(max(2, low), high), device=device)
     dynamic = None

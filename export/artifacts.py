@@ -16,6 +16,7 @@ from ..checkpoint import ModelCard, file_sha256
 from ..model import M2ORT
 from . import aoti, onnx_export, tensorrt_engine
 from .cache import ArtifactKey, cache_root, cached_artifact, check_precision, device_name, weights_sha256
+from .graph import GRAPH_VERSION
 
 
 def checkpoint_hash(model: M2ORT, card: ModelCard, checkpoint_path: str | os.PathLike | None = None) -> str:
@@ -27,8 +28,8 @@ def checkpoint_hash(model: M2ORT, card: ModelCard, checkpoint_path: str | os.Pat
 
 
 def onnx_key(sha: str, precision: str) -> ArtifactKey:
-    return ArtifactKey("onnx", sha, f"torch {torch.__version__}, onnx opset {onnx_export.OPSET}", "portable",
-                       check_precision(precision), None)
+    toolkit = f"torch {torch.__version__}, onnx opset {onnx_export.OPSET}, graph v{GRAPH_VERSION}"
+    return ArtifactKey("onnx", sha, toolkit, "portable", check_precision(precision), None)
 
 
 def onnx_artifact(model: M2ORT, card: ModelCard, *, sha: str, precision: str = "fp32",
@@ -58,7 +59,8 @@ def aoti_artifact(model: M2ORT, card: ModelCard, *, sha: str, device: torch.devi
 def tensorrt_key(sha: str, device: torch.device, precision: str, batch_profile: tuple[int, int, int]) -> ArtifactKey:
     import tensorrt as trt
 
-    toolkit = f"tensorrt {trt.__version__}, torch {torch.__version__}, onnx opset {onnx_export.OPSET}"
+    toolkit = (f"tensorrt {trt.__version__}, torch {torch.__version__}, onnx opset {onnx_export.OPSET}, "
+               f"graph v{GRAPH_VERSION}")
     return ArtifactKey("tensorrt", sha, toolkit, device_name(device), check_precision(precision),
                        tuple(batch_profile))
 

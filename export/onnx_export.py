@@ -25,7 +25,6 @@ needs spelled out: ``genes``, ``level_sizes_px``, ``level_mpp``, ``mpp``, ``pixe
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -34,12 +33,11 @@ from pathlib import Path
 
 import onnx
 import torch
-from torch import nn
 
 from ..checkpoint import METADATA_KEY, ModelCard
 from ..errors import M2ORTError
-from ..model import IMAGE_SIZES_PX, M2ORT
-from .cache import DTYPES, check_precision
+from ..model import M2ORT
+from .graph import export_model, sample_inputs
 
 OPSET = 18
 INPUT_NAMES = ("level1", "level2", "level3")
@@ -67,38 +65,6 @@ RoiAlign RotaryEmbedding Round STFT ScaledTanh Scan Scatter ScatterElements Scat
 Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan
 Tanh TensorScatter ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
 """.split())
-
-
-class ExportGraph(nn.Module):
-    """What is exported: the model in ``dtype``, float32 in and out.
-
-    forward(level1 (B, 3, 224, 224), level2 (B, 3, 112, 112), level3 (B, 3, 56, 56)) float32
-    -> (B, n_genes) float32."""
-
-    def __init__(self, model: M2ORT, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.dtype = dtype
-        self.model = model
-
-    def forward(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:
-        levels = [x.to(self.dtype) for x in (level1, level2, level3)]
-        return self.model(*levels).float()
-
-
-def export_model(model: M2ORT, precision: str, device: torch.device | str = "cpu") -> ExportGraph:
-    """The model wrapped for export in ``precision`` on ``device``; the caller's model is not changed."""
-    dtype = DTYPES[check_precision(precision)]
-    device = torch.device(device)
-    p = next(model.parameters())
-    if p.dtype != dtype or p.device != device:
-        model = copy.deepcopy(model).to(device=device, dtype=dtype)
-    return ExportGraph(model.eval(), dtype).eval()
-
-
-def sample_inputs(batch: int = 2, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
-    """Random float32 levels (B, 3, S, S) for S in 224, 112, 56. Batch 2, not 1: an example batch
-    of 1 would let export specialise the batch dimension."""
-    return tuple(torch.rand(batch, 3, s, s, device=device) for s in IMAGE_SIZES_PX)
 
 
 def card_metadata(card: ModelCard, *, precision: str, checkpoint_sha256: str | None = None) -> dict[str, str]:

@@ -104,3 +104,15 @@ def test_weights_hash_follows_weights_and_card():
 def test_cpu_device_name_names_the_vector_isa():
     name = device_name("cpu")
     assert name.startswith("cpu ") and f"({torch.backends.cpu.get_cpu_capability()})" in name
+
+
+def test_graph_version_is_in_every_key(monkeypatch):
+    """Artifacts built from an older exported graph are not reused after the graph changes."""
+    from m2ort_fast.export import aoti, artifacts
+
+    sha, cpu = "f" * 64, torch.device("cpu")
+    before = (artifacts.onnx_key(sha, "fp32"), artifacts.aoti_key(sha, cpu, "fp32", (1, 64, 256)))
+    monkeypatch.setattr(artifacts, "GRAPH_VERSION", artifacts.GRAPH_VERSION + 1)
+    monkeypatch.setattr(aoti, "GRAPH_VERSION", aoti.GRAPH_VERSION + 1)
+    after = (artifacts.onnx_key(sha, "fp32"), artifacts.aoti_key(sha, cpu, "fp32", (1, 64, 256)))
+    assert all(a.digest() != b.digest() for a, b in zip(before, after))
