@@ -10,14 +10,13 @@ The batch dimension is dynamic between the batch profile's min and max (AOTInduc
 refuses other sizes; the ``aoti`` backend splits larger batches). The checkpoint's card is stored
 in the package metadata (key ``m2ort_fast``, read back with :func:`read_aoti_card`).
 
-Our Triton kernels (the ``triton`` backend) on CUDA: if ``m2ort_fast.kernels`` exposes
-``export_ops()`` returning ``{"itmm": f, "icmm": g}``, where ``f(x, block.itmm)`` and
-``g(x, block.icmm)`` map (B, T, D) -> (B, T, D) through ops that ``torch.export`` can trace (custom
-ops registered with ``torch.library.triton_op`` / ``custom_op``), the encoder blocks are exported
-as calls to them and Inductor embeds those kernels in the package; everything else (patch
-embedding, head) is compiled by Inductor. Without that hook, or on the CPU, Inductor compiles the
-reference blocks itself. NOT VERIFIED: this path needs a CUDA GPU, and none was available while it
-was written; the CPU path is tested.
+Our Triton kernels (the ``triton`` backend) on CUDA: ``m2ort_fast.kernels.export_ops()`` gives the
+ITMM and ICMM blocks as custom ops registered with ``torch.library.triton_op`` (kernels/ops.py);
+every encoder block but the last (class-token-only, see :mod:`.graph`) is exported as calls to
+them, and Inductor compiles their Triton kernels into the package next to its own code for the
+patch embedding and head. On the CPU, Inductor compiles the reference blocks itself. NOT VERIFIED
+on a GPU yet (none was lent while this was written): the CPU tests show the ops export with a
+dynamic batch and trace to their Triton launches; the CUDA package test is marked gpu.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`m2ort-fast export`: a checkpoint -> ONNX file, AOTInductor package or TensorRT engine.
 
     m2ort-fast export --checkpoint CKPT --format onnx|aoti|tensorrt [--out PATH]
-                      [--precision fp32|fp16|bf16] [--batch-profile 1,64,256] [--device auto]
+                      [--precision fp32|fp16|bf16] [--batch-profile 1,64,256] [--device auto] [--no-kernels]
 
 Without --out the artifact is built into the cache (the one `predict --backend onnxruntime|aoti|
 tensorrt` reuses) and its path printed; with --out it is written there (a TensorRT engine also
@@ -30,6 +30,8 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--batch-profile", default="1,64,256", metavar="MIN,OPT,MAX",
                    help="batch sizes compiled for (aoti, tensorrt; default %(default)s); ONNX takes any batch")
     p.add_argument("--device", default="auto", help="device to compile for (aoti, tensorrt): cpu, cuda, cuda:N, auto")
+    p.add_argument("--no-kernels", action="store_true",
+                   help="aoti on CUDA: let Inductor compile the encoder blocks instead of embedding our Triton kernels")
     p.set_defaults(func=run_export)
 
 
@@ -51,7 +53,7 @@ def run_export(args) -> int:
         built, reused = artifacts.onnx_artifact(model, card, sha=sha, precision=precision)
     elif args.format == "aoti":
         built, reused = artifacts.aoti_artifact(model, card, sha=sha, device=device, precision=precision,
-                                                batch_profile=profile)
+                                                batch_profile=profile, use_kernels=not args.no_kernels)
     else:
         built, reused = artifacts.tensorrt_artifact(model, card, sha=sha, device=device, precision=precision,
                                                     batch_profile=profile)

@@ -22,6 +22,8 @@ and GELU's output, and the fc2 output before the residual add.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -30,17 +32,25 @@ from m2ort_fast.model import ICMM
 from .fused_linear import fused_linear, reference_row_stats, row_stats
 
 
+@dataclasses.dataclass(frozen=True)
 class ICMMWeights:
-    """The weights of one reference ICMM module, contiguous, in the module's device and dtype."""
+    """The weights of one ICMM block, contiguous, in the block's device and dtype."""
 
-    def __init__(self, module: ICMM):
-        self.eps = module.norm.eps
-        self.gamma = module.norm.weight.detach().contiguous()
-        self.beta = module.norm.bias.detach().contiguous()
-        self.w1 = module.fc1.weight.detach().contiguous()
-        self.b1 = module.fc1.bias.detach().contiguous()
-        self.w2 = module.fc2.weight.detach().contiguous()
-        self.b2 = module.fc2.bias.detach().contiguous()
+    eps: float
+    gamma: torch.Tensor  # (D,) LayerNorm
+    beta: torch.Tensor
+    w1: torch.Tensor  # (mlp, D)
+    b1: torch.Tensor
+    w2: torch.Tensor  # (D, mlp)
+    b2: torch.Tensor
+
+    @classmethod
+    def from_module(cls, module: ICMM) -> "ICMMWeights":
+        def c(p):
+            return p.detach().contiguous()
+
+        return cls(module.norm.eps, c(module.norm.weight), c(module.norm.bias), c(module.fc1.weight),
+                   c(module.fc1.bias), c(module.fc2.weight), c(module.fc2.bias))
 
 
 def icmm(x: torch.Tensor, weights: ICMMWeights) -> torch.Tensor:

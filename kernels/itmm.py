@@ -28,6 +28,7 @@ keys are -inf before the softmax).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -179,20 +180,30 @@ def ln_qkv_attention(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, ga
     return o
 
 
+@dataclasses.dataclass(frozen=True)
 class ITMMWeights:
-    """The weights of one reference ITMM module, contiguous, in the module's device and dtype."""
+    """The weights of one ITMM block, contiguous, in the block's device and dtype."""
 
-    def __init__(self, module: ITMM):
-        self.eps = module.norm.eps
-        self.gamma = module.norm.weight.detach().contiguous()
-        self.beta = module.norm.bias.detach().contiguous()
-        self.wq = module.to_q.weight.detach().contiguous()
-        self.wk = module.to_k.weight.detach().contiguous()
-        self.wv = module.to_v.weight.detach().contiguous()
-        self.w_proj = module.proj.weight.detach().contiguous()
-        self.b_proj = module.proj.bias.detach().contiguous()
+    eps: float
+    gamma: torch.Tensor  # (D,) LayerNorm
+    beta: torch.Tensor
+    wq: torch.Tensor  # (heads*64, d) each
+    wk: torch.Tensor
+    wv: torch.Tensor
+    w_proj: torch.Tensor  # (D, heads*64)
+    b_proj: torch.Tensor  # (D,)
+
+    def __post_init__(self):
         if self.wq.shape[0] % HEAD_DIM or self.wq.shape[1] % 16:
             raise ValueError(f"ITMM kernels need heads of {HEAD_DIM} and d a multiple of 16, got {tuple(self.wq.shape)}")
+
+    @classmethod
+    def from_module(cls, module: ITMM) -> "ITMMWeights":
+        def c(p):
+            return p.detach().contiguous()
+
+        return cls(module.norm.eps, c(module.norm.weight), c(module.norm.bias), c(module.to_q.weight),
+                   c(module.to_k.weight), c(module.to_v.weight), c(module.proj.weight), c(module.proj.bias))
 
 
 def itmm(x: torch.Tensor, weights: ITMMWeights) -> torch.Tensor:

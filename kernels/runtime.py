@@ -64,8 +64,11 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def size_class(m: int) -> int:
     """Autotuning bucket of a row count (B*T): small (< 8k rows, about 40 spots), medium (< 32k),
-    large. Tiles are tuned once per bucket, not for every batch size a run ends with."""
-    return 0 if m < 8192 else 1 if m < 32768 else 2
+    large. Tiles are tuned once per bucket, not for every batch size a run ends with.
+
+    Integer arithmetic, no comparison: under torch.export ``m`` is symbolic (dynamic batch) and
+    a branch on it would specialise the exported program to one bucket."""
+    return torch.sym_min(m // 8192, 1) + torch.sym_min(m // 32768, 1)
 
 
 class TritonKernel:
@@ -105,7 +108,9 @@ class TritonKernel:
             with _interpretable_triton_language():
                 kernel[grid(meta)](*args, **kwargs, **meta)
         else:
-            kernel[grid](*args, **kwargs)
+            # wrap_triton: a plain launch in eager mode; under torch.export / torch.compile (the
+            # custom ops of .ops) it records the kernel so that Inductor embeds it in its output.
+            torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
 
     def best_config(self):
         """The autotuner's choice for the last launched key (GPU only), for reports."""

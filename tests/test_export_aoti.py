@@ -60,3 +60,29 @@ def test_second_backend_reuses_the_package(setup):
     assert time.perf_counter() - start < 5  # loaded, not recompiled (~20 s)
     x = levels(3, seed=1)
     assert torch.equal(again(*x), backend(*x))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_package_embeds_our_triton_kernels(tmp_path):
+    """On CUDA the encoder blocks are our Triton kernels inside the package (bf16), and the package
+    still matches the fp32 reference within bf16's bound."""
+    import zipfile
+
+    from m2ort_fast.export.aoti import compile_aoti, load_aoti
+    from m2ort_fast.kernels.testing import ERROR_BOUNDS, randomize_
+
+    model = randomize_(build_model("small", seed=0), seed=3)
+    card = ModelCard.for_variant("small", [f"G{i}" for i in range(250)], 0.5)
+    path = tmp_path / "small.pt2"
+    info = compile_aoti(model, card, path, device=torch.device("cuda"), precision="bf16", batch_profile=(1, 64, 256))
+    assert info["triton_kernels"]
+    with zipfile.ZipFile(path) as package:
+        text = b"".join(package.read(name) for name in package.namelist() if not name.endswith((".so", ".cubin")))
+    assert b"_ln_qkv_attention_kernel" in text and b"_fused_linear_kernel" in text
+    runner = load_aoti(path, torch.device("cuda"))
+    x = [t.cuda() for t in levels(64, seed=2)]
+    with torch.inference_mode():
+        out, ref = runner(*x), model.cuda()(*x)
+    assert out.dtype == torch.float32
+    assert float((out - ref).abs().max() / ref.abs().max()) < ERROR_BOUNDS[torch.bfloat16]

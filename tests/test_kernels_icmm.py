@@ -28,7 +28,7 @@ def _block(variant: str, seed: int) -> ICMM:
 def test_reference_matches_model_icmm(variant):
     block = _block(variant, seed=1)
     x = random_tokens(2, block.norm.normalized_shape[0], seed=2)
-    torch.testing.assert_close(reference_icmm(x, ICMMWeights(block)), block(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(reference_icmm(x, ICMMWeights.from_module(block)), block(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant,batch", CPU_CASES)
@@ -37,8 +37,8 @@ def test_icmm_kernel_fp32_interpreter(variant, batch):
     block = _block(variant, seed=batch)
     x = random_tokens(batch, block.norm.normalized_shape[0], seed=100 + batch)
     with triton_interpreter():
-        out = icmm(x, ICMMWeights(block))
-    ref = reference_icmm(x, ICMMWeights(block))
+        out = icmm(x, ICMMWeights.from_module(block))
+    ref = reference_icmm(x, ICMMWeights.from_module(block))
     assert out.shape == x.shape
     assert relative_error(out, ref, x) < ERROR_BOUNDS[torch.float32]
     assert relative_error(out, block(x), x) < ERROR_BOUNDS[torch.float32]
@@ -54,6 +54,6 @@ def test_icmm_kernel_gpu(dtype, variant, batch):
     block = _block(variant, seed=batch).cuda()
     x = random_tokens(batch, block.norm.normalized_shape[0], seed=batch).cuda()
     with triton_compiled():
-        out = icmm(x.to(dtype), ICMMWeights(block.to(dtype)))
-    ref = reference_icmm(x.to(dtype).float(), ICMMWeights(block.float()))
+        out = icmm(x.to(dtype), ICMMWeights.from_module(block.to(dtype)))
+    ref = reference_icmm(x.to(dtype).float(), ICMMWeights.from_module(block.float()))
     assert relative_error(out, ref, x.to(dtype).float()) < ERROR_BOUNDS[dtype]

@@ -28,7 +28,7 @@ def _block(variant: str, seed: int) -> ITMM:
 def test_reference_matches_model_itmm(variant):
     block = _block(variant, seed=1)
     x = random_tokens(2, block.norm.normalized_shape[0], seed=2)
-    torch.testing.assert_close(reference_itmm(x, ITMMWeights(block)), block(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(reference_itmm(x, ITMMWeights.from_module(block)), block(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant,batch", CPU_CASES)
@@ -37,8 +37,8 @@ def test_itmm_kernel_fp32_interpreter(variant, batch):
     block = _block(variant, seed=batch)
     x = random_tokens(batch, block.norm.normalized_shape[0], seed=100 + batch)  # fresh inputs per case
     with triton_interpreter():
-        out = itmm(x, ITMMWeights(block))
-    ref = reference_itmm(x, ITMMWeights(block))
+        out = itmm(x, ITMMWeights.from_module(block))
+    ref = reference_itmm(x, ITMMWeights.from_module(block))
     assert out.shape == x.shape
     assert relative_error(out, ref, x) < ERROR_BOUNDS[torch.float32]
     assert relative_error(out, block(x), x) < ERROR_BOUNDS[torch.float32]
@@ -54,7 +54,7 @@ def test_itmm_kernel_gpu(dtype, variant, batch):
     block = _block(variant, seed=batch).cuda()
     x = random_tokens(batch, block.norm.normalized_shape[0], seed=batch).cuda()
     with triton_compiled():
-        out = itmm(x.to(dtype), ITMMWeights(block.to(dtype)))
+        out = itmm(x.to(dtype), ITMMWeights.from_module(block.to(dtype)))
     # fp32 reference from the same (rounded) weights and inputs: only the kernel's rounding differs
-    ref = reference_itmm(x.to(dtype).float(), ITMMWeights(block.float()))
+    ref = reference_itmm(x.to(dtype).float(), ITMMWeights.from_module(block.float()))
     assert relative_error(out, ref, x.to(dtype).float()) < ERROR_BOUNDS[dtype]

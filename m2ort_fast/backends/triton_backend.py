@@ -41,7 +41,7 @@ class TritonBackend:
         check_can_run(self.device, self.dtype)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         try:
-            self.blocks = [(ITMMWeights(block.itmm), ICMMWeights(block.icmm)) for block in self.model.blocks]
+            self.blocks = [(ITMMWeights.from_module(block.itmm), ICMMWeights.from_module(block.icmm)) for block in self.model.blocks]
         except ValueError as exc:
             raise M2ORTError(f"model {card.model_id} cannot run on the triton backend: {exc}") from None
 
