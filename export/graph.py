@@ -28,31 +28,14 @@ import copy
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..model import HEAD_DIM, IMAGE_SIZES_PX, ICMM, ITMM, M2ORT
+from ..model import IMAGE_SIZES_PX, ICMM, ITMM, M2ORT
 from .cache import DTYPES, check_precision
 
 # Part of every artifact's cache key: bump it when the exported graph's computation changes, so
 # that artifacts built from an older graph are not reused. 2: fused attention op, class-token-only last block.
 GRAPH_VERSION = 2
-
-
-def itmm_fused(itmm: ITMM, x: torch.Tensor, query_tokens: int | None = None) -> torch.Tensor:
-    """ITMM with one fused attention op: (B, T, D) -> (B, Q, D), Q = ``query_tokens`` or T.
-
-    Only the first Q tokens get queries (and the residual); keys and values come from all T."""
-    b, t, dim = x.shape
-    d = dim // 3
-    h = itmm.norm(x)
-    q_rows = t if query_tokens is None else query_tokens
-    q = itmm.to_q(h[:, :q_rows, :d]).reshape(b, q_rows, itmm.heads, HEAD_DIM).transpose(1, 2)
-    k = itmm.to_k(h[..., d:2 * d]).reshape(b, t, itmm.heads, HEAD_DIM).transpose(1, 2)
-    v = itmm.to_v(h[..., 2 * d:]).reshape(b, t, itmm.heads, HEAD_DIM).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v, scale=itmm.scale)  # (B, heads, Q, HEAD_DIM)
-    out = out.transpose(1, 2).reshape(b, q_rows, itmm.heads * HEAD_DIM)
-    return x[:, :q_rows] + itmm.proj(out)
 
 
 class ExportGraph(nn.Module):
@@ -74,7 +57,7 @@ class ExportGraph(nn.Module):
     def _block(self, itmm: ITMM, icmm: ICMM, tokens: torch.Tensor) -> torch.Tensor:
         if self.block_ops is not None:
             return self.block_ops["icmm"](self.block_ops["itmm"](tokens, itmm), icmm)
-        return icmm(itmm_fused(itmm, tokens))
+        return icmm(itmm(tokens, fused=True))
 
     def forward(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:
         model = self.model
@@ -82,7 +65,7 @@ class ExportGraph(nn.Module):
         *blocks, last = model.blocks
         for block in blocks:
             tokens = self._block(block.itmm, block.icmm, tokens)
-        cls = last.icmm(itmm_fused(last.itmm, tokens, query_tokens=1))  # (B, 1, D)
+        cls = last.icmm(last.itmm(tokens, query_tokens=1, fused=True))  # (B, 1, D)
         return model.head(model.norm(cls[:, 0])).float()
 
 

@@ -110,6 +110,10 @@ class ITMM(nn.Module):
 
     LayerNorm over D, then attention whose queries come from level 1's d channels, keys from
     level 2's and values from level 3's; output projection with bias; residual add.
+
+    The attention is written out (scores, softmax, weighted sum) unless ``fused``: then it is one
+    ``scaled_dot_product_attention`` call, the same math without the (B, heads, T, T) scores in
+    memory (training and the exported graph use it; the default stays the literal form).
     """
 
     def __init__(self, cfg: M2ORTConfig):
@@ -123,18 +127,25 @@ class ITMM(nn.Module):
         self.proj = nn.Linear(inner, cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)
         self.scale = HEAD_DIM**-0.5
+        self.fused_attention = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, query_tokens: int | None = None, fused: bool | None = None) -> torch.Tensor:
+        """x (B, T, D) -> (B, Q, D). Q = ``query_tokens`` or T: only the first Q tokens get queries
+        (and the residual), keys and values come from all T. ``fused`` None: ``self.fused_attention``."""
         b, t, dim = x.shape
         d = dim // 3
+        q_rows = t if query_tokens is None else query_tokens
         h = self.norm(x)
-        q = self.to_q(h[..., :d])
-        k = self.to_k(h[..., d : 2 * d])
-        v = self.to_v(h[..., 2 * d :])
-        q, k, v = (z.reshape(b, t, self.heads, HEAD_DIM).transpose(1, 2) for z in (q, k, v))
-        attn = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
-        out = (attn @ v).transpose(1, 2).reshape(b, t, self.heads * HEAD_DIM)
-        return x + self.drop(self.proj(out))
+        q = self.to_q(h[:, :q_rows, :d]).reshape(b, q_rows, self.heads, HEAD_DIM).transpose(1, 2)
+        k = self.to_k(h[..., d : 2 * d]).reshape(b, t, self.heads, HEAD_DIM).transpose(1, 2)
+        v = self.to_v(h[..., 2 * d :]).reshape(b, t, self.heads, HEAD_DIM).transpose(1, 2)
+        if self.fused_attention if fused is None else fused:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            attn = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
+            out = attn @ v
+        out = out.transpose(1, 2).reshape(b, q_rows, self.heads * HEAD_DIM)
+        return x[:, :q_rows] + self.drop(self.proj(out))
 
 
 class ICMM(nn.Module):
@@ -206,6 +217,14 @@ class M2ORT(nn.Module):
 
     def forward(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:
         return self.head(self.encode(self.embed(level1, level2, level3)))
+
+
+def set_fused_attention(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch every ITMM of ``model`` to the fused attention op (or back); returns ``model``."""
+    for module in model.modules():
+        if isinstance(module, ITMM):
+            module.fused_attention = enabled
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

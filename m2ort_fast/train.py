@@ -279,7 +279,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, comm
     from .backends import resolve_device
     from .evaluate import predict_levels
     from .predict import normalize_levels
-    from .model import VARIANTS, M2ORT
+    from .model import VARIANTS, M2ORT, set_fused_attention
 
     if cfg.variant not in VARIANTS:
         raise M2ORTError(f"unknown variant {cfg.variant!r}; known: {', '.join(VARIANTS)}")
@@ -314,6 +314,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, comm
 
     torch.manual_seed(cfg.seed)
     model = M2ORT(VARIANTS[cfg.variant].with_genes(len(genes)))
+    # the same function as the literal attention, ~1.4x faster steps on the CPU and no
+    # (B, heads, 197, 197) scores kept for the backward pass
+    set_fused_attention(model, True)
     if cfg.init_head_bias_to_mean:
         with torch.no_grad():
             model.head.bias.copy_(torch.from_numpy(train_mean))

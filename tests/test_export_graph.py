@@ -6,10 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from m2ort_fast.export.graph import ExportGraph, export_model, itmm_fused
-from m2ort_fast.model import M2ORT, M2ORTConfig, build_model
-
-from m2ort_fast.model import IMAGE_SIZES_PX
+from m2ort_fast.export.graph import ExportGraph, export_model
+from m2ort_fast.model import IMAGE_SIZES_PX, M2ORT, M2ORTConfig, build_model, set_fused_attention
 
 
 def random_levels(batch: int, seed: int) -> list[torch.Tensor]:
@@ -43,17 +41,29 @@ def test_depth_one_model():
         assert relative_error(ExportGraph(model)(*levels), model(*levels)) < 1e-5
 
 
-def test_itmm_fused_rows_equal_the_full_block():
-    """query_tokens=Q gives exactly the first Q rows of the full ITMM, for Q = 1 and for all."""
+def test_fused_itmm_rows_equal_the_full_block():
+    """Fused attention gives the literal block's output; query_tokens=1 exactly its first row."""
     block = build_model("tiny", seed=4).blocks[0].itmm
     x = torch.randn(5, 197, 192, generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
         ref = block(x)
-        full = itmm_fused(block, x)
-        first = itmm_fused(block, x, query_tokens=1)
+        full = block(x, fused=True)
+        first = block(x, query_tokens=1, fused=True)
+        first_literal = block(x, query_tokens=1)
     assert full.shape == ref.shape and first.shape == (5, 1, 192)
     assert relative_error(full, ref) < 1e-5
     assert relative_error(first, ref[:, :1]) < 1e-5
+    assert relative_error(first_literal, ref[:, :1]) < 1e-6  # same ops on fewer rows
+
+
+def test_set_fused_attention_switches_every_block():
+    model = build_model("tiny", seed=9)
+    levels = random_levels(2, seed=9)
+    with torch.inference_mode():
+        ref = model(*levels)
+        out = set_fused_attention(model, True)(*levels)
+    assert all(b.itmm.fused_attention for b in model.blocks)
+    assert relative_error(out, ref) < 1e-5 and not torch.equal(out, ref)
 
 
 def test_block_ops_run_every_block_but_the_last():
