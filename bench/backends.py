@@ -8,7 +8,9 @@ peak memory during the warm-up batch (CUDA: peak allocated by torch; CPU: peak p
 max error vs the fp32 eager reference on the same inputs (relative to max |reference|). Backends
 are timed round-robin (one batch of each in turn) so that load from other processes on a shared
 machine hits them alike. Build time (export/compile on first use; cached afterwards) is reported
-separately. "compile" is torch.compile of the eager model (not a registered backend).
+separately. Two rows are not registered backends: "compile" (torch.compile of the eager model) and
+"torch-fused" (the eager model with its attention as one fused op, ``set_fused_attention``), which
+shows how much of the compiled backends' gain that op alone gives.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import torch
 from m2ort_fast.backends import make_backend, resolve_device
 from m2ort_fast.checkpoint import ModelCard
 from m2ort_fast.errors import M2ORTError
-from m2ort_fast.model import IMAGE_SIZES_PX, build_model
+from m2ort_fast.model import IMAGE_SIZES_PX, build_model, set_fused_attention
 
-DEFAULT_BACKENDS = {"cpu": "torch,onnxruntime,aoti", "cuda": "torch,compile,triton,aoti,tensorrt,onnxruntime"}
+DEFAULT_BACKENDS = {"cpu": "torch,torch-fused,onnxruntime,aoti",
+                    "cuda": "torch,torch-fused,compile,triton,aoti,tensorrt,onnxruntime"}
 
 
 class PeakRSS:
@@ -77,6 +80,10 @@ def build(name, model, card, device, precision, cache_dir):
     fresh.load_state_dict(model.state_dict())
     if name == "compile":
         return CompileBackend(fresh, device, precision)
+    if name == "torch-fused":  # eager with the fused attention op: how much of a compiled gain is that op
+        backend = make_backend("torch", set_fused_attention(fresh, True), card, device=device, precision=precision)
+        backend.name = name
+        return backend
     options = {"precision": precision}
     if name not in ("torch", "triton"):
         options["cache_dir"] = cache_dir
