@@ -96,6 +96,8 @@ class Predictor:
         model, self.card = load_checkpoint(self.checkpoint)
         self.checkpoint_sha256 = file_sha256(self.checkpoint)
         options = {"precision": precision, "checkpoint_path": str(self.checkpoint), **(backend_options or {})}
+        if backend == "auto":  # compiled backends rank differently at batch 1 and 64: time the one we run
+            options.setdefault("trial_batch_size", batch_size)
         self.backend = make_backend(backend, model, self.card, device=device, **options)
         self.backend_name = backend
         self.precision = precision

@@ -47,3 +47,11 @@ def test_auto_measures_and_picks(monkeypatch, tmp_path):
     with torch.inference_mode():
         ref = model(*x)
     assert (backend(*x) - ref).abs().max() < 1e-4
+
+
+def test_predictor_times_auto_at_its_batch_size():
+    from m2ort_fast.predict import Predictor
+
+    predictor = Predictor(backend="auto", batch_size=5, progress=False,
+                          backend_options={"candidates": ["torch"], "trial_repeats": 1})
+    assert predictor.backend.chosen == "torch" and predictor.backend.trial_batch_size == 5

@@ -102,7 +102,7 @@ class AutoBackend:
         self.device = torch.device(device)
         if candidates is None:
             candidates = GPU_CANDIDATES if self.device.type == "cuda" else CPU_CANDIDATES
-        batch_size = trial_batch_size or (64 if self.device.type == "cuda" else 16)
+        batch_size = self.trial_batch_size = trial_batch_size or (64 if self.device.type == "cuda" else 16)
         self.trials: list[Trial] = []
         backends = {}
         for name in candidates:
