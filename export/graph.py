@@ -10,8 +10,8 @@ two rewrites that are exact in real arithmetic; the parity tests bound what roun
 * **Attention is one ``scaled_dot_product_attention`` op** instead of matmul -> scale -> softmax ->
   matmul. Inductor lowers it to a fused kernel (the CPU flash-attention kernel; on CUDA the flash /
   memory-efficient kernels) that never writes the (B, heads, 197, 197) score matrix to memory;
-  the ONNX exporter at opset 18 writes it back out as MatMul/Softmax, which onnxruntime and
-  TensorRT fuse themselves.
+  the ONNX exporter at opset 18 writes it as MatMul/Softmax, left to onnxruntime's and TensorRT's
+  own graph fusions.
 * **The last block runs for the class token only.** The head reads nothing but the class token,
   so in the last block the 196 patch tokens' queries, attention rows, output projection and MLP
   are dead; only the keys and values of every token are needed. That removes about 1/depth of
