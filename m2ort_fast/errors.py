@@ -20,6 +20,11 @@ class M2ORTError(Exception):
         super().__init__(message)
 
 
+def exception_detail(exc: BaseException, limit: int = 200) -> str:
+    """A library exception as one short line for our messages (its type name when it has no text)."""
+    return " ".join(str(exc).split())[:limit] or type(exc).__name__
+
+
 class SlideError(M2ORTError):
     """The slide cannot be opened or read as needed (not a slide, truncated, missing level...)."""
 

@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import SlideError
+from .errors import SlideError, exception_detail
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +235,7 @@ class Slide:
 
 
 def _read_error(path: Path, level: int, exc: BaseException) -> SlideError:
-    detail = " ".join(str(exc).split())[:200] or type(exc).__name__
-    return SlideError(f"cannot read level {level} (damaged or truncated tile data?): {detail}", path)
+    return SlideError(f"cannot read level {level} (damaged or truncated tile data?): {exception_detail(exc)}", path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,7 +272,7 @@ class CuCIMSlide(Slide):
             return read()
         except Exception as exc:  # the GPU read path failed: the CPU one still works
             log.warning("%s: cuCIM reads on %s failed (%s); reading on the CPU", self.path.name, self._device,
-                        " ".join(str(exc).split())[:200])
+                        exception_detail(exc))
             self._device = "cpu"
             return read()
 
@@ -469,8 +468,7 @@ def _open_with(reader: str, path: Path) -> Slide:
     except ImportError as exc:
         raise SlideError(f"the {reader} reader is not installed ({exc})", path) from None
     except Exception as exc:  # each library raises its own types for unreadable files
-        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise SlideError(f"{reader} cannot open it: {detail}", path) from None
+        raise SlideError(f"{reader} cannot open it: {exception_detail(exc)}", path) from None
 
 
 def _pil_recognises(path: Path) -> bool:
@@ -511,8 +509,7 @@ def _check_tiff(path: Path) -> int:
     except SlideError:
         raise
     except Exception as exc:
-        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise SlideError(f"damaged or truncated TIFF: {detail}", path) from None
+        raise SlideError(f"damaged or truncated TIFF: {exception_detail(exc)}", path) from None
 
 
 def _ifd_chain_runs_past(path: Path, file_size: int) -> bool:
@@ -621,8 +618,8 @@ def _decode_flat(path: Path) -> tuple[np.ndarray, str, float | None]:
     except SlideError:
         raise
     except Exception as exc:
-        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise SlideError(f"cannot decode the image (truncated or not an image?): {detail}", path) from None
+        raise SlideError(f"cannot decode the image (truncated or not an image?): {exception_detail(exc)}",
+                         path) from None
     # JPEG/PNG resolution fields are screen/print settings, not the microscope's: no mpp.
     return rgb, vendor, None
 
@@ -640,8 +637,7 @@ def _decode_flat_tiff(path: Path) -> tuple[np.ndarray, str, float | None]:
     except SlideError:
         raise
     except Exception as exc:
-        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise SlideError(f"cannot decode the TIFF (truncated or damaged?): {detail}", path) from None
+        raise SlideError(f"cannot decode the TIFF (truncated or damaged?): {exception_detail(exc)}", path) from None
     if pixels.dtype != np.uint8:
         raise SlideError(f"unsupported pixel type {pixels.dtype} (8-bit RGB expected)", path)
     return _as_rgb(pixels, path), "tiff", mpp

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from ..checkpoint import ModelCard
-from ..errors import M2ORTError
+from ..errors import M2ORTError, exception_detail
 from ..model import IMAGE_SIZES_PX, M2ORT
 from . import _REGISTRY, make_backend
 
@@ -116,7 +116,7 @@ class AutoBackend:
                 backends[name] = backend
             except (M2ORTError, ImportError, RuntimeError, NotImplementedError) as exc:
                 # unavailable here (toolkit missing, no GPU, precision unsupported, ...): keep the reason
-                trial.error = " ".join(str(exc).split())[:200] or type(exc).__name__
+                trial.error = exception_detail(exc)
             self.trials.append(trial)
         best, self.reason = pick_fastest(self.trials)
         self.backend = backends[best.name]
