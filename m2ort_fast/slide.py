@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 READERS = ("cucim", "tiffslide", "openslide", "flat")
 MPP_SOURCES = ("metadata", "user", "spot-table", "none")
+# How a spot's coarser inputs are made: read from the pyramid, or resized from the first input.
+LEVEL_SOURCES = ("pyramid", "resize")
 # Levels whose mpp is within this fraction of a target count as that resolution (pyramid level
 # sizes are rounded to whole pixels, so a "4x" level is often 4.001x).
 MPP_TOLERANCE = 0.01
@@ -720,16 +722,21 @@ def read_spot_patches(slide: Slide, centers_px: np.ndarray, level_mpp: Sequence[
     the next finer level where none matches); "resize" reads only the first and makes the others
     by resizing it (the preview code's way).
     """
-    if len(level_mpp) != len(sizes_px):
-        raise ValueError(f"{len(level_mpp)} level mpps for {len(sizes_px)} sizes")
+    check_model_inputs(level_mpp, sizes_px, level_source)
     centers_px = np.asarray(centers_px, dtype=np.float64).reshape(-1, 2)
     if level_source == "pyramid":
         reads: dict = {}  # (level, read_px) -> squares, shared by inputs that resolve to the same read
         return [_read_squares(slide, centers_px, mpp, size, reads) for mpp, size in zip(level_mpp, sizes_px)]
-    if level_source == "resize":
-        first = _read_squares(slide, centers_px, level_mpp[0], sizes_px[0], {})
-        return [first] + [resize_patches(first, size) for size in sizes_px[1:]]
-    raise ValueError(f"level_source must be 'pyramid' or 'resize', not {level_source!r}")
+    first = _read_squares(slide, centers_px, level_mpp[0], sizes_px[0], {})
+    return [first] + [resize_patches(first, size) for size in sizes_px[1:]]
+
+
+def check_model_inputs(level_mpp: Sequence[float], sizes_px: Sequence[int], level_source: str) -> None:
+    """ValueError unless there is one mpp per input size and ``level_source`` is one of LEVEL_SOURCES."""
+    if len(level_mpp) != len(sizes_px):
+        raise ValueError(f"{len(level_mpp)} level mpps for {len(sizes_px)} sizes")
+    if level_source not in LEVEL_SOURCES:
+        raise ValueError(f"level_source must be 'pyramid' or 'resize', not {level_source!r}")
 
 
 @dataclass

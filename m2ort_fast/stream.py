@@ -18,9 +18,9 @@ neighbouring spots decode the same tiles again and again. Here:
    (the backend, on its own CUDA stream on a GPU) -> ``write`` (the caller's sink, e.g.
    :class:`ChunkedH5adWriter`, rows straight into the ``.h5ad``).
 
-The patches equal the naive path's bit for bit: the same square origins (``spot_squares``
-mirrors ``slide._read_squares``), the same decoded pixels (white outside the slide), the same
-resize function on the same pixels.
+The patches equal the naive path's bit for bit: the same squares (both take them from
+``slide.spot_squares``), the same decoded pixels (white outside the slide), the same resize
+function on the same pixels.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import numpy as np
 from . import _core
 from .errors import M2ORTError
 from .profiling import StageTimer
-from .slide import Slide, SpotSquares, resize_patches, spot_squares
+from .slide import Slide, SpotSquares, check_model_inputs, resize_patches, spot_squares
 
 log = logging.getLogger("m2ort_fast")
 
@@ -151,10 +151,7 @@ def plan_slide_reads(slide: Slide, centers_px: np.ndarray, level_mpp: Sequence[f
 
     ``max_memory_mb`` bounds the decoded pixels the engine holds (windows plus ``reads_in_flight``
     steps' reads); M2ORTError when even the narrowest plan needs more."""
-    if len(level_mpp) != len(sizes_px):
-        raise ValueError(f"{len(level_mpp)} level mpps for {len(sizes_px)} sizes")
-    if level_source not in ("pyramid", "resize"):
-        raise ValueError(f"level_source must be 'pyramid' or 'resize', not {level_source!r}")
+    check_model_inputs(level_mpp, sizes_px, level_source)
     centers_px = np.asarray(centers_px, dtype=np.float64).reshape(-1, 2)
     read_inputs = range(len(sizes_px)) if level_source == "pyramid" else range(1)
     squares = [spot_squares(slide, centers_px, level_mpp[i], sizes_px[i]) for i in read_inputs]
@@ -365,7 +362,7 @@ def run_stream(slide: Slide, plan: ReadPlan, backend, mean: Sequence[float], std
             levels = [np.concatenate(parts) for parts in zip(*pending)]
             with timer.stage("assemble"):
                 tensors = []
-                for patches in levels[:]:
+                for patches in levels:
                     batch = patches[:n]
                     # Pinned host memory on a GPU: the copy to the device overlaps the next batch.
                     out = torch.empty((n, 3, *batch.shape[1:3]), dtype=torch.float32, pin_memory=on_gpu)
@@ -499,7 +496,7 @@ class ChunkedH5adWriter:
             rows = self.X[start:start + self.ROWS_PER_CHUNK]
             heat_values[start:start + len(rows)] = rows[:, columns]
             if write_csv:
-                write_csv_rows(csv_path, rows, ids[start:start + len(rows)], list(self.genes),
+                write_csv_rows(csv_path, rows, ids[start:start + len(rows)], self.genes,
                                centers[start:start + len(rows)], append=start > 0)
         self.file.close()
         if genes and thumbnail is not None:
