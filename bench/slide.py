@@ -117,7 +117,7 @@ def run_streamed(predictor, slide, centers, max_memory_mb):
         with timer.stage("plan"):
             plan = plan_slide_reads(slide, centers, predictor.card.level_mpp, predictor.card.patch_sizes_px,
                                     level_source=predictor.level_source, max_memory_mb=max_memory_mb)
-        run_stream(slide, plan, predictor.backend, predictor._mean, predictor._std, store,
+        run_stream(slide, plan, predictor.backend, predictor.card.pixel_mean, predictor.card.pixel_std, store,
                    batch_size=predictor.batch_size, timer=timer, num_threads=predictor.num_threads)
         return plan
 

@@ -128,7 +128,7 @@ def export_onnx(model: M2ORT, card: ModelCard, path: str | os.PathLike, *, preci
     try:
         onnx.save_model(proto, str(tmp))  # weights inside: every variant is far below protobuf's 2 GB
         check_onnx(tmp)
-        check_tensorrt_ops(onnx.load(str(tmp)), tmp)
+        check_tensorrt_ops(proto, tmp)  # the proto just saved: no need to read it back
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -72,7 +72,8 @@ def normalize_levels(levels: list[np.ndarray], card: ModelCard, rows=None, num_t
     out = []
     for level in levels:
         batch = np.ascontiguousarray(level if rows is None else level[rows])
-        out.append(torch.from_numpy(_core.assemble_batch(batch, card.pixel_mean, card.pixel_std, num_threads=num_threads)))
+        out.append(torch.from_numpy(_core.assemble_batch(batch, card.pixel_mean, card.pixel_std,
+                                                         num_threads=num_threads)))
     return out
 
 
@@ -108,8 +109,6 @@ class Predictor:
         self.progress = progress
         self.streamed = streamed
         self.max_memory_mb = max_memory_mb
-        self._mean = [float(v) for v in self.card.pixel_mean]
-        self._std = [float(v) for v in self.card.pixel_std]
 
     @property
     def genes(self) -> list[str]:
@@ -194,24 +193,24 @@ class Predictor:
         stem = stem or opened.path.stem
         with slide:
             centers = np.asarray(spots.centers_px, dtype=np.float64)
-            diameter_um = spots.spot_diameter_um or VISIUM_SPOT_DIAMETER_UM
+            spot_diameter_px = (spots.spot_diameter_um or VISIUM_SPOT_DIAMETER_UM) / slide_mpp
             uns = self._run_metadata(slide, spots, out_dir=out_dir, spacing_um=spacing_um, streamed=streamed)
             if streamed:
                 result.outputs, result.engine = self._predict_streamed(
                     slide, spots, centers, uns, timer, out_dir=out_dir, stem=stem, heatmap_genes=heatmap_genes,
                     n_heatmaps=n_heatmaps, write_csv=write_csv, thumbnail=thumbnail, downsample=downsample,
-                    spot_diameter_px=diameter_um / slide_mpp)
+                    spot_diameter_px=spot_diameter_px)
             else:
                 predictions = self.predict_centers(slide, centers, timer)
                 with timer.stage("write"):
                     adata = build_anndata(predictions, self.card.genes, spots.ids, centers, spots.columns, uns,
                                           thumbnail=thumbnail, thumbnail_downsample=downsample,
-                                          spot_diameter_px=diameter_um / slide_mpp)
+                                          spot_diameter_px=spot_diameter_px)
                     genes = pick_heatmap_genes(predictions, self.card.genes, list(heatmap_genes or []), n_heatmaps)
                     result.outputs = write_slide_outputs(
                         Path(out_dir), stem, adata, write_csv=write_csv,
                         heatmap_genes=genes if n_heatmaps or heatmap_genes else [], thumbnail=thumbnail,
-                        thumbnail_downsample=downsample, spot_diameter_px=diameter_um / slide_mpp)
+                        thumbnail_downsample=downsample, spot_diameter_px=spot_diameter_px)
             result.n_spots = len(centers)
             result.mpp, result.mpp_source = slide_mpp, slide.mpp_source
         result.seconds = timer.summary()
@@ -240,8 +239,9 @@ class Predictor:
 
                 bar = tqdm(total=len(centers), desc=slide.path.name, unit="spot", leave=False)
             try:
-                run_stream(slide, plan, self.backend, self._mean, self._std, writer.write, batch_size=self.batch_size,
-                           timer=timer, num_threads=self.num_threads, progress=bar.update if bar else None)
+                run_stream(slide, plan, self.backend, self.card.pixel_mean, self.card.pixel_std, writer.write,
+                           batch_size=self.batch_size, timer=timer, num_threads=self.num_threads,
+                           progress=bar.update if bar else None)
             finally:
                 if bar is not None:
                     bar.close()
