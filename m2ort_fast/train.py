@@ -278,8 +278,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, comm
     from .checkpoint import ModelCard, save_checkpoint
     from .backends import resolve_device
     from .evaluate import predict_levels
-    from .predict import normalize_levels
     from .model import VARIANTS, M2ORT, set_fused_attention
+    from .predict import normalize_levels
 
     if cfg.variant not in VARIANTS:
         raise M2ORTError(f"unknown variant {cfg.variant!r}; known: {', '.join(VARIANTS)}")
