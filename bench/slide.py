@@ -74,7 +74,8 @@ def make_predictor(args, mpp: float, tmp: Path):
         model = build_model(args.variant, len(genes), seed=0)
         checkpoint = tmp / f"{args.variant}.safetensors"
         save_checkpoint(checkpoint, model, card)
-    return Predictor(checkpoint, backend=args.backend, device=args.device, batch_size=args.batch_size, progress=False)
+    return Predictor(checkpoint, backend=args.backend, device=args.device, batch_size=args.batch_size,
+                     level_source=args.level_source, progress=False)
 
 
 def traced(fn):
@@ -144,7 +145,7 @@ def bench_readers(path: Path, mpp: float, centers: np.ndarray, card, max_memory_
             naive_s = time.perf_counter() - start
             plan = plan_slide_reads(slide, centers, card.level_mpp, card.patch_sizes_px, max_memory_mb=max_memory_mb)
             start = time.perf_counter()
-            for _ in iter_streamed_patches(slide, plan, resize_workers=2):
+            for _ in iter_streamed_patches(slide, plan, num_threads=2):
                 pass
             streamed_s = time.perf_counter() - start
         rows.append({"reader": reader, "spots": len(centers), "naive_read_spots_per_s": round(len(centers) / naive_s, 1),
@@ -166,6 +167,9 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--level-source", default=None, choices=["pyramid", "resize"],
+                        help="how the coarser inputs are made (default: the model card's); pyramid: one read per "
+                             "spot per level on the naive path")
     parser.add_argument("--max-memory-mb", type=float, default=512)
     parser.add_argument("--reader", default="tiffslide", help="reader for the two paths (default: %(default)s)")
     parser.add_argument("--reader-spots", type=int, default=300, help="spots for the per-reader comparison")
@@ -199,6 +203,7 @@ def main(argv=None) -> int:
             report = {"slide": f"{label} {slide.level_dimensions[0]} px, {mpp:.4f} um/px, levels {slide.level_downsamples}",
                       "reader": args.reader, "spots": n, "spacing_um": args.spacing_um,
                       "model": f"{predictor.card.variant} ({args.backend}, {predictor.backend.device})",
+                      "level_source": predictor.level_source,
                       "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(), "runs": {}}
             # Warm the model (first calls allocate).
             predictor.backend(*[torch.zeros(2, 3, s, s) for s in predictor.card.patch_sizes_px])

@@ -1,6 +1,6 @@
 // m2ort_fast._core: the native side of m2ort-fast.
 //
-// This file only validates Python arguments and binds; the kernels are in batch.cpp. Every bad
+// This file only validates Python arguments and binds; the kernels are in batch.cpp and resize.cpp. Every bad
 // argument raises ValueError with a message naming the function, the argument and the problem.
 // The kernels run with the GIL released, so other Python threads (slide decoding, the model)
 // keep running meanwhile.
@@ -17,6 +17,7 @@
 
 #include "batch.hpp"
 #include "read_plan.hpp"
+#include "resize.hpp"
 
 namespace py = pybind11;
 
@@ -150,6 +151,33 @@ py::array_t<uint8_t> crop_patches(const py::object& region_obj, const py::object
   return out;
 }
 
+py::array_t<uint8_t> resize_patches(const py::object& patches_obj, int64_t size_px, const py::object& out_obj,
+                                    int64_t num_threads) {
+  const std::string where = "resize_patches";
+  py::array patches = as_array(patches_obj, where, "patches");
+  require_dtype<uint8_t>(patches, where, "patches");
+  if (patches.ndim() != 4 || patches.shape(3) != 3) {
+    fail(where, "patches must have shape (N, H, W, 3), got " + shape_of(patches));
+  }
+  require_c_contiguous(patches, where, "patches");
+  // Pillow picks the order of its two passes by their cost (a tie, horizontal first, for squares),
+  // and the passes round in between: square patches (all the engine has) keep this bit-exact.
+  if (patches.shape(1) != patches.shape(2)) fail(where, "patches must be square (N, S, S, 3), got " + shape_of(patches));
+  if (patches.shape(1) <= 0) fail(where, "patches must not be empty images, got " + shape_of(patches));
+  if (size_px <= 0) fail(where, "size_px must be > 0, got " + std::to_string(size_px));
+  const int64_t threads = thread_count(num_threads, where);
+  const int64_t n = patches.shape(0), height = patches.shape(1), width = patches.shape(2);
+  py::array_t<uint8_t> out = output_array<uint8_t>(out_obj, {n, size_px, size_px, 3}, patches, where);
+
+  const auto* src = static_cast<const uint8_t*>(patches.data());
+  uint8_t* dst = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    m2ort::resize_patches(src, n, height, width, size_px, size_px, dst, threads);
+  }
+  return out;
+}
+
 template <typename T>
 py::array_t<T> to_numpy(const std::vector<T>& values, const std::vector<py::ssize_t>& shape) {
   py::array_t<T> out(shape);
@@ -206,7 +234,7 @@ py::dict plan_reads(const py::object& centers_obj, const std::vector<std::array<
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
-  m.doc() = "m2ort-fast native core: multi-threaded batch assembly (runs with the GIL released).";
+  m.doc() = "m2ort-fast native core: read plan, multi-threaded crop, resize and batch assembly (GIL released).";
 
   m.def("assemble_batch", &assemble_batch, py::arg("patches"), py::arg("mean"), py::arg("std"),
         py::arg("out") = py::none(), py::arg("num_threads") = 0,
@@ -223,6 +251,14 @@ CPU core (fewer for small batches). Returns out, (N, 3, H, W) float32 = (patches
 region: (H, W, 3) uint8 (any strides, e.g. an RGBA array's [..., :3] view). origins_px: (N, 2)
 integer top-left (x, y) of each patch in region pixels; patches may lie partly or wholly outside
 the region, where they are filled with white (255). size_px: patch side. out: optional
+(N, size_px, size_px, 3) uint8 C-contiguous array written in place. Returns out.)doc");
+  m.def("resize_patches", &resize_patches, py::arg("patches"), py::arg("size_px"), py::arg("out") = py::none(),
+        py::arg("num_threads") = 0,
+        R"doc(Resize square RGB patches to size_px x size_px, bit for bit as m2ort_fast.slide.resize_patches.
+
+patches: (N, S, S, 3) uint8, C-contiguous. The same antialiased bilinear arithmetic as Pillow's
+Image.resize(BILINEAR, reducing_gap=None), with the weights computed once for the batch and the
+patches split over num_threads threads (0 = one per CPU core). out: optional
 (N, size_px, size_px, 3) uint8 C-contiguous array written in place. Returns out.)doc");
   m.def("plan_reads", &plan_reads, py::arg("centers_px"), py::arg("sources"), py::arg("patch_sets"),
         py::arg("max_bytes") = 0, py::arg("max_step_spots") = 256, py::arg("reads_in_flight") = 1,

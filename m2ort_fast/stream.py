@@ -19,20 +19,19 @@ neighbouring spots decode the same tiles again and again. Here:
    :class:`ChunkedH5adWriter`, rows straight into the ``.h5ad``).
 
 The patches equal the naive path's bit for bit: the same squares (both take them from
-``slide.spot_squares``), the same decoded pixels (white outside the slide), the same resize
-function on the same pixels.
+``slide.spot_squares``), the same decoded pixels (white outside the slide), and the same resize
+arithmetic on the same pixels (``_core.resize_patches`` is Pillow's, which the naive path calls,
+with the weights computed once per batch and the patches split over threads).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
 import shutil
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -42,7 +41,7 @@ import numpy as np
 from . import _core
 from .errors import M2ORTError
 from .profiling import StageTimer
-from .slide import Slide, SpotSquares, check_model_inputs, resize_patches, spot_squares
+from .slide import Slide, SpotSquares, check_model_inputs, spot_squares
 
 log = logging.getLogger("m2ort_fast")
 
@@ -50,7 +49,6 @@ DEFAULT_MAX_MEMORY_MB = 1024
 DEFAULT_TILE_PX = 256  # the tile grid assumed where the file does not say (flat images, unknown formats)
 STEP_SPOTS = 256  # most spots per plan step
 QUEUE_DEPTH = 2  # items in flight between two stages
-RESIZE_MIN_PATCHES_PER_WORKER = 16
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,57 +252,46 @@ class StreamStats:
 
 
 def iter_streamed_patches(slide: Slide, plan: ReadPlan, *, timer: StageTimer | None = None,
-                          resize_workers: int = 1, reads: Callable | None = None):
+                          num_threads: int = 0, reads: Callable | None = None):
     """Yield (spot indices (n,), [patches (n, S_l, S_l, 3) uint8 per model input]) step by step,
-    cropped from windows of decoded rows. ``reads``: an iterable of each step's decoded rows
-    (the pipeline's reader thread); None reads them here."""
+    cropped from windows of decoded rows and resized by ``_core.resize_patches`` (bit for bit
+    :func:`m2ort_fast.slide.resize_patches`, on ``num_threads`` threads, 0: one per core).
+    ``reads``: an iterable of each step's decoded rows (the pipeline's reader thread); None reads
+    them here."""
     timer = timer or StageTimer()
     if reads is None:
         reads = (read_step(slide, plan, step, timer) for step in range(plan.n_steps))
     windows: list[_Window] = []
     current_stripe = -1
-    pool = ThreadPoolExecutor(resize_workers) if resize_workers > 1 else None
-    try:
-        for step, decoded in enumerate(reads):
-            stripe = int(plan.step_stripe[step])
-            with timer.stage("crop"):
-                if stripe != current_stripe:
-                    windows = [_Window(int(rows), int(x1 - x0)) for rows, (x0, x1)
-                               in zip(plan.stripe_rows[stripe], plan.stripe_columns[stripe])]
-                    current_stripe = stripe
-                for source, window in enumerate(windows):
-                    window.drop_above(int(plan.step_rows[step, source, 0]))
-                for source, y0, pixels in decoded:
-                    windows[source].append(y0, pixels)
-                del decoded
-                spots = plan.step_spots(step)
-                crops = {}  # inputs read at the same level and size (a 1,4,16 pyramid's first two) share a crop
-                for source, squares in plan.inputs:
-                    if (source, squares.read_px) not in crops:
-                        x0 = plan.stripe_columns[stripe, source, 0]
-                        origins = squares.top_left_px[spots] - np.array([x0, windows[source].top], dtype=np.int64)
-                        crops[source, squares.read_px] = _core.crop_patches(windows[source].region(), origins,
-                                                                            squares.read_px)
-                patches = [crops[source, squares.read_px] for source, squares in plan.inputs]
-            with timer.stage("resize"):
-                for i, (_, squares) in enumerate(plan.inputs):
-                    if squares.read_px != squares.size_px:
-                        patches[i] = _resize(patches[i], squares.size_px, pool)
-                if plan.derived_sizes:
-                    patches += [_resize(patches[0], size, pool) for size in plan.derived_sizes]
-            yield spots, patches
-    finally:
-        if pool is not None:
-            pool.shutdown()
-
-
-def _resize(patches: np.ndarray, size_px: int, pool: ThreadPoolExecutor | None) -> np.ndarray:
-    """resize_patches, split over threads (PIL releases the GIL); the same function per patch."""
-    if pool is None or len(patches) < 2 * RESIZE_MIN_PATCHES_PER_WORKER:
-        return resize_patches(patches, size_px)
-    bounds = np.linspace(0, len(patches), pool._max_workers + 1).astype(int)
-    parts = pool.map(lambda ab: resize_patches(patches[ab[0]:ab[1]], size_px), zip(bounds[:-1], bounds[1:]))
-    return np.concatenate(list(parts))
+    for step, decoded in enumerate(reads):
+        stripe = int(plan.step_stripe[step])
+        with timer.stage("crop"):
+            if stripe != current_stripe:
+                windows = [_Window(int(rows), int(x1 - x0)) for rows, (x0, x1)
+                           in zip(plan.stripe_rows[stripe], plan.stripe_columns[stripe])]
+                current_stripe = stripe
+            for source, window in enumerate(windows):
+                window.drop_above(int(plan.step_rows[step, source, 0]))
+            for source, y0, pixels in decoded:
+                windows[source].append(y0, pixels)
+            del decoded
+            spots = plan.step_spots(step)
+            crops = {}  # inputs read at the same level and size (a 1,4,16 pyramid's first two) share a crop
+            for source, squares in plan.inputs:
+                if (source, squares.read_px) not in crops:
+                    x0 = plan.stripe_columns[stripe, source, 0]
+                    origins = squares.top_left_px[spots] - np.array([x0, windows[source].top], dtype=np.int64)
+                    crops[source, squares.read_px] = _core.crop_patches(
+                        windows[source].region(), origins, squares.read_px, num_threads=num_threads)
+            patches = [crops[source, squares.read_px] for source, squares in plan.inputs]
+        with timer.stage("resize"):
+            for i, (_, squares) in enumerate(plan.inputs):
+                if squares.read_px != squares.size_px:
+                    patches[i] = _core.resize_patches(patches[i], squares.size_px, num_threads=num_threads)
+            if plan.derived_sizes:
+                patches += [_core.resize_patches(patches[0], size, num_threads=num_threads)
+                            for size in plan.derived_sizes]
+        yield spots, patches
 
 
 def read_step(slide: Slide, plan: ReadPlan, step: int, timer: StageTimer) -> list[tuple[int, int, np.ndarray]]:
@@ -318,7 +305,7 @@ def read_step(slide: Slide, plan: ReadPlan, step: int, timer: StageTimer) -> lis
 
 def run_stream(slide: Slide, plan: ReadPlan, backend, mean: Sequence[float], std: Sequence[float],
                on_batch: Callable[[np.ndarray, np.ndarray], None], *, batch_size: int = 64,
-               timer: StageTimer | None = None, num_threads: int = 0, resize_workers: int = 0,
+               timer: StageTimer | None = None, num_threads: int = 0,
                progress: Callable[[int], None] | None = None) -> StreamStats:
     """Predict every planned spot; ``on_batch(spot indices (B,), predictions (B, G) float32)``
     runs on the writer thread, in plan order. Stages run on their own threads (read, assemble,
@@ -332,7 +319,6 @@ def run_stream(slide: Slide, plan: ReadPlan, backend, mean: Sequence[float], std
     decoded_q, batch_q, write_q = _Pipe(failed), _Pipe(failed), _Pipe(failed)
     device = torch.device(getattr(backend, "device", "cpu"))
     on_gpu = device.type == "cuda"
-    resize_workers = resize_workers or min(4, os.cpu_count() or 1)
     stats = StreamStats(plan=plan.stats())
 
     def guarded(fn):
@@ -373,7 +359,7 @@ def run_stream(slide: Slide, plan: ReadPlan, backend, mean: Sequence[float], std
             pending = [[level[n:] for level in levels]] if len(spots) > n else []
             n_pending = len(spots) - n
 
-        for spots, patches in iter_streamed_patches(slide, plan, timer=timer, resize_workers=resize_workers,
+        for spots, patches in iter_streamed_patches(slide, plan, timer=timer, num_threads=num_threads,
                                                     reads=iter(decoded_q)):
             pending_spots.append(spots)
             pending.append(patches)

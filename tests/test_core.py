@@ -1,4 +1,5 @@
-"""m2ort_fast._core (csrc/): batch assembly against the plain NumPy way."""
+"""m2ort_fast._core (csrc/): batch assembly and cropping against the plain NumPy way, resizing
+against the package's reference resize (Pillow)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from m2ort_fast import _core
+from m2ort_fast.slide import resize_patches
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -105,6 +107,60 @@ def test_crop_then_assemble_pipeline(rng):
     patches = _core.crop_patches(region, origins, 16)
     batch = _core.assemble_batch(patches, MEAN, STD)
     np.testing.assert_allclose(batch, numpy_assemble(numpy_crop(region, origins, 16), MEAN, STD), atol=1e-6)
+
+
+# (input side, output side): the model's 2x and 4x shrinks, shrinks by non-integer factors (a
+# slide whose mpp differs from the model's), enlarging, unchanged, a window of taps longer than
+# the input, single pixels.
+RESIZE_CASES = [(224, 112), (224, 56), (448, 224), (309, 224), (225, 112), (333, 56), (61, 29), (56, 112),
+                (13, 20), (100, 100), (7, 3), (3, 2), (2, 1), (1, 4)]
+
+
+@pytest.mark.parametrize("side, size", RESIZE_CASES)
+def test_resize_patches_equals_the_reference_bit_for_bit(rng, side, size):
+    patches = rng.integers(0, 256, (6, side, side, 3), dtype=np.uint8)
+    patches[0] = 255  # flat and extreme images: the rounding at both ends of the range
+    patches[1] = 0
+    patches[2, ::2] = 0
+    patches[2, 1::2] = 255
+    np.testing.assert_array_equal(_core.resize_patches(patches, size, num_threads=3), resize_patches(patches, size))
+
+
+def test_resize_patches_on_slide_pixels_threads_and_out(rng):
+    from m2ort_fast.slide import open_slide
+    from m2ort_fast.predict import DEMO_SLIDE
+
+    with open_slide(DEMO_SLIDE) as slide:
+        region = slide.read_region(0, 0, 0, 1024, 1024)
+    origins = rng.integers(-20, 820, (40, 2))
+    patches = _core.crop_patches(region, origins, 224)
+    expected = resize_patches(patches, 112)
+    out = np.zeros((40, 112, 112, 3), np.uint8)
+    returned = _core.resize_patches(patches, 112, out=out, num_threads=1)
+    assert np.shares_memory(returned, out)
+    np.testing.assert_array_equal(out, expected)
+    for threads in (0, 2, 7, 64):
+        np.testing.assert_array_equal(_core.resize_patches(patches, 112, num_threads=threads), expected)
+    assert _core.resize_patches(patches[:0], 56).shape == (0, 56, 56, 3)
+
+
+RESIZE_ERRORS = [
+    (dict(patches=np.zeros((2, 8, 8, 3), np.float32)), "patches must have dtype uint8"),
+    (dict(patches=np.zeros((2, 8, 8), np.uint8)), r"patches must have shape \(N, H, W, 3\)"),
+    (dict(patches=np.zeros((2, 16, 16, 3), np.uint8)[:, ::2, ::2]), "patches must be C-contiguous"),
+    (dict(patches=np.zeros((2, 8, 9, 3), np.uint8)), r"patches must be square \(N, S, S, 3\), got \(2, 8, 9, 3\)"),
+    (dict(patches=np.zeros((2, 0, 0, 3), np.uint8)), "patches must not be empty images"),
+    (dict(size_px=0), "size_px must be > 0"),
+    (dict(out=np.zeros((2, 5, 5, 3), np.uint8)), r"out must have shape \(2, 4, 4, 3\)"),
+    (dict(num_threads=-1), "num_threads must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("change, message", RESIZE_ERRORS)
+def test_resize_patches_rejects_bad_arguments(change, message):
+    kwargs = dict(patches=np.zeros((2, 8, 8, 3), np.uint8), size_px=4) | change
+    with pytest.raises(ValueError, match=message):
+        _core.resize_patches(**kwargs)
 
 
 ASSEMBLE_ERRORS = [

@@ -29,7 +29,7 @@ def pyramids(tmp_path_factory):
 def streamed_patches(slide, centers, level_mpp, level_source, **plan_options):
     plan = plan_slide_reads(slide, centers, level_mpp, SIZES, level_source=level_source, **plan_options)
     out = [np.zeros((len(centers), s, s, 3), np.uint8) for s in SIZES]
-    for spots, patches in iter_streamed_patches(slide, plan, resize_workers=2):
+    for spots, patches in iter_streamed_patches(slide, plan, num_threads=2):
         for whole, part in zip(out, patches):
             whole[spots] = part
     return out
