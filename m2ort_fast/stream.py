@@ -337,33 +337,46 @@ def run_stream(slide: Slide, plan: ReadPlan, backend, mean: Sequence[float], std
             decoded_q.put(read_step(slide, plan, step, timer))
         decoded_q.put(_Pipe.DONE)
 
+    # Input batches come back from the model thread and are refilled: fresh 50 MB arrays per batch
+    # would cost a page fault per 4 KB (and pinning, on a GPU) every time.
+    free_batches: queue.SimpleQueue = queue.SimpleQueue()
+
+    def batch_buffers(sizes_px: list[tuple[int, int]]) -> list:
+        try:
+            return free_batches.get_nowait()
+        except queue.Empty:  # Pinned host memory on a GPU: the copy to the device overlaps the next batch.
+            return [torch.empty((batch_size, 3, h, w), dtype=torch.float32, pin_memory=on_gpu) for h, w in sizes_px]
+
     def assembler():
-        pending_spots: list[np.ndarray] = []
-        pending: list[list[np.ndarray]] = []
+        pending: list[tuple[np.ndarray, list[np.ndarray]]] = []  # (spots, patches per input) not yet batched
         n_pending = 0
 
         def emit(n: int) -> None:
-            nonlocal pending_spots, pending, n_pending
-            spots = np.concatenate(pending_spots)
-            levels = [np.concatenate(parts) for parts in zip(*pending)]
+            """Normalise the first n pending spots straight into one batch (no concatenation)."""
+            nonlocal n_pending
             with timer.stage("assemble"):
-                tensors = []
-                for patches in levels:
-                    batch = patches[:n]
-                    # Pinned host memory on a GPU: the copy to the device overlaps the next batch.
-                    out = torch.empty((n, 3, *batch.shape[1:3]), dtype=torch.float32, pin_memory=on_gpu)
-                    _core.assemble_batch(np.ascontiguousarray(batch), mean, std, out=out.numpy(), num_threads=num_threads)
-                    tensors.append(out)
-            batch_q.put((spots[:n], tensors))
-            pending_spots = [spots[n:]] if len(spots) > n else []
-            pending = [[level[n:] for level in levels]] if len(spots) > n else []
-            n_pending = len(spots) - n
+                buffers = batch_buffers([patches.shape[1:3] for patches in pending[0][1]])
+                spots, filled = [], 0
+                while filled < n:
+                    piece_spots, piece = pending[0]
+                    take = min(n - filled, len(piece_spots))
+                    for patches, buffer in zip(piece, buffers):
+                        _core.assemble_batch(patches[:take], mean, std, out=buffer.numpy()[filled:filled + take],
+                                             num_threads=num_threads)
+                    spots.append(piece_spots[:take])
+                    if take == len(piece_spots):
+                        pending.pop(0)
+                    else:
+                        pending[0] = (piece_spots[take:], [patches[take:] for patches in piece])
+                    filled += take
+                n_pending -= n
+            batch_q.put((np.concatenate(spots), buffers, n))
 
         for spots, patches in iter_streamed_patches(slide, plan, timer=timer, num_threads=num_threads,
                                                     reads=iter(decoded_q)):
-            pending_spots.append(spots)
-            pending.append(patches)
-            n_pending += len(spots)
+            if len(spots):
+                pending.append((spots, patches))
+                n_pending += len(spots)
             while n_pending >= batch_size:
                 emit(batch_size)
         if n_pending:
@@ -385,10 +398,11 @@ def run_stream(slide: Slide, plan: ReadPlan, backend, mean: Sequence[float], std
     cuda_stream = torch.cuda.Stream(device=device) if on_gpu else None
     try:
         with torch.cuda.stream(cuda_stream) if on_gpu else contextlib.nullcontext():
-            for spots, tensors in batch_q:
+            for spots, buffers, n in batch_q:
                 with timer.stage("model"):
-                    predictions = backend(*tensors)
+                    predictions = backend(*[buffer[:n] for buffer in buffers])
                     predictions = predictions.numpy() if hasattr(predictions, "numpy") else np.asarray(predictions)
+                free_batches.put(buffers)  # the backend has returned host predictions: the inputs are free
                 write_q.put((spots, predictions))
                 stats.batches += 1
                 if progress is not None:
