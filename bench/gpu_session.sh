@@ -38,7 +38,7 @@ if [[ "$what" == bench || "$what" == all ]]; then
   if [[ -f bench/backends.py ]]; then
     python3 bench/backends.py --json "$OUT/backends.json" 2>&1 | tee "$OUT/backends.txt"
   fi
-  python3 bench/slide.py --slide m2ort_fast/assets/demo_slide.tiff --spacing-um 27.5 --reader cucim --device cuda \
+  python3 bench/slide.py --slide m2ort_fast/assets/demo_slide.tiff --spacing-um 27.5 --level-source pyramid --reader cucim --device cuda \
     --json "$OUT/slide.json" 2>&1 | tail -20 | tee "$OUT/slide.txt"
   m2ort-fast predict --quiet --overwrite --device cuda --profile "$OUT/profile_demo.json" --out /tmp/m2ort-demo 2>&1 | tail -5
 fi
