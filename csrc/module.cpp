@@ -95,16 +95,22 @@ py::array_t<T> output_array(const py::object& out_obj, const std::vector<py::ssi
   return py::reinterpret_borrow<py::array_t<T>>(out);
 }
 
-py::array_t<float> assemble_batch(const py::object& patches_obj, const std::vector<double>& mean_values,
-                                  const std::vector<double>& std_values, const py::object& out_obj,
-                                  int64_t num_threads) {
-  const std::string where = "assemble_batch";
+// A batch of RGB patches as the kernels read it: (N, H, W, 3) uint8, C-contiguous.
+py::array rgb_patches(const py::object& patches_obj, const std::string& where) {
   py::array patches = as_array(patches_obj, where, "patches");
   require_dtype<uint8_t>(patches, where, "patches");
   if (patches.ndim() != 4 || patches.shape(3) != 3) {
     fail(where, "patches must have shape (N, H, W, 3), got " + shape_of(patches));
   }
   require_c_contiguous(patches, where, "patches");
+  return patches;
+}
+
+py::array_t<float> assemble_batch(const py::object& patches_obj, const std::vector<double>& mean_values,
+                                  const std::vector<double>& std_values, const py::object& out_obj,
+                                  int64_t num_threads) {
+  const std::string where = "assemble_batch";
+  py::array patches = rgb_patches(patches_obj, where);
   const auto mean = three_floats(mean_values, where, "mean", false);
   const auto std_dev = three_floats(std_values, where, "std", true);
   const int64_t threads = thread_count(num_threads, where);
@@ -154,12 +160,7 @@ py::array_t<uint8_t> crop_patches(const py::object& region_obj, const py::object
 py::array_t<uint8_t> resize_patches(const py::object& patches_obj, int64_t size_px, const py::object& out_obj,
                                     int64_t num_threads) {
   const std::string where = "resize_patches";
-  py::array patches = as_array(patches_obj, where, "patches");
-  require_dtype<uint8_t>(patches, where, "patches");
-  if (patches.ndim() != 4 || patches.shape(3) != 3) {
-    fail(where, "patches must have shape (N, H, W, 3), got " + shape_of(patches));
-  }
-  require_c_contiguous(patches, where, "patches");
+  py::array patches = rgb_patches(patches_obj, where);
   // Pillow picks the order of its two passes by their cost (a tie, horizontal first, for squares),
   // and the passes round in between: square patches (all the engine has) keep this bit-exact.
   if (patches.shape(1) != patches.shape(2)) fail(where, "patches must be square (N, S, S, 3), got " + shape_of(patches));
