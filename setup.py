@@ -79,6 +79,8 @@ setup(
         "onnx>=1.17",
         "onnxruntime>=1.20",
         "onnxscript>=0.2",
+        # libjpeg-turbo in strict mode: the tile check before any reader decodes (slide._TileVerifier)
+        "simplejpeg>=1.7",
         # cuCIM itself is installed with --no-deps (its full dependency set is ~1.7 GB); these are
         # the two of its dependencies its reader needs.
         "click",
@@ -86,7 +88,9 @@ setup(
     ],
     extras_require={
         # the Triton kernels' CPU tests run in Triton's interpreter; 3.7.1 is the version measured here
-        "test": ["pytest>=8", "triton==3.7.1", "threadpoolctl>=3"],
+        # atheris: the fuzz target of tests/fuzz (its wheels are for Linux x86_64)
+        "test": ["pytest>=8", "triton==3.7.1", "threadpoolctl>=3",
+                 "atheris>=2.3; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     },
     entry_points={"console_scripts": ["m2ort-fast=m2ort_fast.cli:main"]},
 )

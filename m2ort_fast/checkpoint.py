@@ -157,6 +157,11 @@ def load_checkpoint(
         want = tuple(expected[name].shape) if name in expected else "unexpected"
         raise CheckpointError(
             f"weights do not fit variant {card.variant!r}: {name} is {got}, expected {want}", path)
+    broken = [k for k, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:
+        raise CheckpointError(f"weights contain NaN or infinite values ({len(broken)} of {len(state)} tensors, first "
+                              f"{broken[0]}): "
+                              f"a damaged or diverged checkpoint", path)
     model.load_state_dict(state)
     return model.to(device).eval(), card
 

@@ -16,10 +16,13 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 from .errors import M2ORTError
+from .options import MAX_HEATMAPS, device_name, mpp_value, number, positive_int
+from .slide import READERS
 
 log = logging.getLogger("m2ort_fast")
 
@@ -41,7 +44,7 @@ def add_predict(subparsers) -> None:
     p.add_argument("--engine", default="streamed", choices=["streamed", "naive"],
                    help="streamed (default: each tile decoded once, stages overlapped, bounded memory) or naive "
                         "(one read per spot per level); same predictions")
-    p.add_argument("--max-memory-mb", type=float, default=None,
+    p.add_argument("--max-memory-mb", type=number(float, 0, what="the memory bound (MB)"), default=None,
                    help="streamed engine: bound on decoded slide pixels held at once (default 1024)")
     p.add_argument("--profile", nargs="?", const="", default=None, metavar="FILE",
                    help="write a per-stage timing summary as JSON (default file: OUT/profile.json) and print it")
@@ -49,20 +52,24 @@ def add_predict(subparsers) -> None:
                    help="spot table, once per slide: Visium spatial/ folder or tissue_positions file, legacy ST "
                         "spot table, or CSV of centres in level-0 px; none: a grid over the tissue")
     p.add_argument("--spot-format", default="auto", choices=["auto", "visium", "st", "csv"])
-    p.add_argument("--spacing-um", type=float, default=None,
+    p.add_argument("--spacing-um", type=number(float, 0, what="the grid spacing (um)"), default=None,
                    help="grid spacing when no spot table is given (default 100 um, Visium; smaller for dense maps)")
-    p.add_argument("--mpp", type=float, default=None, help="level-0 microns per pixel, for slides without it")
+    p.add_argument("--mpp", type=mpp_value, default=None,
+                   help="level-0 microns per pixel, for slides without it (overrides the slide's own, with a warning)")
     p.add_argument("--checkpoint", default=None, help="model checkpoint (.safetensors); default: the package's model")
+    p.add_argument("--reader", default="auto", choices=["auto", *READERS],
+                   help="slide reader (default auto: cuCIM, else tiffslide, else OpenSlide; flat images: flat)")
     p.add_argument("--out", default="m2ort-fast-out", help="output folder (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--batch-size", type=number(int, 0, what="the batch size"), default=64)
     p.add_argument("--backend", default="torch", help="inference backend (default: %(default)s)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--level-source", default=None, choices=["pyramid", "resize"],
                    help="levels 2 and 3 read from the pyramid or resized from level 1 as the paper's code does "
                         "(default: as the checkpoint's model was trained)")
     p.add_argument("--genes", type=_csv_list, default=None, help="comma-separated genes to draw heatmaps of")
-    p.add_argument("--heatmaps", type=int, default=4, help="number of heatmaps when --genes is not given (0: none)")
+    p.add_argument("--heatmaps", type=number(int, 0, MAX_HEATMAPS, low_inclusive=True, what="the number of heatmaps"),
+                   default=4, help=f"number of heatmaps when --genes is not given (0: none; at most {MAX_HEATMAPS})")
     p.add_argument("--no-csv", action="store_true", help="do not write the CSV")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_predict)
@@ -85,7 +92,8 @@ def run_predict(args) -> int:
     results = predict_slides(
         slides, model=args.checkpoint, out_dir=args.out, spots=spots, spot_format=args.spot_format,
         overwrite=args.overwrite, **engine_options,
-        spacing_um=args.spacing_um, mpp=args.mpp, heatmap_genes=args.genes, n_heatmaps=args.heatmaps,
+        spacing_um=args.spacing_um, mpp=args.mpp, reader=args.reader,
+        heatmap_genes=args.genes, n_heatmaps=args.heatmaps,
         write_csv=not args.no_csv, backend=args.backend, device=args.device, precision=args.precision,
         batch_size=args.batch_size, level_source=args.level_source, progress=not args.quiet,
         stop_on_error=len(slides) == 1)
@@ -147,8 +155,9 @@ def add_info(subparsers) -> None:
     p.add_argument("slide", nargs="?", help="slide to describe")
     p.add_argument("--model", default=None, help="model variant: tiny, small, base, large, or 'all'")
     p.add_argument("--checkpoint", default=None, help="describe a checkpoint (variant, genes, mpp, provenance)")
-    p.add_argument("--genes", type=int, default=250, help="gene panel size for --model (default 250)")
-    p.add_argument("--mpp", type=float, default=None, help="level-0 mpp to assume for a slide without it")
+    p.add_argument("--genes", type=positive_int, default=250, help="gene panel size for --model (default 250)")
+    p.add_argument("--mpp", type=mpp_value, default=None,
+                   help="level-0 mpp to assume for a slide without it")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run_info)
 
@@ -204,10 +213,17 @@ def _print_info(report: dict) -> None:
               f"{m['gflops_per_spot']} GFLOPs/spot{note}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line (argparse prints the usage block above them)."""
+
+    def error(self, message: str):
+        self.exit(2, f"m2ort-fast: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="m2ort-fast", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="m2ort-fast", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"m2ort-fast {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -216,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     for module_name in SUBCOMMAND_MODULES:
         importlib.import_module(module_name).add_subcommands(subparsers)
     return parser
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or ``kill``'s stop): unwinds like Ctrl-C, so staging is removed."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,14 +251,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return int(args.func(args) or 0)
     except M2ORTError as exc:
         print(f"m2ort-fast: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("m2ort-fast: terminated (SIGTERM); unfinished outputs removed", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        print("m2ort-fast: interrupted", file=sys.stderr)
+        print("m2ort-fast: interrupted; unfinished outputs removed", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ and renamed, so an interrupted run leaves no half-written slide behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -25,6 +26,8 @@ from typing import Sequence
 import numpy as np
 
 from .errors import M2ORTError, SlideError
+from .options import mpp_value, number, positive_int
+from .outputs import output_errors
 from .slide import open_slide, resize_rgb
 
 log = logging.getLogger(__name__)
@@ -77,9 +80,10 @@ def write_pyramid(image: np.ndarray, dst: str | os.PathLike, *, mpp: float | Non
                         photometric="rgb", metadata=None)
     # Size the offsets for the uncompressed worst case: BigTIFF past 2 GiB.
     bigtiff = image.nbytes * 4 // 3 > 2**31
+    _remove_stale_temporaries(dst)
     tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
     try:
-        with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tiff:
+        with output_errors(dst), tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tiff:
             level_image, level_downsample = image, 1
             for i, downsample in enumerate(downsamples):
                 if downsample != level_downsample:
@@ -107,11 +111,28 @@ def write_pyramid(image: np.ndarray, dst: str | os.PathLike, *, mpp: float | Non
                         pixels_per_cm = 1e4 / (mpp * width_px / level_w)
                         resolution = dict(resolution=(pixels_per_cm, pixels_per_cm), resolutionunit="CENTIMETER")
                     tiff.write(level_image, subfiletype=1 if i else 0, **resolution, **tile_options)
-        os.replace(tmp, dst)
+        with output_errors(dst):
+            os.replace(tmp, dst)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder has no temporary to remove
+            tmp.unlink(missing_ok=True)
         raise
     return dst
+
+
+def _remove_stale_temporaries(dst: Path) -> None:
+    """Remove ``.<name>.tmp<pid>`` files that killed conversions to ``dst`` left behind (their
+    process is gone; a conversion still running keeps its own)."""
+    for tmp in dst.parent.glob(f".{dst.name}.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def _aperio_fields(mpp: float | None) -> str:
@@ -165,10 +186,11 @@ def add_subcommands(subparsers) -> None:
                               description=__doc__.splitlines()[0])
     p.add_argument("image", help="flat image or slide to convert")
     p.add_argument("out", help="output .tiff (or .svs)")
-    p.add_argument("--mpp", type=float, default=None,
+    p.add_argument("--mpp", type=mpp_value, default=None,
                    help="level-0 microns per pixel to record (default: the source's; flat JPEG/PNG have none)")
-    p.add_argument("--tile-px", type=int, default=256, help="tile size in pixels (default 256)")
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality 1-100 (default 90)")
+    p.add_argument("--tile-px", type=positive_int, default=256, help="tile size in pixels (default 256)")
+    p.add_argument("--quality", type=number(int, 1, 100, low_inclusive=True, what="JPEG quality"), default=90,
+                   help="JPEG quality 1-100 (default 90)")
     p.add_argument("--layout", choices=LAYOUTS, default="svs",
                    help="svs: Aperio-like, levels 1,4,16,...; generic: levels 1,2,4,... (default svs)")
     p.set_defaults(func=_run_convert)

@@ -35,3 +35,7 @@ class SpotsError(M2ORTError):
 
 class CheckpointError(M2ORTError):
     """The checkpoint is unreadable or does not match the model or gene panel asked for."""
+
+
+class OutputError(M2ORTError):
+    """An output cannot be written: the folder is read-only, a file, full, or locked by another run."""

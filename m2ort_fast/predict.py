@@ -13,6 +13,8 @@ concurrently, so their seconds overlap.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -27,12 +29,13 @@ import torch
 from . import _core
 from .backends import make_backend
 from .checkpoint import ModelCard, file_sha256, load_checkpoint
-from .errors import M2ORTError, SpotsError
-from .outputs import SlideOutputs, build_anndata, heatmap_title_suffix, pick_heatmap_genes, write_slide_outputs
+from .errors import M2ORTError, OutputError, SpotsError
+from .outputs import (ChunkedH5adWriter, SlideOutputs, StagedOutput, build_anndata, heatmap_title_suffix,
+                      pick_heatmap_genes, run_key, write_slide_outputs)
 from .profiling import StageTimer
 from .slide import Slide, open_slide, read_spot_patches, require_mpp
 from .spots import Spots, check_spots_inside, grid_spots, load_spots
-from .stream import DEFAULT_MAX_MEMORY_MB, ChunkedH5adWriter, plan_slide_reads, run_stream
+from .stream import DEFAULT_MAX_MEMORY_MB, plan_slide_reads, run_stream
 from .tissue import tissue_mask
 
 log = logging.getLogger("m2ort_fast")
@@ -93,6 +96,8 @@ class Predictor:
                  max_memory_mb: float = DEFAULT_MAX_MEMORY_MB):
         if batch_size < 1:
             raise M2ORTError(f"batch size must be at least 1, got {batch_size}")
+        if not max_memory_mb > 0:
+            raise M2ORTError(f"the memory bound must be a positive number of MB, got {max_memory_mb}")
         self.checkpoint = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
         model, self.card = load_checkpoint(self.checkpoint)
         self.checkpoint_sha256 = file_sha256(self.checkpoint)
@@ -134,23 +139,38 @@ class Predictor:
                 levels = normalize_levels(patches, self.card, num_threads=self.num_threads)
             with timer.stage("model"):
                 predictions[start:stop] = self.backend(*levels).numpy()
+            self.check_finite(predictions[start:stop], slide)
         return predictions
+
+    def check_finite(self, predictions: np.ndarray, slide: Slide) -> None:
+        """M2ORTError naming the checkpoint when the model gave NaN or infinite predictions: a
+        broken checkpoint or a precision the model overflows in; never written as results."""
+        finite = np.isfinite(predictions)
+        if not finite.all():
+            bad = int((~finite.all(axis=1)).sum())
+            raise M2ORTError(f"the model gave non-finite predictions (NaN or inf) for {bad} of {len(predictions)} "
+                             f"spots of a batch of {slide.path.name} (backend {self.backend_name}, precision "
+                             f"{self.precision}): the checkpoint's weights or this precision are broken; "
+                             f"nothing was written", self.checkpoint)
 
     def predict_slide(self, slide_path: str | os.PathLike, *, spots: str | os.PathLike | Spots | None = None,
                       spot_format: str = "auto", spacing_um: float | None = None, mpp: float | None = None,
                       out_dir: str | os.PathLike = "m2ort-fast-out", heatmap_genes: Sequence[str] | None = None,
                       n_heatmaps: int = 4, write_csv: bool = True, reader: str = "auto",
-                      stem: str | None = None, streamed: bool | None = None) -> SlideResult:
+                      stem: str | None = None, streamed: bool | None = None, overwrite: bool = True) -> SlideResult:
         """Predict every spot of one slide and write ``<stem>.h5ad``, ``.csv`` and heatmaps.
 
         Spots: a spot file (Visium, legacy ST, CSV of centres), a :class:`Spots`, or None for a
         hexagonal grid over the tissue every ``spacing_um`` (default: Visium's 100 um).
-        ``streamed``: None uses the Predictor's setting.
+        ``streamed``: None uses the Predictor's setting. ``overwrite``: False skips a slide whose
+        ``.h5ad`` exists (checked again once the output is locked, so a run that finished meanwhile
+        is not replaced).
         """
         opened = self._open_slide(slide_path, spots=spots, spot_format=spot_format, spacing_um=spacing_um,
                                   mpp=mpp, reader=reader)
         return self._predict_opened(opened, out_dir=out_dir, heatmap_genes=heatmap_genes, n_heatmaps=n_heatmaps,
-                                    write_csv=write_csv, stem=stem, spacing_um=spacing_um, streamed=streamed)
+                                    write_csv=write_csv, stem=stem, spacing_um=spacing_um, streamed=streamed,
+                                    overwrite=overwrite)
 
     def _open_slide(self, slide_path, *, spots=None, spot_format="auto", spacing_um=None, mpp=None,
                     reader="auto") -> "_OpenedSlide":
@@ -158,7 +178,9 @@ class Predictor:
         timer = StageTimer()
         slide_path = Path(slide_path)
         with timer.stage("open"):
-            slide = open_slide(slide_path, mpp=mpp, reader=reader)
+            # the streamed engine's memory bound also refuses flat images too large to decode whole
+            slide = open_slide(slide_path, mpp=mpp, reader=reader,
+                               max_decoded_mb=self.max_memory_mb if self.streamed else None)
         try:
             with timer.stage("open"):
                 if spots is not None and not isinstance(spots, Spots):
@@ -171,7 +193,7 @@ class Predictor:
                 thumbnail, downsample = slide.thumbnail(THUMBNAIL_MAX_SIDE_PX)
                 mask = tissue_mask(thumbnail)
                 if spots is None:
-                    spots = grid_spots(slide, spacing_um=spacing_um or VISIUM_PITCH_UM,
+                    spots = grid_spots(slide, spacing_um=VISIUM_PITCH_UM if spacing_um is None else spacing_um,
                                        spot_diameter_um=VISIUM_SPOT_DIAMETER_UM, mask=mask)
                 else:
                     width_px, height_px = slide.level_dimensions[0]
@@ -184,7 +206,7 @@ class Predictor:
         return _OpenedSlide(slide_path, slide, spots, thumbnail, downsample, slide_mpp, timer)
 
     def _predict_opened(self, opened: "_OpenedSlide", *, out_dir, heatmap_genes, n_heatmaps, write_csv, stem,
-                        spacing_um, streamed) -> SlideResult:
+                        spacing_um, streamed, overwrite: bool = True) -> SlideResult:
         started = time.perf_counter()
         streamed = self.streamed if streamed is None else streamed
         slide, spots, thumbnail, downsample, slide_mpp, timer = (
@@ -195,65 +217,103 @@ class Predictor:
             centers = np.asarray(spots.centers_px, dtype=np.float64)
             spot_diameter_px = (spots.spot_diameter_um or VISIUM_SPOT_DIAMETER_UM) / slide_mpp
             uns = self._run_metadata(slide, spots, out_dir=out_dir, spacing_um=spacing_um, streamed=streamed)
-            if streamed:
-                result.outputs, result.engine = self._predict_streamed(
-                    slide, spots, centers, uns, timer, out_dir=out_dir, stem=stem, heatmap_genes=heatmap_genes,
-                    n_heatmaps=n_heatmaps, write_csv=write_csv, thumbnail=thumbnail, downsample=downsample,
-                    spot_diameter_px=spot_diameter_px)
-            else:
-                predictions = self.predict_centers(slide, centers, timer)
-                with timer.stage("write"):
-                    adata = build_anndata(predictions, self.card.genes, spots.ids, centers, spots.columns, uns,
-                                          thumbnail=thumbnail, thumbnail_downsample=downsample,
-                                          spot_diameter_px=spot_diameter_px)
-                    genes = pick_heatmap_genes(predictions, self.card.genes, list(heatmap_genes or []), n_heatmaps)
-                    result.outputs = write_slide_outputs(
-                        Path(out_dir), stem, adata, write_csv=write_csv,
-                        heatmap_genes=genes if n_heatmaps or heatmap_genes else [], thumbnail=thumbnail,
-                        thumbnail_downsample=downsample, spot_diameter_px=spot_diameter_px)
+            staged = StagedOutput(out_dir, stem, self._run_key(slide, spots, centers, streamed))
+            if not overwrite and staged.h5ad.exists():  # finished by another run since the caller looked
+                staged.discard()
+                log.info("%s: %s exists, skipped (overwrite to redo it)", opened.path.name, staged.h5ad.name)
+                return SlideResult(slide=opened.path, skipped=True)
+            try:
+                if streamed:
+                    result.outputs, result.engine = self._predict_streamed(
+                        slide, spots, centers, uns, timer, staged=staged, heatmap_genes=heatmap_genes,
+                        n_heatmaps=n_heatmaps, write_csv=write_csv, thumbnail=thumbnail, downsample=downsample,
+                        spot_diameter_px=spot_diameter_px)
+                else:
+                    predictions = self.predict_centers(slide, centers, timer)
+                    with timer.stage("write"):
+                        adata = build_anndata(predictions, self.card.genes, spots.ids, centers, spots.columns, uns,
+                                              thumbnail=thumbnail, thumbnail_downsample=downsample,
+                                              spot_diameter_px=spot_diameter_px)
+                        genes = pick_heatmap_genes(predictions, self.card.genes, list(heatmap_genes or []),
+                                                   n_heatmaps)
+                        result.outputs = write_slide_outputs(
+                            staged, adata, write_csv=write_csv,
+                            heatmap_genes=genes if n_heatmaps or heatmap_genes else [], thumbnail=thumbnail,
+                            thumbnail_downsample=downsample, spot_diameter_px=spot_diameter_px)
+            finally:
+                staged.discard()  # published or not, the staging folder goes (a no-op once published)
             result.n_spots = len(centers)
             result.mpp, result.mpp_source = slide_mpp, slide.mpp_source
         result.seconds = timer.summary()
         result.wall_seconds = round(time.perf_counter() - started + timer.seconds.get("open", 0.0), 4)
         return result
 
+    def _run_key(self, slide: Slide, spots: Spots, centers: np.ndarray, streamed: bool) -> str:
+        """What decides a slide's predictions: a left-over staging folder is resumed only when it
+        was made with the same key (same checkpoint, slide file, spots and run settings)."""
+        from . import __version__
+
+        stat = slide.path.stat()
+        return run_key({
+            "version": __version__, "checkpoint_sha256": self.checkpoint_sha256,
+            "slide": [str(slide.path.resolve()), stat.st_size, stat.st_mtime_ns, slide.mpp, slide.reader_name],
+            "centers_sha256": hashlib.sha256(np.ascontiguousarray(centers).tobytes()).hexdigest(),
+            "ids_sha256": hashlib.sha256("\n".join(map(str, spots.ids)).encode()).hexdigest(),
+            "backend": self.backend_name, "device": str(self.backend.device), "precision": self.precision,
+            "level_source": self.level_source, "streamed": streamed,
+        })
+
     def _predict_streamed(self, slide: Slide, spots: Spots, centers: np.ndarray, uns: dict, timer: StageTimer, *,
-                          out_dir, stem, heatmap_genes, n_heatmaps, write_csv, thumbnail, downsample,
+                          staged: StagedOutput, heatmap_genes, n_heatmaps, write_csv, thumbnail, downsample,
                           spot_diameter_px):
-        """Predictions streamed from the read plan straight into the ``.h5ad`` (bounded memory)."""
+        """Predictions streamed from the read plan straight into the ``.h5ad`` (bounded memory).
+        A staging folder left by a killed run with the same settings is continued: only the spots
+        it had not written are read and predicted."""
         if heatmap_genes:
             pick_heatmap_genes(np.zeros((0, len(self.card.genes))), self.card.genes, list(heatmap_genes))  # check names
-        with timer.stage("plan"):
-            plan = plan_slide_reads(slide, centers, self.card.level_mpp, self.card.patch_sizes_px,
-                                    level_source=self.level_source, max_memory_mb=self.max_memory_mb)
         with timer.stage("write"):
             skeleton = build_anndata(np.empty((len(centers), 0), dtype=np.float32), [], spots.ids, centers,
                                      spots.columns, uns, thumbnail=thumbnail, thumbnail_downsample=downsample,
                                      spot_diameter_px=spot_diameter_px)
-            writer = ChunkedH5adWriter(Path(out_dir), stem, skeleton, self.card.genes)
+            writer = ChunkedH5adWriter(staged, skeleton, self.card.genes)
             del skeleton
         try:
-            bar = None
-            if self.progress and len(centers) > self.batch_size:
-                from tqdm.auto import tqdm
+            todo = np.flatnonzero(~writer.written)
+            if len(todo) < len(centers):
+                log.info("%s: resuming an interrupted run: %d of %d spots were already predicted",
+                         slide.path.name, len(centers) - len(todo), len(centers))
+            stats: dict = {"spots": len(centers), "resumed_spots": int(len(centers) - len(todo))}
+            if len(todo):
+                with timer.stage("plan"):
+                    plan = plan_slide_reads(slide, centers[todo], self.card.level_mpp, self.card.patch_sizes_px,
+                                            level_source=self.level_source, max_memory_mb=self.max_memory_mb)
 
-                bar = tqdm(total=len(centers), desc=slide.path.name, unit="spot", leave=False)
-            try:
-                run_stream(slide, plan, self.backend, self.card.pixel_mean, self.card.pixel_std, writer.write,
-                           batch_size=self.batch_size, timer=timer, num_threads=self.num_threads,
-                           progress=bar.update if bar else None)
-            finally:
-                if bar is not None:
-                    bar.close()
+                def write_batch(rows: np.ndarray, predictions: np.ndarray) -> None:
+                    self.check_finite(predictions, slide)
+                    writer.write(todo[rows], predictions)
+
+                bar = None
+                if self.progress and len(todo) > self.batch_size:
+                    from tqdm.auto import tqdm
+
+                    bar = tqdm(total=len(todo), desc=slide.path.name, unit="spot", leave=False)
+                try:
+                    run_stream(slide, plan, self.backend, self.card.pixel_mean, self.card.pixel_std, write_batch,
+                               batch_size=self.batch_size, timer=timer, num_threads=self.num_threads,
+                               progress=bar.update if bar else None)
+                finally:
+                    if bar is not None:
+                        bar.close()
+                stats = {**plan.stats(), "resumed_spots": stats["resumed_spots"]}
             with timer.stage("write"):
                 outputs = writer.finish(write_csv=write_csv, heatmap_genes=heatmap_genes, n_heatmaps=n_heatmaps,
                                         thumbnail=thumbnail, thumbnail_downsample=downsample,
                                         spot_diameter_px=spot_diameter_px,
-                                        title_suffix=heatmap_title_suffix(stem, self.card.trained))
+                                        title_suffix=heatmap_title_suffix(staged.stem, self.card.trained))
         except BaseException:
             writer.abort()
             raise
-        return outputs, plan.stats()
+        return outputs, stats
 
     def _warn_on_upsampling(self, slide_path: Path, slide_mpp: float) -> None:
         needed = self.card.level_mpp[0]
@@ -337,6 +397,14 @@ def predict_slides(slides: Iterable[str | os.PathLike], *, model: str | os.PathL
     spots = list(spots) if spots is not None else [None] * len(slides)
     if len(spots) != len(slides):
         raise M2ORTError(f"{len(spots)} spot files given for {len(slides)} slides")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():  # before the model loads: one line, at once
+        raise OutputError("exists and is not a folder (the output must be a folder)", out_dir)
+    stems = [options.get("stem") or path.stem for path in slides]
+    repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if repeated:
+        raise M2ORTError(f"several slides would write {repeated[0]}.h5ad into {out_dir}: slides need distinct "
+                         f"file names (or run them into different --out folders)")
     predictor_keys = {"backend", "device", "precision", "batch_size", "level_source", "num_threads",
                       "progress", "backend_options", "streamed", "max_memory_mb"}
     if isinstance(model, Predictor):
@@ -356,7 +424,7 @@ def predict_slides(slides: Iterable[str | os.PathLike], *, model: str | os.PathL
     results: dict[int, SlideResult] = {}
     for i, slide_path in enumerate(slides):
         stem = run_options["stem"] or slide_path.stem
-        if not overwrite and (Path(out_dir) / f"{stem}.h5ad").exists():
+        if not overwrite and (out_dir / f"{stem}.h5ad").exists():
             log.info("%s: %s.h5ad exists, skipped (overwrite to redo it)", slide_path.name, stem)
             results[i] = SlideResult(slide=slide_path, skipped=True)
         else:
@@ -365,24 +433,31 @@ def predict_slides(slides: Iterable[str | os.PathLike], *, model: str | os.PathL
     def open_one(i):
         return predictor._open_slide(slides[i], spots=spots[i], **open_options)
 
-    with ThreadPoolExecutor(1, thread_name_prefix="m2ort-open") as opener:
-        pending = opener.submit(open_one, todo[0]) if todo else None
-        for k, i in enumerate(todo):
-            future = pending
-            pending = opener.submit(open_one, todo[k + 1]) if k + 1 < len(todo) else None
-            try:
-                results[i] = predictor._predict_opened(future.result(), out_dir=out_dir, **run_options)
-            except M2ORTError as exc:
-                if stop_on_error:
+    created_out_dir = not out_dir.exists()
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="m2ort-open") as opener:
+            pending = opener.submit(open_one, todo[0]) if todo else None
+            for k, i in enumerate(todo):
+                future = pending
+                pending = opener.submit(open_one, todo[k + 1]) if k + 1 < len(todo) else None
+                try:
+                    results[i] = predictor._predict_opened(future.result(), out_dir=out_dir, overwrite=overwrite,
+                                                           **run_options)
+                except M2ORTError as exc:
+                    if stop_on_error:
+                        if pending is not None:
+                            _close_when_opened(pending)
+                        raise
+                    log.error("%s", exc)
+                    results[i] = SlideResult(slide=slides[i], error=str(exc))
+                except BaseException:
                     if pending is not None:
                         _close_when_opened(pending)
                     raise
-                log.error("%s", exc)
-                results[i] = SlideResult(slide=slides[i], error=str(exc))
-            except BaseException:
-                if pending is not None:
-                    _close_when_opened(pending)
-                raise
+    finally:
+        if created_out_dir:  # a run that wrote nothing leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
     return [results[i] for i in range(len(slides))]
 
 

@@ -25,11 +25,11 @@ the needed resolution it reads the next finer one and resizes (bilinear, antiali
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 READERS = ("cucim", "tiffslide", "openslide", "flat")
 MPP_SOURCES = ("metadata", "user", "spot-table", "none")
+# Microns per pixel of any microscope image: 0.01 (beyond any objective) to 100 (a thumbnail).
+MPP_RANGE = (0.01, 100.0)
 # How a spot's coarser inputs are made: read from the pyramid, or resized from the first input.
 LEVEL_SOURCES = ("pyramid", "resize")
 # Levels whose mpp is within this fraction of a target count as that resolution (pyramid level
@@ -50,6 +52,8 @@ LEVEL_SOURCES = ("pyramid", "resize")
 MPP_TOLERANCE = 0.01
 # The flat reader keeps the whole image in memory (3 bytes per pixel); refuse absurd sizes.
 FLAT_MAX_PIXELS = 2_000_000_000
+# Decoding a flat image holds about this many copies of its pixels at once (the decoder's and ours).
+FLAT_DECODE_COPIES = 2
 # Thumbnails of huge single-level images are built from bands of this many rows/columns.
 THUMBNAIL_CHUNK_PX = 4096
 NO_MPP_MESSAGE = "no mpp metadata; pass --mpp"
@@ -79,8 +83,13 @@ class Slide:
         self._set_downsamples([((width0_px / w) + (height0_px / h)) / 2 for w, h in self.level_dimensions])
         self.mpp: float | None = None
         self.mpp_source = "none"
-        if mpp is not None:
+        if mpp is not None and MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
             self.set_mpp(mpp, "metadata")
+        elif mpp is not None:
+            log.warning("%s: ignoring its metadata's mpp of %g um/px (outside %g..%g um/px); pass --mpp",
+                        self.path.name, mpp, *MPP_RANGE)
+        # Checks tile data before the reader decodes it (TIFF-based slides; see _TileVerifier).
+        self.tile_verifier: _TileVerifier | None = None
 
     def _set_downsamples(self, reader_downsamples: Sequence[float]) -> None:
         # Levels are made by whole-number reductions and their sizes rounded down (9911 px / 2 ->
@@ -101,6 +110,9 @@ class Slide:
             raise ValueError(f"mpp source must be one of {MPP_SOURCES}, not {source!r}")
         if not (mpp is not None and math.isfinite(mpp) and mpp > 0):
             raise SlideError(f"mpp must be a positive number of microns per pixel, not {mpp!r}", self.path)
+        if not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
+            raise SlideError(f"mpp {mpp:g} um/px ({source}) is outside {MPP_RANGE[0]:g}..{MPP_RANGE[1]:g} um/px, "
+                             f"the range of microscope images", self.path)
         self.mpp = float(mpp)
         self.mpp_source = source
 
@@ -160,6 +172,8 @@ class Slide:
         inside = ((top_left_px >= 0).all(axis=1) & (top_left_px[:, 0] + size_px <= level_w)
                   & (top_left_px[:, 1] + size_px <= level_h))
         if inside.any():
+            if self.tile_verifier is not None:
+                self.tile_verifier.verify_squares(level, top_left_px[inside], size_px)
             try:
                 out[inside] = self._read_level_batch(level, top_left_px[inside], size_px)
             except SlideError:
@@ -199,7 +213,8 @@ class Slide:
 
     # -- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:
-        pass
+        if self.tile_verifier is not None:
+            self.tile_verifier.close()
 
     def __enter__(self) -> "Slide":
         return self
@@ -218,6 +233,8 @@ class Slide:
         return np.stack([self._read_level(level, int(x), int(y), size_px, size_px) for x, y in top_left_px])
 
     def _guarded_read(self, level: int, x_px: int, y_px: int, width_px: int, height_px: int) -> np.ndarray:
+        if self.tile_verifier is not None:
+            self.tile_verifier.verify_region(level, x_px, y_px, width_px, height_px)
         try:
             return self._read_level(level, x_px, y_px, width_px, height_px)
         except SlideError:
@@ -306,6 +323,7 @@ class CuCIMSlide(Slide):
 
     def close(self):
         self._image.close()
+        super().close()
 
 
 def _cucim_device() -> str:
@@ -343,6 +361,7 @@ class TiffSlideSlide(Slide):
 
     def close(self):
         self._slide.close()
+        super().close()
 
 
 class OpenSlideSlide(Slide):
@@ -366,15 +385,19 @@ class OpenSlideSlide(Slide):
 
     def close(self):
         self._slide.close()
+        super().close()
 
 
 class FlatSlide(Slide):
-    """A flat image decoded once into memory: one level; reads are numpy slices."""
+    """A flat image decoded once into memory: one level; reads are numpy slices.
+
+    ``max_decoded_mb``: refuse (before decoding) an image whose pixels alone exceed it; a flat
+    image cannot be decoded in parts, so this is how a memory bound holds for it."""
 
     reader_name = "flat"
 
-    def __init__(self, path: Path):
-        image, vendor, mpp = _decode_flat(path)
+    def __init__(self, path: Path, *, max_decoded_mb: float | None = None):
+        image, vendor, mpp = _decode_flat(path, max_decoded_mb)
         self.image = image  # (H, W, 3) uint8
         super().__init__(path, vendor, [(image.shape[1], image.shape[0])], mpp)
 
@@ -388,22 +411,29 @@ class FlatSlide(Slide):
 
     def close(self):
         self.image = None
+        super().close()
 
 
-_OPENERS: dict[str, Callable[[Path], Slide]] = {
+_OPENERS: dict[str, Callable[..., Slide]] = {
     "cucim": CuCIMSlide, "tiffslide": TiffSlideSlide, "openslide": OpenSlideSlide, "flat": FlatSlide,
 }
+# Options only some readers take (the others are opened without them).
+_READER_OPTIONS = {"flat": ("max_decoded_mb",)}
 
 
 # --------------------------------------------------------------------------------------------
 # Opening
 
 
-def open_slide(path: str | os.PathLike, *, mpp: float | None = None, reader: str = "auto") -> Slide:
+def open_slide(path: str | os.PathLike, *, mpp: float | None = None, reader: str = "auto",
+               max_decoded_mb: float | None = None, verify_tiles: bool = True) -> Slide:
     """Open a slide (pyramidal TIFF/SVS/other OpenSlide formats) or a flat image.
 
     ``reader``: "auto" (cuCIM, else tiffslide, else OpenSlide; flat images: "flat") or one of
     READERS. ``mpp`` overrides the level-0 microns per pixel of the metadata (source "user").
+    ``max_decoded_mb``: a flat image (decoded whole) larger than this is refused before decoding.
+    ``verify_tiles``: check each tile of a TIFF-based slide with a strict decoder before the
+    reader decodes it (readers print or ignore some decoder errors and return wrong pixels).
     Raises SlideError (one line naming the file) for a missing, unrecognised or damaged file.
     """
     path = Path(path)
@@ -422,21 +452,31 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, reader: str
         raise SlideError("empty file, not a slide or image", path)
     is_tiff = header[:4] in _TIFF_MAGICS
     tiff_levels = _check_tiff(path) if is_tiff else None
+    options = {"max_decoded_mb": max_decoded_mb}
 
     if reader != "auto":
-        slide = _open_with(reader, path)
+        slide = _open_with(reader, path, options)
         if tiff_levels is not None and slide.level_count < tiff_levels:
             log.warning("%s: the %s reader sees %d of the file's %d pyramid levels", path.name, reader,
                         slide.level_count, tiff_levels)
     else:
-        slide = _open_auto(path, is_tiff, tiff_levels)
-    if mpp is not None:
-        slide.set_mpp(mpp, "user")
+        slide = _open_auto(path, is_tiff, tiff_levels, options)
+    try:
+        if is_tiff and verify_tiles and slide.reader_name != "flat":  # the flat reader verifies as it decodes
+            slide.tile_verifier = _TileVerifier.for_slide(path, slide.level_dimensions)
+        if mpp is not None:
+            if slide.mpp is not None and abs(slide.mpp - mpp) > MPP_TOLERANCE * slide.mpp:
+                log.warning("%s: --mpp %g overrides the slide's own %g um/px (%s)", path.name, mpp, slide.mpp,
+                            slide.mpp_source)
+            slide.set_mpp(mpp, "user")
+    except BaseException:
+        slide.close()
+        raise
     log.debug("opened %r", slide)
     return slide
 
 
-def _open_auto(path: Path, is_tiff: bool, tiff_levels: int | None) -> Slide:
+def _open_auto(path: Path, is_tiff: bool, tiff_levels: int | None, options: dict) -> Slide:
     if is_tiff:
         order = ["cucim", "tiffslide", "openslide"] + (["flat"] if tiff_levels == 1 else [])
     elif _pil_recognises(path):
@@ -446,7 +486,7 @@ def _open_auto(path: Path, is_tiff: bool, tiff_levels: int | None) -> Slide:
     failures = []
     for name in order:
         try:
-            slide = _open_with(name, path)
+            slide = _open_with(name, path, options)
         except SlideError as exc:
             failures.append(f"{name}: {str(exc).removeprefix(f'{path}: ')}")
             continue
@@ -462,9 +502,10 @@ def _open_auto(path: Path, is_tiff: bool, tiff_levels: int | None) -> Slide:
     raise SlideError(f"no reader could open it ({'; '.join(failures)})", path)
 
 
-def _open_with(reader: str, path: Path) -> Slide:
+def _open_with(reader: str, path: Path, options: dict | None = None) -> Slide:
+    kwargs = {k: v for k, v in (options or {}).items() if k in _READER_OPTIONS.get(reader, ())}
     try:
-        return _OPENERS[reader](path)
+        return _OPENERS[reader](path, **kwargs)
     except SlideError:
         raise
     except ImportError as exc:
@@ -498,6 +539,9 @@ def _check_tiff(path: Path) -> int:
             if not tif.series:
                 raise SlideError("TIFF without images", path)
             levels = tif.series[0].levels
+            samples = levels[0].keyframe.samplesperpixel
+            if samples < 3:
+                raise SlideError(f"grayscale image ({samples} sample per pixel): the model needs an RGB H&E slide", path)
             for level in levels:
                 for page in level.pages:
                     if page is None:
@@ -514,6 +558,124 @@ def _check_tiff(path: Path) -> int:
         raise SlideError(f"damaged or truncated TIFF: {exception_detail(exc)}", path) from None
 
 
+class _TileVerifier:
+    """Checks a TIFF's tile (or strip) data with a strict decoder before a reader decodes it.
+
+    The readers do not all fail on damaged data: cuCIM prints libjpeg's errors to stdout and
+    returns the pixels it made of them; libjpeg's "corrupt data" warnings are ignored by cuCIM,
+    tiffslide (imagecodecs) and OpenSlide alike. Each tile a read touches is decoded once here:
+    JPEG by libjpeg-turbo in strict mode (warnings are errors) at 1/8 scale (the entropy data,
+    where damage shows, is decoded in full; the inverse DCT mostly skipped), other compressions
+    by tifffile's own codecs. A damaged tile is a SlideError naming the level and the tile.
+    Damage a decoder cannot see (JPEG has no checksum) stays unseen, by this and by every reader.
+    """
+
+    def __init__(self, path: Path, levels: list[dict | None]):
+        self.path = path
+        self.levels = levels  # per slide level: geometry and segment table of the TIFF level, or None
+        self._fd = os.open(path, os.O_RDONLY)
+
+    @classmethod
+    def for_slide(cls, path: Path, level_dimensions: Sequence[tuple[int, int]]) -> "_TileVerifier":
+        """Match the slide's levels to the TIFF's by size (a level no TIFF level matches is not checked)."""
+        import tifffile
+
+        by_size: dict = {}
+        try:
+            with tifffile.TiffFile(path) as tif:
+                for series in tif.series:
+                    for level in series.levels:
+                        page = level.keyframe
+                        size = (page.imagewidth, page.imagelength)
+                        if size in by_size or page.planarconfig == 2:  # separate planes: not checked
+                            continue
+                        tile_w, tile_h = ((page.tilewidth, page.tilelength) if page.is_tiled
+                                          else (page.imagewidth, page.rowsperstrip or page.imagelength))
+                        tile_h = min(tile_h, page.imagelength)
+                        offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+                        counts = np.asarray(page.databytecounts, dtype=np.int64)
+                        if tile_w < 1 or tile_h < 1 or len(offsets) != len(counts) or len(offsets) < (
+                                -(-page.imagewidth // tile_w) * -(-page.imagelength // tile_h)):
+                            raise SlideError(f"damaged TIFF: the {size[0]}x{size[1]} px level's tile tables do "
+                                             f"not match its size", path)
+                        by_size[size] = {
+                            "page": page, "tile_w": tile_w, "tile_h": tile_h, "across": -(-page.imagewidth // tile_w),
+                            "offsets": offsets, "counts": counts, "jpeg": page.compression == 7,
+                            "tables": page.jpegtables, "checked": np.zeros(len(offsets), dtype=bool)}
+        except SlideError:
+            raise
+        except Exception as exc:
+            raise SlideError(f"damaged or truncated TIFF: {exception_detail(exc)}", path) from None
+        return cls(path, [by_size.get((int(w), int(h))) for w, h in level_dimensions])
+
+    def verify_region(self, level: int, x_px: int, y_px: int, width_px: int, height_px: int) -> None:
+        """Check the tiles under a rectangle of ``level`` (pixels of that level, inside it)."""
+        geometry = self.levels[level] if level < len(self.levels) else None
+        if geometry is None or width_px <= 0 or height_px <= 0:
+            return
+        tile_w, tile_h = geometry["tile_w"], geometry["tile_h"]
+        cols = np.arange(x_px // tile_w, (x_px + width_px - 1) // tile_w + 1)
+        rows = np.arange(y_px // tile_h, (y_px + height_px - 1) // tile_h + 1)
+        self._verify(level, (rows[:, None] * geometry["across"] + cols[None, :]).ravel())
+
+    def verify_squares(self, level: int, top_left_px: np.ndarray, size_px: int) -> None:
+        """Check the tiles under squares of side ``size_px`` at ``top_left_px`` ((N, 2) x, y)."""
+        geometry = self.levels[level] if level < len(self.levels) else None
+        if geometry is None or len(top_left_px) == 0:
+            return
+        tile_w, tile_h = geometry["tile_w"], geometry["tile_h"]
+        first = top_left_px // np.array([tile_w, tile_h])
+        last = (top_left_px + size_px - 1) // np.array([tile_w, tile_h])
+        spans = (last - first).max(axis=0) + 1
+        indices = [np.minimum(first[:, 1] + dy, last[:, 1]) * geometry["across"] + np.minimum(first[:, 0] + dx, last[:, 0])
+                   for dy in range(spans[1]) for dx in range(spans[0])]
+        self._verify(level, np.unique(np.concatenate(indices)))
+
+    def _verify(self, level: int, indices: np.ndarray) -> None:
+        geometry = self.levels[level]
+        indices = indices[(indices >= 0) & (indices < len(geometry["checked"]))]
+        for index in indices[~geometry["checked"][indices]]:
+            offset, count = int(geometry["offsets"][index]), int(geometry["counts"][index])
+            if count:  # 0 bytes: a tile never written, which readers show as empty
+                data = os.pread(self._fd, count, offset)
+                where = (f"level {level}, tile {index} (column {index % geometry['across']}, "
+                         f"row {index // geometry['across']}) at byte {offset}")
+                if len(data) != count:
+                    raise SlideError(f"truncated tile data in {where}", self.path)
+                self._decode(geometry, int(index), data, where)
+            geometry["checked"][index] = True
+
+    def _decode(self, geometry: dict, index: int, data: bytes, where: str) -> None:
+        if geometry["jpeg"]:
+            tables = geometry["tables"]
+            if tables and data[:2] == b"\xff\xd8":  # abbreviated tile: splice in the shared tables
+                data = tables[:-2] + data[2:]
+            _verify_jpeg(data, self.path, where)
+            return
+        try:
+            geometry["page"].decode(data, index, jpegtables=geometry["tables"])
+        except Exception as exc:
+            raise SlideError(f"corrupt tile data in {where}: {exception_detail(exc)}", self.path) from None
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _verify_jpeg(data: bytes, path: Path, where: str) -> None:
+    """SlideError unless libjpeg-turbo decodes ``data`` without an error or a warning (1/8 scale)."""
+    import simplejpeg
+
+    try:
+        _, _, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in ("Gray", "YCbCr", "RGB"):  # CMYK/YCCK: no RGB conversion to check with
+            return
+        simplejpeg.decode_jpeg(data, colorspace="rgb", min_factor=8, strict=True)
+    except ValueError as exc:
+        raise SlideError(f"corrupt JPEG data in {where}: {exception_detail(exc)}", path) from None
+
+
 def _ifd_chain_runs_past(path: Path, file_size: int) -> bool:
     """Whether the TIFF's chain of image directories (IFDs) points past the end of the file or
     loops: the sign of a cut-off file, which tifffile only logs and cuCIM/OpenSlide silently
@@ -522,6 +684,8 @@ def _ifd_chain_runs_past(path: Path, file_size: int) -> bool:
 
     with open(path, "rb") as f:
         head = f.read(16)
+        if len(head) < 16:  # not even a whole header (a classic one is 8 bytes, then its first IFD)
+            return True
         order = "<" if head[:2] == b"II" else ">"
         if head[2:4] == struct.pack(order + "H", 43):  # BigTIFF
             count_fmt, entry_bytes, offset_fmt, offset = "Q", 20, "Q", struct.unpack(order + "Q", head[8:16])[0]
@@ -561,11 +725,14 @@ def _resolution_mpp(page) -> float | None:
     tags = page.tags
     if "XResolution" not in tags or "ResolutionUnit" not in tags:
         return None
-    numerator, denominator = tags["XResolution"].value
-    pixels_per_unit = numerator / denominator if denominator else 0
-    if pixels_per_unit <= 0:
+    try:  # damaged tags (a string where a number belongs...) mean no mpp, not a crash
+        numerator, denominator = (float(v) for v in tags["XResolution"].value)
+        pixels_per_unit = numerator / denominator if denominator else 0
+        unit = int(tags["ResolutionUnit"].value)
+    except (TypeError, ValueError, OverflowError):
         return None
-    unit = int(tags["ResolutionUnit"].value)
+    if not (math.isfinite(pixels_per_unit) and pixels_per_unit > 0):
+        return None
     if unit == 3:  # centimetre
         return 1e4 / pixels_per_unit
     if unit == 2:  # inch: trust it only at microscope scale; 72/96/300 dpi are editors' defaults
@@ -593,7 +760,7 @@ def require_mpp(slide: Slide) -> float:
 # Flat images
 
 
-@contextmanager
+@contextlib.contextmanager
 def _large_images_allowed():
     # PIL refuses images over ~89 Mpx as "decompression bombs"; a her2st section is ~92 Mpx.
     # Our own limit (FLAT_MAX_PIXELS) is checked before decoding.
@@ -605,16 +772,21 @@ def _large_images_allowed():
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def _decode_flat(path: Path) -> tuple[np.ndarray, str, float | None]:
-    """Decode a whole flat image: ((H, W, 3) uint8 RGB, vendor, mpp or None)."""
+def _decode_flat(path: Path, max_decoded_mb: float | None = None) -> tuple[np.ndarray, str, float | None]:
+    """Decode a whole flat image: ((H, W, 3) uint8 RGB, vendor, mpp or None). Its size is checked
+    against ``max_decoded_mb`` and the memory available, and its data with a strict decoder,
+    before the full decode."""
     with open(path, "rb") as f:
         is_tiff = f.read(4) in _TIFF_MAGICS
     if is_tiff:
-        return _decode_flat_tiff(path)
+        return _decode_flat_tiff(path, max_decoded_mb)
     try:
         with _large_images_allowed(), Image.open(path) as image:
-            _check_flat_size(path, image.width, image.height)
+            _check_flat_size(path, image.width, image.height, max_decoded_mb)
+            _check_rgb_mode(path, image.mode)
             vendor = (image.format or "image").lower()
+            if image.format == "JPEG":
+                _verify_jpeg(path.read_bytes(), path, "the image")
             image.load()
             rgb = _pil_to_rgb(image)
     except SlideError:
@@ -626,14 +798,16 @@ def _decode_flat(path: Path) -> tuple[np.ndarray, str, float | None]:
     return rgb, vendor, None
 
 
-def _decode_flat_tiff(path: Path) -> tuple[np.ndarray, str, float | None]:
+def _decode_flat_tiff(path: Path, max_decoded_mb: float | None = None) -> tuple[np.ndarray, str, float | None]:
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.series[0].levels[0].keyframe
-            if page.imagelength * page.imagewidth > FLAT_MAX_PIXELS:
-                _check_flat_size(path, page.imagewidth, page.imagelength)
+            _check_flat_size(path, page.imagewidth, page.imagelength, max_decoded_mb)
+            verifier = _TileVerifier.for_slide(path, [(page.imagewidth, page.imagelength)])
+            with contextlib.closing(verifier):
+                verifier.verify_region(0, 0, 0, page.imagewidth, page.imagelength)
             pixels = tif.series[0].levels[0].asarray()
             mpp = _resolution_mpp(page)
     except SlideError:
@@ -645,24 +819,64 @@ def _decode_flat_tiff(path: Path) -> tuple[np.ndarray, str, float | None]:
     return _as_rgb(pixels, path), "tiff", mpp
 
 
-def _check_flat_size(path: Path, width_px: int, height_px: int) -> None:
+def _check_flat_size(path: Path, width_px: int, height_px: int, max_decoded_mb: float | None = None) -> None:
+    """Refuse, before decoding, a flat image too large for the limit, the bound asked for, or the
+    memory this machine has available (the header can claim any size: a 600-byte file once
+    claimed 30000 x 30000 px)."""
+    convert_hint = "convert it to a tiled pyramidal TIFF (m2ort-fast convert), which is read in parts"
     if width_px * height_px > FLAT_MAX_PIXELS:
         raise SlideError(f"{width_px}x{height_px} px is too large to decode into memory "
                          f"(limit {FLAT_MAX_PIXELS / 1e6:.0f} Mpx); use a tiled pyramidal TIFF", path)
+    decoded_bytes = width_px * height_px * 3
+    if max_decoded_mb is not None and decoded_bytes > max_decoded_mb * 2**20:
+        raise SlideError(f"a flat image is decoded whole: its {width_px}x{height_px} px need "
+                         f"{decoded_bytes / 2**20:.0f} MB, over the memory bound of {max_decoded_mb:g} MB "
+                         f"(--max-memory-mb); raise the bound or {convert_hint}", path)
+    available = available_memory_bytes()
+    needed = decoded_bytes * FLAT_DECODE_COPIES
+    if available is not None and needed > available:
+        raise SlideError(f"decoding its {width_px}x{height_px} px needs about {needed / 2**30:.1f} GiB, and "
+                         f"{available / 2**30:.1f} GiB of memory is available; {convert_hint}", path)
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the kernel says a new allocation can get (MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+# PIL modes that carry no colour: an H&E model cannot use them.
+_GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def _check_rgb_mode(path: Path, mode: str) -> None:
+    if mode in _GRAYSCALE_MODES:
+        raise SlideError(f"grayscale image (mode {mode}): the model needs an RGB H&E image", path)
 
 
 def _pil_to_rgb(image: Image.Image) -> np.ndarray:
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = np.asarray(image.convert("RGBA"))
         return _composite_on_white(rgba)
+    if image.mode == "RGB":  # no converted copy: a decoded section is ~280 MB
+        return np.asarray(image)
     return np.asarray(image.convert("RGB"))
 
 
 def _as_rgb(pixels: np.ndarray, path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 from grey, RGB or RGBA (transparent areas become white)."""
+    """(H, W, 3) uint8 from RGB or RGBA (transparent areas become white); grayscale is refused."""
     pixels = np.asarray(pixels)
-    if pixels.ndim == 2:
-        return np.repeat(pixels[..., None], 3, axis=2)
+    if pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] in (1, 2)):
+        raise SlideError("grayscale image: the model needs an RGB H&E image", path)
     if pixels.ndim == 3 and pixels.shape[2] == 3:
         return np.ascontiguousarray(pixels)
     if pixels.ndim == 3 and pixels.shape[2] == 4:

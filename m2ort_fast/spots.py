@@ -143,6 +143,9 @@ def _read_table(path: Path, *, header: int | None = 0) -> pd.DataFrame:
 
 
 def _require_columns(table: pd.DataFrame, needed, path: Path, what: str) -> None:
+    repeated = [c for c in needed if list(table.columns).count(c) > 1]
+    if repeated:  # the header names a column twice: which one holds the coordinates?
+        raise SpotsError(f"column {repeated[0]!r} appears more than once in the header", path)
     missing = [c for c in needed if c not in table.columns]
     if missing:
         found = ", ".join(map(str, table.columns[:12])) + (", ..." if len(table.columns) > 12 else "")
@@ -250,12 +253,13 @@ def _load_csv(path: Path) -> Spots:
     if pair is None:
         options = " or ".join(f"{x},{y}" for x, y in CSV_COORDINATE_COLUMNS)
         _require_columns(table, [f"{options} (level-0 px)"], path, "CSV of spot centres")
-    if table.empty:
-        raise SpotsError("no spots in the table", path)
-    centers = np.stack([_numeric(table, pair[0], path), _numeric(table, pair[1], path)], 1)
     id_column = next((by_lower[c] for c in CSV_ID_COLUMNS if c in by_lower), None)
     if id_column is None and table.columns[0] in ("", "Unnamed: 0"):  # a pandas index written by to_csv
         id_column = table.columns[0]
+    _require_columns(table, [*pair, *([id_column] if id_column else [])], path, "CSV of spot centres")
+    if table.empty:
+        raise SpotsError("no spots in the table", path)
+    centers = np.stack([_numeric(table, pair[0], path), _numeric(table, pair[1], path)], 1)
     ids = table[id_column].str.strip().tolist() if id_column else [str(i) for i in range(len(table))]
     extra = [c for c in table.columns if c not in (*pair, id_column)]
     columns = pd.DataFrame({c: _maybe_numeric(table[c]) for c in extra})

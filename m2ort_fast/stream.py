@@ -29,11 +29,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import shutil
-import tempfile
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -419,95 +416,3 @@ def run_stream(slide: Slide, plan: ReadPlan, backend, mean: Sequence[float], std
     if errors:
         raise errors[0]
     return stats
-
-
-# --------------------------------------------------------------------------------------------
-# Output: predictions straight into the .h5ad, in row chunks
-
-
-class ChunkedH5adWriter:
-    """Writes a slide's ``.h5ad`` while its predictions arrive, in bounded memory.
-
-    The file is first written by anndata with everything but X (obs, obsm, uns: from
-    ``build_anndata`` with an empty gene axis), then X (n_spots, n_genes) float32 is created in
-    row chunks and filled as batches arrive (in any row order). Per-gene sums give the variances
-    that pick the heatmap genes. ``finish`` writes the CSV and heatmaps from the file in row
-    chunks and renames everything into place, the ``.h5ad`` last (as outputs.write_slide_outputs).
-    """
-
-    ROWS_PER_CHUNK = 4096
-
-    def __init__(self, out_dir: Path, stem: str, skeleton, genes: Sequence[str]):
-        import h5py
-        import pandas as pd
-        from anndata.io import write_elem
-
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.stem = stem
-        self.genes = list(genes)
-        self.n_spots = skeleton.n_obs
-        self.ids = [str(name) for name in skeleton.obs_names]
-        self.staging = Path(tempfile.mkdtemp(prefix=f".{stem}.partial-", dir=self.out_dir))
-        self.h5ad = self.staging / f"{stem}.h5ad"
-        skeleton.write_h5ad(self.h5ad)
-        self.file = h5py.File(self.h5ad, "r+")
-        del self.file["X"], self.file["var"]
-        write_elem(self.file, "var", pd.DataFrame(index=pd.Index(self.genes, name="gene")))
-        chunk_rows = max(1, min(self.n_spots, max(1, 2**20 // (4 * max(len(self.genes), 1)))))
-        self.X = self.file.create_dataset("X", (self.n_spots, len(self.genes)), dtype=np.float32,
-                                          chunks=(chunk_rows, max(len(self.genes), 1)) if self.n_spots else None)
-        self.X.attrs["encoding-type"] = "array"
-        self.X.attrs["encoding-version"] = "0.2.0"
-        self.written = np.zeros(self.n_spots, dtype=bool)
-        self.sum = np.zeros(len(self.genes), dtype=np.float64)
-        self.sum_sq = np.zeros(len(self.genes), dtype=np.float64)
-
-    def write(self, spots: np.ndarray, predictions: np.ndarray) -> None:
-        order = np.argsort(spots, kind="stable")  # h5py writes rows in increasing order
-        self.X[spots[order]] = predictions[order]
-        self.written[spots] = True
-        values = predictions.astype(np.float64)
-        self.sum += values.sum(axis=0)
-        self.sum_sq += (values * values).sum(axis=0)
-
-    def gene_variance(self) -> np.ndarray:
-        n = max(self.n_spots, 1)
-        mean = self.sum / n
-        return np.maximum(self.sum_sq / n - mean * mean, 0.0)
-
-    def finish(self, *, write_csv: bool, heatmap_genes: Sequence[str] | None, n_heatmaps: int,
-               thumbnail: np.ndarray | None, thumbnail_downsample: float, spot_diameter_px: float,
-               title_suffix: str):
-        from .outputs import pick_heatmap_genes, publish_staged, write_csv_rows, write_heatmaps
-
-        if not self.written.all():
-            raise RuntimeError(f"{int((~self.written).sum())} spots have no prediction")
-        if heatmap_genes:
-            genes = pick_heatmap_genes(np.zeros((0, len(self.genes))), self.genes, list(heatmap_genes))
-        else:
-            genes = [self.genes[i] for i in np.argsort(-self.gene_variance(), kind="stable")[:n_heatmaps]]
-        columns = [self.genes.index(g) for g in genes]
-        heat_values = np.empty((self.n_spots, len(columns)), dtype=np.float32)
-        centers = self.file["obsm"]["spatial"][:]
-        ids = self.ids
-        csv_path = self.staging / f"{self.stem}.csv"
-        for start in range(0, self.n_spots, self.ROWS_PER_CHUNK):
-            rows = self.X[start:start + self.ROWS_PER_CHUNK]
-            heat_values[start:start + len(rows)] = rows[:, columns]
-            if write_csv:
-                write_csv_rows(csv_path, rows, ids[start:start + len(rows)], self.genes,
-                               centers[start:start + len(rows)], append=start > 0)
-        self.file.close()
-        if genes and thumbnail is not None:
-            write_heatmaps(self.staging / f"{self.stem}_heatmaps", genes, heat_values, centers, thumbnail,
-                           thumbnail_downsample, spot_diameter_px, title_suffix)
-        outputs = publish_staged(self.staging, self.out_dir, self.stem, genes)
-        self.abort()
-        return outputs
-
-    def abort(self) -> None:
-        """Close and remove the staging folder (an interrupted slide leaves no output)."""
-        with contextlib.suppress(Exception):
-            self.file.close()
-        shutil.rmtree(self.staging, ignore_errors=True)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from . import metrics as M
 from .errors import M2ORTError
+from .options import non_negative_int, positive_float, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -477,15 +478,15 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--split", choices=["explicit", "random"], default=None,
                    help="random: the spec's 60/10/30 split by slide with --seed")
     p.add_argument("--variant", default=None, help="tiny, small, base or large")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-spots", type=int, default=None, help="use at most this many spots per section (quick tests)")
+    p.add_argument("--epochs", type=positive_int, default=None)
+    p.add_argument("--lr", type=positive_float, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=None)
+    p.add_argument("--seed", type=non_negative_int, default=None)
+    p.add_argument("--max-spots", type=positive_int, default=None, help="use at most this many spots per section (quick tests)")
     p.add_argument("--out", default=None, help="run folder (checkpoints, metrics, resume file)")
     p.add_argument("--cache-dir", default=None, help="patch cache folder (default ~/.cache/m2ort-fast/patches)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its resume.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_train)

@@ -43,6 +43,30 @@ def tissue_pixels(size_px: int = 2048, real: bool = True) -> np.ndarray:
     return synthetic_tissue(size_px)
 
 
+def mean_abs_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int16) - b).mean())
+
+
+def jpeg_error_bound(image: np.ndarray, quality: int) -> float:
+    """What JPEG itself costs these pixels: the mean absolute error of one encode/decode at
+    ``quality`` by the codec tifffile writes tiles with (imagecodecs' libjpeg), plus 5% for the
+    tile edges. A correct pyramid level meets it whatever the pixels (q90: ~3.4 on real tissue,
+    ~6.1 on the synthetic tissue's per-pixel noise); an image shifted by one pixel does not
+    (checked by :func:`assert_within_jpeg_error`)."""
+    import imagecodecs
+
+    decoded = imagecodecs.jpeg8_decode(imagecodecs.jpeg8_encode(image, level=quality))
+    return 1.05 * mean_abs_error(decoded, image) + 0.1
+
+
+def assert_within_jpeg_error(decoded: np.ndarray, image: np.ndarray, quality: int) -> None:
+    """``decoded`` is ``image`` up to JPEG at ``quality``; the bound is also checked to reject a
+    one-pixel shift of ``image``, so that it can fail where it should."""
+    bound = jpeg_error_bound(image, quality)
+    assert mean_abs_error(decoded, image) <= bound, (mean_abs_error(decoded, image), bound)
+    assert mean_abs_error(np.roll(image, 1, axis=1), image) > bound, "the bound would not see a shifted image"
+
+
 def synthetic_tissue(size_px: int = 2048, seed: int = 0) -> np.ndarray:
     """Tissue-like pixels: smooth pink stroma blobs with purple nuclei on a white background."""
     rng = np.random.default_rng(seed)

@@ -64,7 +64,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """'auto' -> cuda when there is one, else cpu; a cuda device asked for without CUDA is an error."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise M2ORTError(f"unknown device {device!r} (use cpu, cuda, cuda:N or auto)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise M2ORTError(f"device {device} is not supported (use cpu, cuda, cuda:N or auto)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise M2ORTError(f"device {device} asked for, but this machine has no CUDA GPU (use --device cpu)")
     return device
