@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import M2ORTError
+from ..options import device_name
 
 FORMATS = ("onnx", "aoti", "tensorrt")
 SUFFIXES = {"onnx": ".onnx", "aoti": ".pt2", "tensorrt": ".plan"}
@@ -29,7 +30,8 @@ def add_subcommands(subparsers) -> None:
                    help="default: fp32 (onnx, aoti on the CPU), bf16 (aoti on a GPU), fp16 (tensorrt)")
     p.add_argument("--batch-profile", default="1,64,256", metavar="MIN,OPT,MAX",
                    help="batch sizes compiled for (aoti, tensorrt; default %(default)s); ONNX takes any batch")
-    p.add_argument("--device", default="auto", help="device to compile for (aoti, tensorrt): cpu, cuda, cuda:N, auto")
+    p.add_argument("--device", type=device_name, default="auto",
+                   help="device to compile for (aoti, tensorrt): cpu, cuda, cuda:N, auto")
     p.add_argument("--no-kernels", action="store_true",
                    help="aoti on CUDA: let Inductor compile the encoder blocks instead of embedding our Triton kernels")
     p.set_defaults(func=run_export)

@@ -301,7 +301,10 @@ class StagedOutput:
     def _lock(self) -> int:
         for _ in range(5):
             self.folder.mkdir(exist_ok=True)
-            fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # removed by a run finishing just now: make it again
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
