@@ -76,8 +76,10 @@ def add_predict(subparsers) -> None:
 
 
 def run_predict(args) -> int:
+    from .outputs import check_out_dir
     from .predict import DEMO_SLIDE, DEMO_SPOTS, predict_slides
 
+    check_out_dir(args.out)
     slides, spots = list(args.slides), args.spots
     if args.slide_list:
         slides += _read_slide_list(args.slide_list)

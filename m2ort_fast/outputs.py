@@ -203,11 +203,18 @@ def publish_staged(staging: Path, out_dir: Path, stem: str, heatmap_genes: list[
 # The output folder, its errors, and the per-slide staging folder
 
 
-def ensure_out_dir(out_dir: str | os.PathLike) -> Path:
-    """The output folder, created if needed; OutputError (one line) when it cannot be."""
+def check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """OutputError (one line) when ``out_dir`` names something that is not a folder; checked
+    before any work, so a wrong ``--out`` costs nothing."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError("exists and is not a folder (the output must be a folder)", out_dir)
+    return out_dir
+
+
+def ensure_out_dir(out_dir: str | os.PathLike) -> Path:
+    """The output folder, created if needed; OutputError (one line) when it cannot be."""
+    out_dir = check_out_dir(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -29,9 +29,9 @@ import torch
 from . import _core
 from .backends import make_backend
 from .checkpoint import ModelCard, file_sha256, load_checkpoint
-from .errors import M2ORTError, OutputError, SpotsError
-from .outputs import (ChunkedH5adWriter, SlideOutputs, StagedOutput, build_anndata, heatmap_title_suffix,
-                      pick_heatmap_genes, run_key, write_slide_outputs)
+from .errors import M2ORTError, SpotsError
+from .outputs import (ChunkedH5adWriter, SlideOutputs, StagedOutput, build_anndata, check_out_dir,
+                      heatmap_title_suffix, pick_heatmap_genes, run_key, write_slide_outputs)
 from .profiling import StageTimer
 from .slide import Slide, open_slide, read_spot_patches, require_mpp
 from .spots import Spots, check_spots_inside, grid_spots, load_spots
@@ -397,9 +397,7 @@ def predict_slides(slides: Iterable[str | os.PathLike], *, model: str | os.PathL
     spots = list(spots) if spots is not None else [None] * len(slides)
     if len(spots) != len(slides):
         raise M2ORTError(f"{len(spots)} spot files given for {len(slides)} slides")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():  # before the model loads: one line, at once
-        raise OutputError("exists and is not a folder (the output must be a folder)", out_dir)
+    out_dir = check_out_dir(out_dir)  # before the model loads: one line, at once
     stems = [options.get("stem") or path.stem for path in slides]
     repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
     if repeated:

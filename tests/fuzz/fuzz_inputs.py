@@ -16,6 +16,8 @@ under atheris' coverage instrumentation. ``one_input`` is also replayed by
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +29,16 @@ TARGETS = (("spots.csv", "auto"), ("C1_selection.tsv", "auto"), ("tissue_positio
 # Images larger than this are not tile-checked here (the fuzzer would spend its time decoding).
 MAX_CHECKED_PIXELS = 1024 * 1024
 
-_WORK_DIR = Path(tempfile.mkdtemp(prefix="m2ort-fuzz-"))
+_work_dir: Path | None = None
+
+
+def _scratch(name: str) -> Path:
+    """A file in this process's scratch folder, made on first use and removed at exit."""
+    global _work_dir
+    if _work_dir is None:
+        _work_dir = Path(tempfile.mkdtemp(prefix="m2ort-fuzz-"))
+        atexit.register(shutil.rmtree, _work_dir, True)
+    return _work_dir / name
 
 
 def one_input(data: bytes) -> None:
@@ -38,7 +49,7 @@ def one_input(data: bytes) -> None:
     if not data:
         return
     name, spot_format = TARGETS[data[0] % len(TARGETS)]
-    path = _WORK_DIR / name
+    path = _scratch(name)
     path.write_bytes(data[1:])
     try:
         if spot_format is not None:
