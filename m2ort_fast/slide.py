@@ -488,6 +488,8 @@ def _open_auto(path: Path, is_tiff: bool, tiff_levels: int | None, options: dict
         try:
             slide = _open_with(name, path, options)
         except SlideError as exc:
+            if order == ["flat"]:  # the only reader for this image: its own words are the answer
+                raise
             failures.append(f"{name}: {str(exc).removeprefix(f'{path}: ')}")
             continue
         if tiff_levels is not None and slide.level_count < tiff_levels:
