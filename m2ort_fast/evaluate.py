@@ -10,9 +10,21 @@ it writes ``<name>.json`` (metrics of the model and of the mean baseline), ``<na
 (per-gene table) and ``<name>_best_genes.png`` (measured vs predicted maps); ``report.json``
 gathers all sections. Metrics: see :mod:`m2ort_fast.metrics`.
 
-The mean baseline predicts, for every spot, the mean expression of the training spots; it is
-stored in the checkpoint's provenance (``train_mean_expression``) by ``m2ort-fast train``, or
-computed from ``--baseline-sections``.
+Two baselines are scored like the model, side by side:
+
+* the **mean baseline** predicts, for every spot, the mean expression of the training spots; it
+  is stored in the checkpoint's provenance (``train_mean_expression``) by ``m2ort-fast train``, or
+  computed from ``--baseline-sections``;
+* the **ridge baseline** (:mod:`m2ort_fast.baselines`) predicts expression from colour and
+  texture statistics of the spot's three input patches (the same cached uint8 patches the model
+  sees), by ridge regression fitted on the training sections: ``--baseline-sections`` where
+  given, else the training sections named in the checkpoint's provenance (``split.train`` under
+  ``config.data_root``) where those folders exist on this machine. A section that is also one of
+  the ridge's training sections is scored in-sample and flagged (``ridge_in_sample``).
+
+Besides PCC / RMSE / MAE, every metrics block has the variance share of the first principal
+components of the prediction and of the measurement and the per-gene PCC beyond the measured PC1
+(see :mod:`m2ort_fast.metrics`): a model that only tracks one tissue axis shows it there.
 """
 
 from __future__ import annotations
@@ -20,6 +32,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +44,8 @@ from . import metrics as M
 from .backends import resolve_device
 from .checkpoint import ModelCard
 from .errors import M2ORTError
+from .options import device_name, positive_int
+from .outputs import check_out_dir, ensure_out_dir, output_errors
 from .predict import normalize_levels
 from .targets import expression_targets
 
@@ -72,11 +88,13 @@ def section_patches(sample, card: ModelCard, cache, level_source: str, progress:
 
 
 def per_gene_table(pred: np.ndarray, true: np.ndarray, baseline: np.ndarray | None, genes: list[str],
-                   missing: list[str]) -> pd.DataFrame:
-    """One row per panel gene: its PCC across spots (model), RMSE, means; sorted by PCC."""
+                   missing: list[str], ridge_pred: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per panel gene: its PCC across spots (model; also beyond the measured PC1), RMSE,
+    means, and the ridge baseline's PCCs where given; sorted by the model's PCC."""
     table = pd.DataFrame({
         "gene": genes,
         "pcc": M.pcc_per_gene(pred, true) if len(pred) >= 2 else np.nan,
+        "pcc_beyond_pc1": M.pcc_per_gene_beyond_pc1(pred, true),
         "rmse": np.sqrt(((pred - true) ** 2).mean(axis=0)),
         "mae": np.abs(pred - true).mean(axis=0),
         "measured_mean": true.mean(axis=0),
@@ -87,6 +105,10 @@ def per_gene_table(pred: np.ndarray, true: np.ndarray, baseline: np.ndarray | No
     })
     if baseline is not None:
         table["baseline_rmse"] = np.sqrt(((baseline[None, :] - true) ** 2).mean(axis=0))
+    if ridge_pred is not None:
+        table["ridge_pcc"] = M.pcc_per_gene(ridge_pred, true) if len(pred) >= 2 else np.nan
+        table["ridge_pcc_beyond_pc1"] = M.pcc_per_gene_beyond_pc1(ridge_pred, true)
+        table["ridge_rmse"] = np.sqrt(((ridge_pred - true) ** 2).mean(axis=0))
     table = table.sort_values("pcc", ascending=False, na_position="last", kind="stable")
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     return table
@@ -142,9 +164,48 @@ def mean_baseline(card: ModelCard, baseline_sections=None) -> tuple[np.ndarray |
     return None, "unavailable (checkpoint has no train_mean_expression; pass --baseline-sections)"
 
 
+def ridge_baseline(card: ModelCard, cache, level_source: str, baseline_sections=None,
+                   progress: bool = False):
+    """The ridge image-feature baseline fitted on the training sections (see the module's docstring).
+
+    Returns (RidgeBaseline or None, a description of where it came from, the training sections'
+    names)."""
+    from .baselines import RidgeBaseline, spot_image_features
+    from .datasets import read_sample
+
+    if baseline_sections:
+        folders, origin = [Path(f) for f in baseline_sections], "--baseline-sections"
+    else:
+        split = card.provenance.get("split") or {}
+        root = (card.provenance.get("config") or {}).get("data_root")
+        names = split.get("train") or []
+        if not names or not root:
+            return None, "unavailable (checkpoint names no training sections; pass --baseline-sections)", []
+        folders = [Path(root) / name for name in names]
+        absent = [str(f) for f in folders if not f.is_dir()]
+        if absent:
+            return None, ("unavailable (the checkpoint's training sections are not on this machine: "
+                          + ", ".join(absent) + "; pass --baseline-sections)"), []
+        origin = "the checkpoint's training sections"
+    features, targets, groups = [], [], []
+    for folder in folders:
+        sample = read_sample(folder)
+        section = section_targets(sample, card.genes)
+        rows = np.flatnonzero(section.keep)
+        levels = section_patches(sample, card, cache, level_source, progress)
+        features.append(spot_image_features([level[rows] for level in levels]))
+        targets.append(section.values)
+        groups += [sample.name] * len(rows)
+    ridge = RidgeBaseline.fit(np.concatenate(features), np.concatenate(targets), groups=groups)
+    names = list(dict.fromkeys(groups))
+    return ridge, f"ridge on image features, fitted on {', '.join(names)} ({origin})", names
+
+
 def evaluate_sample(model, card: ModelCard, sample, cache, *, baseline: np.ndarray | None = None,
-                    level_source: str = "resize", batch_size: int = 64, device="cpu", progress: bool = False) -> dict:
-    """Predict one section and score it: {"metrics", "baseline_metrics", "pred", "true", "table", ...}."""
+                    ridge=None, level_source: str = "resize", batch_size: int = 64, device="cpu",
+                    progress: bool = False) -> dict:
+    """Predict one section and score it: {"metrics", "baseline_metrics", "ridge_baseline_metrics",
+    "pred", "true", "ridge_pred", "table", ...} (baseline entries only for the baselines given)."""
     targets = section_targets(sample, card.genes)
     kept = sample.subset(targets.keep)
     if kept.n_spots == 0:
@@ -170,8 +231,15 @@ def evaluate_sample(model, card: ModelCard, sample, cache, *, baseline: np.ndarr
     }
     if baseline is not None:
         result["baseline_metrics"] = M.summarize(np.broadcast_to(baseline, true.shape), true)
+    ridge_pred = None
+    if ridge is not None:
+        from .baselines import spot_image_features
+
+        ridge_pred = ridge.predict(spot_image_features(levels))
+        result["ridge_baseline_metrics"] = M.summarize(ridge_pred, true)
     result["pred"], result["true"], result["centers_px"] = pred, true, kept.centers_px
-    result["table"] = per_gene_table(pred, true, baseline, card.genes, targets.missing_genes)
+    result["ridge_pred"] = ridge_pred
+    result["table"] = per_gene_table(pred, true, baseline, card.genes, targets.missing_genes, ridge_pred)
     return result
 
 
@@ -183,72 +251,130 @@ def _write_json(path: Path, data) -> None:
 
 def evaluate_sections(checkpoint, sections, *, out_dir=None, baseline_sections=None, cache_dir=None,
                       level_source: str | None = None, batch_size: int = 64, device: str = "auto",
-                      progress: bool = True, plot_genes: int = PLOT_GENES) -> dict:
-    """Evaluate a checkpoint on section folders; writes the reports when ``out_dir`` is given."""
+                      progress: bool = True, plot_genes: int = PLOT_GENES, ridge: bool = True) -> dict:
+    """Evaluate a checkpoint on section folders; writes the reports when ``out_dir`` is given.
+    ``ridge=False`` skips the ridge baseline (it reads the training sections' patches)."""
     from .checkpoint import load_checkpoint
     from .datasets import read_sample
     from .patch_cache import PatchCache
 
+    out = check_out_dir(out_dir) if out_dir else None  # a wrong --out fails before any work
     torch_device = resolve_device(device)
     model, card = load_checkpoint(checkpoint, device=torch_device)
     level_source = level_source or card.level_source
     baseline, baseline_source = mean_baseline(card, baseline_sections)
     cache = PatchCache(cache_dir)
-    out = Path(out_dir) if out_dir else None
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
+    if ridge:
+        ridge_model, ridge_source, ridge_sections = ridge_baseline(card, cache, level_source, baseline_sections,
+                                                                   progress)
+    else:
+        ridge_model, ridge_source, ridge_sections = None, "skipped", []
     report = {"checkpoint": str(checkpoint), "variant": card.variant, "model_id": card.model_id,
               "n_genes": len(card.genes), "model_mpp": card.mpp, "level_source": level_source,
-              "scale": card.target_transform, "baseline": baseline_source, "sections": []}
+              "scale": card.target_transform, "baseline": baseline_source,
+              "ridge_baseline": {"source": ridge_source, **(ridge_model.describe() if ridge_model else {})},
+              "sections": []}
+    results = []  # every section is evaluated before anything is written: a bad section leaves no report
     for folder in sections:
         sample = read_sample(folder)
-        result = evaluate_sample(model, card, sample, cache, baseline=baseline, level_source=level_source,
-                                 batch_size=batch_size, device=torch_device, progress=progress)
-        summary = {k: v for k, v in result.items() if k not in ("pred", "true", "centers_px", "table")}
-        report["sections"].append(summary)
-        if out:
-            name = sample.name
-            _write_json(out / f"{name}.json", summary)
-            tmp = out / f".{name}_genes.csv.partial"
-            result["table"].to_csv(tmp, index=False, float_format="%.5f")
-            os.replace(tmp, out / f"{name}_genes.csv")
-            if plot_genes:
-                plot_best_genes(out / f"{name}_best_genes.png", result["centers_px"], result["pred"], result["true"],
-                                card.genes, result["table"], name, plot_genes)
+        result = evaluate_sample(model, card, sample, cache, baseline=baseline, ridge=ridge_model,
+                                 level_source=level_source, batch_size=batch_size, device=torch_device,
+                                 progress=progress)
+        if ridge_model is not None:
+            result["ridge_in_sample"] = sample.name in ridge_sections
+        results.append((sample.name, result))
+        report["sections"].append(
+            {k: v for k, v in result.items() if k not in ("pred", "true", "ridge_pred", "centers_px", "table")})
     report["mean_over_sections"] = _mean_over_sections([s["metrics"] for s in report["sections"]])
     if baseline is not None:
         report["baseline_mean_over_sections"] = _mean_over_sections([s["baseline_metrics"] for s in report["sections"]])
+    if ridge_model is not None:
+        report["ridge_baseline_mean_over_sections"] = _mean_over_sections(
+            [s["ridge_baseline_metrics"] for s in report["sections"]])
     if out:
-        _write_json(out / "report.json", report)
+        _write_reports(out, report, results, card.genes, plot_genes)
     return report
+
+
+def _write_reports(out: Path, report: dict, results: list, genes: list[str], plot_genes: int) -> None:
+    """report.json, and per section its JSON, per-gene CSV and map PNG: written into a staging
+    folder inside ``out`` and renamed into place, report.json last; the staging folder (and
+    ``out``, if this made it and nothing was published) goes on any failure."""
+    created = not out.exists()
+    staging = None
+    try:
+        with output_errors(out):
+            ensure_out_dir(out)
+            staging = Path(tempfile.mkdtemp(prefix=".evaluate.partial-", dir=out))
+            for (name, result), summary in zip(results, report["sections"]):
+                _write_json(staging / f"{name}.json", summary)
+                result["table"].to_csv(staging / f"{name}_genes.csv", index=False, float_format="%.5f")
+                if plot_genes:
+                    plot_best_genes(staging / f"{name}_best_genes.png", result["centers_px"], result["pred"],
+                                    result["true"], genes, result["table"], name, plot_genes)
+            _write_json(staging / "report.json", report)
+            for path in sorted(staging.iterdir(), key=lambda p: p.name == "report.json"):
+                os.replace(path, out / path.name)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _mean_over_sections(per_section: list[dict]) -> dict:
     """Unweighted mean of each metric over sections (NaN where undefined in every section)."""
     out = {}
     for key in per_section[0]:
-        if key.startswith(("pcc", "rmse", "mae")):
+        if key.startswith(("pcc", "rmse", "mae", "var_share")):
             values = np.asarray([m[key] for m in per_section], dtype=np.float64)
             finite = values[np.isfinite(values)]
             out[key] = float(finite.mean()) if finite.size else float("nan")
     return out
 
 
+TABLE_COLUMNS = (  # (header, metrics key): the printed table, one row per model / baseline
+    ("PCC/spot", "pcc_spot_mean"), ("RMSE/spot", "rmse_spot_mean"), ("MAE", "mae"),
+    ("PCC/gene", "pcc_gene_mean"), (f"top{M.TOP_GENES}", f"pcc_gene_top{M.TOP_GENES}_mean"),
+    ("PCC/gene>PC1", "pcc_gene_beyond_pc1_mean"), ("PC1 share", "var_share_pc1_pred"),
+    (f"PC1-{M.TOP_PCS} share", f"var_share_pc1to{M.TOP_PCS}_pred"))
+LABEL_WIDTH = 24
+
+
+def _format_header() -> str:
+    return f"{'':<{LABEL_WIDTH}}" + "".join(f" {header:>12}" for header, _ in TABLE_COLUMNS)
+
+
 def _format_row(label: str, m: dict) -> str:
-    top = f"pcc_gene_top{M.TOP_GENES}_mean"
-    return (f"{label:<22} PCC/spot {m['pcc_spot_mean']:.4f}  RMSE/spot {m['rmse_spot_mean']:.4f}  MAE {m['mae']:.4f}  "
-            f"PCC/gene {m['pcc_gene_mean']:.4f}  PCC/gene top{M.TOP_GENES} {m[top]:.4f}")
+    """One table row; NaN (undefined, e.g. any correlation of a constant prediction) prints as '-'."""
+    cells = []
+    for _, key in TABLE_COLUMNS:
+        value = m.get(key, float("nan"))
+        cells.append(f" {value:12.4f}" if np.isfinite(value) else f" {'-':>12}")
+    return f"{label:<{LABEL_WIDTH}}" + "".join(cells)
 
 
 def run_evaluate(args) -> int:
     report = evaluate_sections(args.checkpoint, args.sections, out_dir=args.out,
                                baseline_sections=args.baseline_sections, cache_dir=args.cache_dir,
                                level_source=args.level_source, batch_size=args.batch_size, device=args.device,
-                               progress=not args.quiet)
+                               progress=not args.quiet, ridge=not args.no_ridge)
+    print(f"ridge baseline: {report['ridge_baseline']['source']}"
+          + (f", alpha {report['ridge_baseline']['alpha']:g}" if "alpha" in report["ridge_baseline"] else ""))
+    print(_format_header())
     for section in report["sections"]:
-        print(_format_row(f"{section['section']} model", section["metrics"]))
+        name = section["section"]
+        print(_format_row(f"{name} model", section["metrics"]))
         if "baseline_metrics" in section:
-            print(_format_row(f"{section['section']} mean baseline", section["baseline_metrics"]))
+            print(_format_row(f"{name} mean baseline", section["baseline_metrics"]))
+        if "ridge_baseline_metrics" in section:
+            flag = " (in-sample)" if section.get("ridge_in_sample") else ""
+            print(_format_row(f"{name} ridge baseline", section["ridge_baseline_metrics"]) + flag)
+        m = section["metrics"]
+        print(f"  measured: PC1 share {m['var_share_pc1_true']:.4f}, "
+              f"PC1-{M.TOP_PCS} share {m[f'var_share_pc1to{M.TOP_PCS}_true']:.4f}")
         if section["n_panel_genes_missing"]:
             print(f"  {section['n_panel_genes_missing']} panel genes missing from the section's counts (counted as 0)")
     if args.out:
@@ -262,11 +388,14 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--checkpoint", required=True, help="model checkpoint (.safetensors)")
     p.add_argument("--out", default=None, help="folder for report.json, per-section JSON, per-gene CSV and PNG maps")
     p.add_argument("--baseline-sections", nargs="*", default=None,
-                   help="training sections for the mean baseline (default: the mean stored in the checkpoint)")
+                   help="training sections for the mean and ridge baselines (default: the mean stored in the "
+                        "checkpoint; the ridge is fitted on the checkpoint's training sections where present)")
+    p.add_argument("--no-ridge", action="store_true",
+                   help="skip the ridge image-feature baseline (it reads the training sections' patches)")
     p.add_argument("--cache-dir", default=None, help="patch cache folder (default ~/.cache/m2ort-fast/patches)")
     p.add_argument("--level-source", default=None, choices=["pyramid", "resize"],
                    help="how levels 2 and 3 are made (default: as the checkpoint was trained)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_evaluate)

@@ -10,6 +10,18 @@ Two families, named so they cannot be confused (``M2ORT_SPEC.md`` "Metrics"):
 A correlation is undefined where one side is constant (a gene measured as 0 in every spot of a
 section, say); such spots or genes are NaN in the per-item arrays, left out of the means, and
 counted in the summary so a reader sees how many were left out.
+
+Two more views show whether a prediction is more than "more or less tissue" (issue 12):
+
+* **variance share of the first principal components** (``pc_variance_shares``) of the spot x
+  gene matrix, centred per gene, for the prediction and for the measurement. A model that only
+  learned one tissue/no-tissue axis has a PC1 share near 1 while the measured one is far lower.
+* **per-gene PCC of the residuals after the measurement's PC1** (``pcc_per_gene_beyond_pc1``):
+  the spot direction of the measured matrix's first principal component is projected out of
+  every gene column of both matrices, then the per-gene PCC is taken as above. Adding any amount
+  of that one direction to a prediction does not change it. A prediction with nothing beyond that
+  direction has constant residuals, so its residual PCC is undefined (NaN, counted), like the
+  per-gene PCC of a constant prediction.
 """
 
 from __future__ import annotations
@@ -17,6 +29,10 @@ from __future__ import annotations
 import numpy as np
 
 TOP_GENES = 50
+TOP_PCS = 5  # the summary reports PC1 alone and PC1..PC5 together
+# A residual whose norm is below this fraction of the norm it came from is rounding noise (of a
+# column that lay on the removed direction, of a constant matrix minus its mean): treated as 0.
+RESIDUAL_RTOL = 1e-9
 
 
 def _pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -63,26 +79,107 @@ def _nanmean(values: np.ndarray) -> float:
     return float(finite.mean()) if finite.size else float("nan")
 
 
+def _centred_columns(x: np.ndarray) -> np.ndarray:
+    """(N, G) -> (N, G) float64 with each column (gene) minus its mean over spots."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-D spots x genes array, got shape {x.shape}")
+    return x - x.mean(axis=0, keepdims=True) if len(x) else x
+
+
+def _has_variance(values: np.ndarray, centred: np.ndarray) -> bool:
+    """False where the centred matrix is only the rounding noise of subtracting equal values (a
+    constant prediction leaves ~1e-16 relative residue, which an SVD would call a perfect PC1)."""
+    if centred.size == 0:
+        return False
+    scale = np.linalg.norm(np.asarray(values, dtype=np.float64))
+    return bool(np.isfinite(scale)) and np.linalg.norm(centred) > RESIDUAL_RTOL * scale
+
+
+def pc_variance_shares(values: np.ndarray, k: int = TOP_PCS) -> np.ndarray:
+    """(N, G) -> (k,): fraction of the total variance (genes centred over spots, unscaled) carried
+    by each of the first k principal components. Components beyond the matrix's rank carry 0;
+    all NaN where the matrix has no variance (a constant prediction such as the mean baseline)."""
+    centred = _centred_columns(values)
+    if not _has_variance(values, centred):
+        return np.full(k, np.nan)
+    power = np.linalg.svd(centred, compute_uv=False) ** 2
+    total = power.sum()
+    shares = np.zeros(k)
+    m = min(k, len(power))
+    shares[:m] = power[:m] / total
+    return shares
+
+
+def pc1_spot_direction(true: np.ndarray) -> np.ndarray | None:
+    """(N, G) -> (N,) unit vector over spots: the score direction of the first principal component
+    of ``true`` (genes centred). It sums to 0. None where ``true`` has no variance."""
+    centred = _centred_columns(true)
+    if not _has_variance(true, centred):
+        return None
+    u, s, _ = np.linalg.svd(centred, full_matrices=False)
+    if s[0] <= 0:
+        return None
+    return u[:, 0]
+
+
+def remove_direction(values: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """(N, G), (N,) unit -> (N, G): the genes centred over spots, minus their projection on
+    ``direction``. Columns that lay on the direction (up to rounding) come out exactly 0."""
+    centred = _centred_columns(values)
+    direction = np.asarray(direction, dtype=np.float64)
+    residual = centred - np.outer(direction, direction @ centred)
+    before = np.linalg.norm(centred, axis=0)
+    after = np.linalg.norm(residual, axis=0)
+    residual[:, after <= RESIDUAL_RTOL * before] = 0.0  # so the PCC sees a constant, not noise
+    return residual
+
+
+def pcc_per_gene_beyond_pc1(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """(N, G), (N, G) -> (G,): per-gene PCC across spots after the spot direction of the first
+    principal component of ``true`` is projected out of both sides (see the module's docstring).
+    NaN for a gene whose residual is constant on either side; all NaN if ``true`` has no variance."""
+    pred = np.asarray(pred, dtype=np.float64)
+    true = np.asarray(true, dtype=np.float64)
+    if pred.shape != true.shape or pred.ndim != 2:
+        raise ValueError(f"expected two arrays of the same 2-D shape, got {pred.shape} and {true.shape}")
+    direction = pc1_spot_direction(true) if len(true) >= 3 else None
+    if direction is None:
+        return np.full(true.shape[1], np.nan)
+    return pcc_per_gene(remove_direction(pred, direction), remove_direction(true, direction))
+
+
 def summarize(pred: np.ndarray, true: np.ndarray, top_genes: int = TOP_GENES) -> dict:
     """All metrics of one section (or any set of spots): a flat dict of floats and counts.
 
     pred, true: (N, G) on the same transformed scale. Keys:
     ``pcc_spot_mean`` (the paper's PCC), ``rmse_spot_mean`` (the paper's RMSE), ``mae``,
-    ``pcc_gene_mean``, ``pcc_gene_top{top_genes}_mean``, ``n_spots``, ``n_genes`` and the counts of
-    spots / genes whose correlation is undefined (constant values)."""
+    ``pcc_gene_mean``, ``pcc_gene_top{top_genes}_mean``, ``pcc_gene_beyond_pc1_mean`` (per-gene
+    PCC after the measured PC1 direction is removed from both sides), ``var_share_pc1_pred`` /
+    ``var_share_pc1to5_pred`` and ``var_share_pc1_true`` / ``var_share_pc1to5_true`` (fraction of
+    the variance on PC1, on PC1..PC5 together), ``n_spots``, ``n_genes`` and the counts of spots /
+    genes whose correlation is undefined (constant values)."""
     pred = np.asarray(pred, dtype=np.float64)
     true = np.asarray(true, dtype=np.float64)
     spot_pcc = pcc_per_spot(pred, true)
     gene_pcc = pcc_per_gene(pred, true) if pred.shape[0] >= 2 else np.full(pred.shape[1], np.nan)
+    beyond = pcc_per_gene_beyond_pc1(pred, true)
     finite_gene = np.sort(gene_pcc[np.isfinite(gene_pcc)])[::-1]
+    pred_shares, true_shares = pc_variance_shares(pred), pc_variance_shares(true)
     return {
         "pcc_spot_mean": _nanmean(spot_pcc),
         "rmse_spot_mean": float(rmse_per_spot(pred, true).mean()) if pred.size else float("nan"),
         "mae": float(np.abs(pred - true).mean()) if pred.size else float("nan"),
         "pcc_gene_mean": _nanmean(gene_pcc),
         f"pcc_gene_top{top_genes}_mean": _nanmean(finite_gene[:top_genes]),
+        "pcc_gene_beyond_pc1_mean": _nanmean(beyond),
+        "var_share_pc1_pred": float(pred_shares[0]),
+        f"var_share_pc1to{TOP_PCS}_pred": float(pred_shares.sum()),
+        "var_share_pc1_true": float(true_shares[0]),
+        f"var_share_pc1to{TOP_PCS}_true": float(true_shares.sum()),
         "n_spots": int(pred.shape[0]),
         "n_genes": int(pred.shape[1]),
         "n_spots_pcc_undefined": int((~np.isfinite(spot_pcc)).sum()),
         "n_genes_pcc_undefined": int((~np.isfinite(gene_pcc)).sum()),
+        "n_genes_beyond_pc1_pcc_undefined": int((~np.isfinite(beyond)).sum()),
     }

@@ -541,3 +541,17 @@ def test_killed_run_with_other_settings_starts_afresh(tmp_path):
     result = Predictor(progress=False).predict_slide(DEMO_SLIDE, out_dir=out, spacing_um=50, n_heatmaps=0)
     assert result.engine["resumed_spots"] == 0
     assert sorted(p.name for p in out.iterdir()) == ["demo_slide.csv", "demo_slide.h5ad"]
+
+
+def test_failed_evaluate_leaves_no_output_folder(capfd, tmp_path):
+    empty = tmp_path / "not_a_section"
+    empty.mkdir()
+    out = tmp_path / "report"
+    code, stdout, err = run_cli(capfd, "evaluate", "--checkpoint", DEFAULT_CHECKPOINT, "--no-ridge", "--quiet",
+                                "--out", out, empty)
+    assert_one_line_error(code, stdout, err, "not_a_section")
+    assert not out.exists()
+    (tmp_path / "f.txt").write_text("x")
+    code, stdout, err = run_cli(capfd, "evaluate", "--checkpoint", DEFAULT_CHECKPOINT, "--out", tmp_path / "f.txt",
+                                "--quiet", empty)
+    assert_one_line_error(code, stdout, err, "f.txt", "not a folder")

@@ -47,3 +47,118 @@ def test_constant_rows_are_undefined_and_left_out():
     # a constant prediction (the mean baseline) has undefined per-gene PCC everywhere
     baseline = np.broadcast_to(true.mean(axis=0), true.shape)
     assert M.summarize(baseline, true)["n_genes_pcc_undefined"] == 3
+
+
+# ---- issue 12: principal-component variance shares and PCC beyond the measured PC1 ----------
+
+def _orthonormal_spot_directions():
+    """Two orthonormal (6,) spot directions, each summing to 0 (so they survive centring per gene)."""
+    u1 = np.array([1.0, 1.0, 1.0, -1.0, -1.0, -1.0]) / np.sqrt(6)
+    u2 = np.array([1.0, -1.0, 0.0, 1.0, -1.0, 0.0]) / 2.0
+    assert abs(u1 @ u2) < 1e-15 and abs(u1.sum()) < 1e-15 and abs(u2.sum()) < 1e-15
+    return u1, u2
+
+
+def test_pc_variance_shares_known_spectrum():
+    u1, u2 = _orthonormal_spot_directions()
+    a = np.array([3.0, 0.0, 0.0])  # unit gene directions: singular values 3 and 1 exactly
+    b = np.array([0.0, 1.0, 0.0])
+    values = np.outer(u1, a) + np.outer(u2, b) + np.array([7.0, -2.0, 0.5])  # gene means do not count
+    shares = M.pc_variance_shares(values, k=5)
+    np.testing.assert_allclose(shares, [0.9, 0.1, 0.0, 0.0, 0.0], atol=1e-12)
+    summary = M.summarize(values, values)
+    assert summary["var_share_pc1_pred"] == pytest.approx(0.9)
+    assert summary["var_share_pc1to5_pred"] == pytest.approx(1.0)
+    assert summary["var_share_pc1_true"] == pytest.approx(0.9)
+
+
+def test_rank_one_prediction_has_pc1_share_one_and_constant_is_undefined():
+    rng = np.random.default_rng(1)
+    true = rng.normal(size=(30, 12))
+    rank_one = np.outer(rng.normal(size=30), rng.normal(size=12)) + rng.normal(size=12)
+    summary = M.summarize(rank_one, true)
+    assert summary["var_share_pc1_pred"] == pytest.approx(1.0)
+    # 30 x 12 Gaussian noise spreads its variance: PC1 well under 1
+    assert 0.05 < summary["var_share_pc1_true"] < 0.5
+    assert summary["var_share_pc1_true"] < summary["var_share_pc1to5_true"] < 1.0
+    constant = np.broadcast_to(true.mean(axis=0), true.shape)
+    assert np.isnan(M.pc_variance_shares(constant)).all()
+    assert np.isnan(M.summarize(constant, true)["var_share_pc1_pred"])
+
+
+def test_pc1_share_matches_covariance_eigenvalues():
+    rng = np.random.default_rng(2)
+    values = rng.normal(size=(40, 6)) @ rng.normal(size=(6, 6))
+    eig = np.sort(np.linalg.eigvalsh(np.cov(values, rowvar=False)))[::-1]
+    np.testing.assert_allclose(M.pc_variance_shares(values, k=3), eig[:3] / eig.sum(), rtol=1e-10)
+
+
+def test_beyond_pc1_perfect_prediction_is_one():
+    rng = np.random.default_rng(3)
+    true = rng.normal(size=(25, 10))
+    np.testing.assert_allclose(M.pcc_per_gene_beyond_pc1(true, true), 1.0)
+    summary = M.summarize(true, true)
+    assert summary["pcc_gene_beyond_pc1_mean"] == pytest.approx(1.0)
+    assert summary["n_genes_beyond_pc1_pcc_undefined"] == 0
+
+
+def test_beyond_pc1_of_a_prediction_that_is_only_the_measured_pc1_is_undefined():
+    """Decision: nothing beyond PC1 means constant residuals -> NaN (counted, left out of the mean),
+    as the per-gene PCC of a constant prediction is, whatever the scale of the PC1 part."""
+    rng = np.random.default_rng(4)
+    true = rng.normal(size=(25, 10)) + 100.0
+    direction = M.pc1_spot_direction(true)
+    centred = true - true.mean(axis=0)
+    only_pc1 = np.outer(direction, direction @ centred) + true.mean(axis=0)
+    for pred in (only_pc1, 1e4 * only_pc1 - 3.0):
+        beyond = M.pcc_per_gene_beyond_pc1(pred, true)
+        assert np.isnan(beyond).all()
+        summary = M.summarize(pred, true)
+        assert np.isnan(summary["pcc_gene_beyond_pc1_mean"])
+        assert summary["n_genes_beyond_pc1_pcc_undefined"] == 10
+        # ...while its ordinary per-gene PCC looks respectable
+        assert summary["pcc_gene_mean"] > 0.2
+
+
+def test_beyond_pc1_sees_past_the_shared_axis():
+    """Truth = 3 u1 a + u2 b; prediction = 5 u1 c + u2 (b * s): residuals are u2 b and u2 (b * s),
+    so the PCC per gene beyond PC1 is exactly s (+1 / -1), though u1 dominates both sides."""
+    u1, u2 = _orthonormal_spot_directions()
+    a = np.array([1.0, 1.0, 1.0, 1.0])
+    b = np.array([0.3, -0.2, 0.25, -0.35])  # orthogonal to a, and 3 |a| > |b|: the truth's PC1 is u1
+    assert a @ b == 0
+    c = np.array([0.2, 1.5, -0.7, 0.9])
+    s = np.array([1.0, -1.0, -1.0, 1.0])
+    true = 3 * np.outer(u1, a) + np.outer(u2, b) + 2.0
+    pred = 5 * np.outer(u1, c) + np.outer(u2, b * s) - 1.0
+    np.testing.assert_allclose(M.pcc_per_gene_beyond_pc1(pred, true), s, atol=1e-12)
+    # adding any multiple of the measured PC1 direction to the prediction changes nothing beyond it
+    shifted = pred + np.outer(u1, [4.0, -9.0, 0.1, 2.0])
+    np.testing.assert_allclose(M.pcc_per_gene_beyond_pc1(shifted, true), s, atol=1e-12)
+    assert not np.allclose(M.pcc_per_gene(shifted, true), M.pcc_per_gene(pred, true))
+
+
+def test_beyond_pc1_matches_explicit_regression():
+    """The residual of each gene column after least-squares regression on the truth's PC1 score."""
+    rng = np.random.default_rng(5)
+    true = rng.normal(size=(50, 7)) @ rng.normal(size=(7, 7))
+    pred = 0.5 * true + rng.normal(size=true.shape)
+    centred = true - true.mean(axis=0)
+    eigval, eigvec = np.linalg.eigh(centred.T @ centred)
+    score = centred @ eigvec[:, -1]  # PC1 scores of the spots
+    design = np.column_stack([np.ones(50), score])
+
+    def residual(x):
+        coef, *_ = np.linalg.lstsq(design, x, rcond=None)
+        return x - design @ coef
+
+    expected = [pearsonr(residual(pred)[:, j], residual(true)[:, j])[0] for j in range(7)]
+    np.testing.assert_allclose(M.pcc_per_gene_beyond_pc1(pred, true), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_beyond_pc1_undefined_without_truth_variance():
+    true = np.ones((5, 3))
+    pred = np.arange(15.0).reshape(5, 3)
+    assert np.isnan(M.pcc_per_gene_beyond_pc1(pred, true)).all()
+    with pytest.raises(ValueError):
+        M.pcc_per_gene_beyond_pc1(pred[:4], true)
