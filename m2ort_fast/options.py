@@ -31,6 +31,7 @@ def number(kind, low: float, high: float | None = None, low_inclusive: bool = Fa
 positive_int = number(int, 0)
 non_negative_int = number(int, 0, low_inclusive=True)
 positive_float = number(float, 0)
+non_negative_float = number(float, 0, low_inclusive=True)
 
 
 def device_name(text: str) -> str:

@@ -8,6 +8,20 @@ best validation PCC (per spot, the paper's); augmentation by horizontal / vertic
 rotation by a random angle with white fill, the same transform on all three levels. bf16 autocast
 on a GPU.
 
+Options beyond the paper (issue 12; all off by default, so the default recipe is the paper's):
+
+* ``standardize_targets``: the model learns each gene standardised with the training spots' mean
+  and std, so every gene weighs in the loss as much as the others (on the raw scale a few highly
+  expressed genes, and the one "more or less tissue" axis they share, dominate the MSE). Before
+  any checkpoint is written the de-standardisation is folded into the final linear head
+  (``W' = diag(std) W``, ``b' = std * b + mean``): checkpoints stay ordinary and predict log1p CPM.
+* ``pcc_loss_weight`` w: loss = MSE + w * (1 - mean over genes of the Pearson correlation across
+  the batch's spots) (:func:`pcc_loss`), on the standardised (or raw) targets.
+* ``color_augment``: stain / colour jitter (:func:`color_augment`): HED jitter (Ruifrok-Johnston
+  colour deconvolution, per-stain scale and shift) and brightness / contrast, the same colour
+  transform on all three levels of a spot; before the flips / rotation.
+* ``select_metric``: "pcc_spot_mean" (the paper's), "pcc_gene_mean" or "pcc_gene_top50_mean".
+
 Outputs in ``--out``: ``last.safetensors`` (every epoch), ``best.safetensors`` (best validation
 PCC), ``resume.pt`` (model, optimizer, epoch, history: ``--resume`` continues from it),
 ``metrics.csv`` / ``metrics.json`` (one row per epoch) and ``summary.json`` (final metrics). The
@@ -21,6 +35,7 @@ exactly the same updates as an uninterrupted one.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -37,7 +52,7 @@ import torch.nn.functional as F
 
 from . import metrics as M
 from .errors import M2ORTError
-from .options import non_negative_int, positive_float, positive_int
+from .options import device_name, non_negative_float, non_negative_int, positive_float, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +80,9 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     augment: bool = True
+    color_augment: bool = False  # HED + brightness/contrast jitter, same on the three levels (not in the paper)
+    standardize_targets: bool = False  # learn per-gene standardised targets; folded into the head on save
+    pcc_loss_weight: float = 0.0  # loss = MSE + w * (1 - mean per-gene PCC over the batch's spots)
     init_head_bias_to_mean: bool = True  # start from the mean baseline (speeds short runs; not in the paper)
     select_metric: str = "pcc_spot_mean"
     seed: int = 0
@@ -248,6 +266,143 @@ def augment(levels: list[torch.Tensor], generator: torch.Generator, white: torch
     return out
 
 
+# Ruifrok & Johnston's H&E-DAB stain vectors (RGB optical density of one unit of each stain), as
+# scikit-image's ``rgb_from_hed``; ``HED_FROM_RGB`` is its inverse.
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
+_OD_EPS = 1e-6  # darkest RGB value taken into optical density (scikit-image's rgb2hed clip)
+HED_SCALE = 0.05  # per-stain scale ~ U(1 - HED_SCALE, 1 + HED_SCALE)
+HED_SHIFT = 0.02  # per-stain shift ~ U(-HED_SHIFT, HED_SHIFT), in scikit-image's rgb2hed units
+BRIGHTNESS = 0.1  # brightness factor ~ U(1 - BRIGHTNESS, 1 + BRIGHTNESS)
+CONTRAST = 0.1  # contrast factor ~ U(1 - CONTRAST, 1 + CONTRAST), about the level-1 patch's grey mean
+
+
+def rgb_to_hed(rgb: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) RGB in [0, 1] -> stain concentrations (H, E, D) in scikit-image's ``rgb2hed``
+    units (optical density / -log(1e-6)), not clipped at 0 so that :func:`hed_to_rgb` inverts it."""
+    od = torch.log(rgb.clamp_min(_OD_EPS)) / math.log(_OD_EPS)
+    return torch.einsum("bihw,ij->bjhw", od, torch.as_tensor(HED_FROM_RGB, dtype=rgb.dtype, device=rgb.device))
+
+
+def hed_to_rgb(hed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rgb_to_hed`, clipped to [0, 1]."""
+    od = torch.einsum("bjhw,ji->bihw", hed, torch.as_tensor(RGB_FROM_HED, dtype=hed.dtype, device=hed.device))
+    return torch.exp(od * math.log(_OD_EPS)).clamp(0.0, 1.0)
+
+
+def hed_jitter(rgb: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
+    """``hed_to_rgb(rgb_to_hed(rgb) * scale + shift)`` per spot, fused: (B, 3, H, W) RGB in [0, 1],
+    (B, 3) stain scales and shifts -> (B, 3, H, W) RGB in [0, 1].
+
+    Optical density is linear in log RGB and the jitter is affine in the stains, so the whole map is
+    ``log rgb' = A_b log rgb + c_b`` with ``A_b = (HED_FROM_RGB diag(scale_b) RGB_FROM_HED)^T`` and
+    ``c_b = log(1e-6) (shift_b RGB_FROM_HED)``: one log, one 3x3 mix per spot and one exp per pixel.
+    ``gain`` (B,), where given, multiplies the result before the clip (brightness), for free."""
+    b = rgb.shape[0]
+    dtype, device = rgb.dtype, rgb.device
+    hed_from_rgb = torch.as_tensor(HED_FROM_RGB, dtype=torch.float64)
+    rgb_from_hed = torch.as_tensor(RGB_FROM_HED, dtype=torch.float64)
+    mix = hed_from_rgb.unsqueeze(0) * scale.double().unsqueeze(1) @ rgb_from_hed  # (B, 3 in, 3 out)
+    offset = (shift.double() @ rgb_from_hed) * math.log(_OD_EPS)  # (B, 3)
+    mix = mix.transpose(1, 2).to(device=device, dtype=dtype)
+    if gain is not None:
+        offset = offset + torch.log(gain.double()).view(b, 1)
+    offset = offset.to(device=device, dtype=dtype).view(b, 3, 1)
+    log_rgb = torch.log(rgb.clamp_min(_OD_EPS)).reshape(b, 3, -1)
+    out = torch.baddbmm(offset, mix, log_rgb)
+    return out.exp_().clamp_(0.0, 1.0).view_as(rgb)
+
+
+def color_augment(levels: list[torch.Tensor], generator: torch.Generator, pixel_mean, pixel_std) -> list[torch.Tensor]:
+    """Stain and colour jitter, the same colour transform per spot on all levels.
+
+    levels: (B, 3, S, S) normalised float tensors, ``(rgb - pixel_mean) / pixel_std`` with rgb in
+    [0, 1]. Per spot: HED jitter (RGB -> HED with the Ruifrok-Johnston matrix, each stain scaled by
+    ~U(0.95, 1.05) and shifted by ~U(-0.02, 0.02), back to RGB; :func:`hed_jitter`), then brightness
+    (x * b, b ~U(0.9, 1.1), clipped) and contrast ((x - m) * c + m, c ~U(0.9, 1.1), m the grey mean of the
+    spot's level-1 patch after the HED jitter and brightness), clipped to [0, 1]. Every step is a
+    per-pixel function of the colour that depends only on the spot, so the three levels get the
+    same transform. Returns new tensors, normalised as the inputs."""
+    b = levels[0].shape[0]
+    scale = 1.0 + (torch.rand(b, 3, generator=generator) * 2 - 1) * HED_SCALE
+    shift = (torch.rand(b, 3, generator=generator) * 2 - 1) * HED_SHIFT
+    bright = 1.0 + (torch.rand(b, generator=generator) * 2 - 1) * BRIGHTNESS
+    contrast = 1.0 + (torch.rand(b, generator=generator) * 2 - 1) * CONTRAST
+    device, dtype = levels[0].device, levels[0].dtype
+    mean = torch.as_tensor(pixel_mean, dtype=dtype, device=device).view(1, 3, 1, 1)
+    std = torch.as_tensor(pixel_std, dtype=dtype, device=device).view(1, 3, 1, 1)
+    contrast = contrast.to(device=device, dtype=dtype).view(b, 1, 1, 1)
+    identity = bool((mean == 0).all() and (std == 1).all())  # the default normalisation: x is RGB
+
+    def to_rgb(x):
+        return x.clamp(0.0, 1.0) if identity else (x * std + mean).clamp_(0.0, 1.0)
+
+    # brightness folded into the HED map (before its clip, as x * b then clip would be)
+    jittered = [hed_jitter(to_rgb(x), scale, shift, gain=bright) for x in levels]
+    pivot = jittered[0].mean(dim=(1, 2, 3), keepdim=True)  # grey mean of level 1, after brightness
+    offset = pivot * (1 - contrast)  # (x - m) * c + m = x * c + m (1 - c)
+    out = [rgb.mul_(contrast).add_(offset).clamp_(0.0, 1.0) for rgb in jittered]
+    return out if identity else [rgb.sub_(mean).div_(std) for rgb in out]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and target standardisation
+
+def pcc_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """1 - mean over genes of the Pearson correlation across the batch's spots: (B, G), (B, G) -> ().
+
+    0 for a perfect (up to a positive affine map per gene) prediction, 1 for an uncorrelated one,
+    2 for an anti-correlated one. Genes whose target is constant within the batch have no
+    correlation and are left out (0 when every gene is constant, or with fewer than 2 spots)."""
+    pred = pred.float()
+    target = target.float()
+    if pred.shape[0] < 2:
+        return pred.sum() * 0.0
+    p = pred - pred.mean(dim=0, keepdim=True)
+    t = target - target.mean(dim=0, keepdim=True)
+    t_var = (t * t).sum(dim=0)
+    r = (p * t).sum(dim=0) / torch.sqrt(((p * p).sum(dim=0) + eps) * (t_var + eps))
+    valid = t_var > eps * max(1.0, float(target.abs().max()) ** 2)
+    if not bool(valid.any()):
+        return pred.sum() * 0.0
+    return 1.0 - r[valid].mean()
+
+
+def training_loss(pred: torch.Tensor, target: torch.Tensor, pcc_weight: float = 0.0) -> torch.Tensor:
+    """MSE, plus ``pcc_weight`` * :func:`pcc_loss` when the weight is positive."""
+    loss = F.mse_loss(pred.float(), target.float())
+    if pcc_weight > 0:
+        loss = loss + pcc_weight * pcc_loss(pred, target)
+    return loss
+
+
+def target_scaling(targets: np.ndarray, min_std: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene mean and std (population) of the training targets, float32. A gene with (nearly)
+    no spread gets std 1, so it is only centred."""
+    values = np.asarray(targets, dtype=np.float64)
+    mean = values.mean(axis=0)
+    std = values.std(axis=0)
+    std = np.where(std > min_std, std, 1.0)
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def fold_standardization(model, mean, std):
+    """A copy of ``model`` whose head also de-standardises: y = std * (W x + b) + mean, i.e.
+    ``W' = diag(std) W`` and ``b' = std * b + mean`` (computed in float64). ``model`` is not changed."""
+    import copy
+
+    folded = copy.deepcopy(model)
+    head = folded.head
+    with torch.no_grad():
+        mean = torch.as_tensor(np.asarray(mean), dtype=torch.float64, device=head.weight.device)
+        std = torch.as_tensor(np.asarray(std), dtype=torch.float64, device=head.weight.device)
+        weight = head.weight.double() * std[:, None]
+        bias = head.bias.double() * std + mean
+        head.weight.copy_(weight.to(head.weight.dtype))
+        head.bias.copy_(bias.to(head.bias.dtype))
+    return folded
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 
@@ -286,6 +441,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, comm
         raise M2ORTError(f"unknown variant {cfg.variant!r}; known: {', '.join(VARIANTS)}")
     if cfg.select_metric not in SELECT_METRICS:
         raise M2ORTError(f"unknown select_metric {cfg.select_metric!r}; known: {', '.join(SELECT_METRICS)}")
+    if not (math.isfinite(cfg.pcc_loss_weight) and cfg.pcc_loss_weight >= 0):
+        raise M2ORTError(f"pcc_loss_weight must be a finite number >= 0, got {cfg.pcc_loss_weight!r}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
@@ -312,6 +469,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, comm
     if len(train_set) == 0:
         raise M2ORTError("no training spots (all spots have a zero total over the gene panel?)")
     train_mean = train_set.targets.mean(axis=0)
+    if cfg.standardize_targets:
+        target_mean, target_std = target_scaling(train_set.targets)
+        train_targets = (train_set.targets - target_mean) / target_std
+    else:
+        target_mean = target_std = None
+        train_targets = train_set.targets
 
     torch.manual_seed(cfg.seed)
     model = M2ORT(VARIANTS[cfg.variant].with_genes(len(genes)))
@@ -320,7 +483,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, comm
     set_fused_attention(model, True)
     if cfg.init_head_bias_to_mean:
         with torch.no_grad():
-            model.head.bias.copy_(torch.from_numpy(train_mean))
+            # standardised targets have mean 0 on the training spots: the zero bias is the mean baseline
+            model.head.bias.copy_(torch.zeros(len(genes)) if cfg.standardize_targets else torch.from_numpy(train_mean))
+
+    def inference_model():
+        """The model as checkpoints hold it: predicting log1p CPM (standardisation folded in)."""
+        if cfg.standardize_targets:
+            return fold_standardization(model, target_mean, target_std)
+        return model
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history: list[dict] = []
@@ -342,16 +512,38 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, comm
         "config": dataclasses.asdict(cfg),
         "command": command or "m2ort_fast.train.train(...)",
         "train_mean_expression": [round(float(v), 5) for v in train_mean],
+        "loss": "MSE" + (f" + {cfg.pcc_loss_weight:g} * (1 - mean over genes of the Pearson correlation across "
+                         "the batch's spots)" if cfg.pcc_loss_weight > 0 else "")
+                + (" on per-gene standardised targets" if cfg.standardize_targets else " on log1p CPM"),
+        "augmentation": ", ".join(
+            ([("HED jitter (Ruifrok-Johnston; stain scale U(%g, %g), shift U(-%g, %g)) + brightness U(%g, %g) / "
+               "contrast U(%g, %g), same on the three levels")
+              % (1 - HED_SCALE, 1 + HED_SCALE, HED_SHIFT, HED_SHIFT, 1 - BRIGHTNESS, 1 + BRIGHTNESS,
+                 1 - CONTRAST, 1 + CONTRAST)] if cfg.color_augment else [])
+            + (["h/v flips + rotation by a random angle (white fill), same on the three levels"] if cfg.augment else [])
+        ) or "none",
+        "selection": f"best validation {cfg.select_metric}",
         "torch": torch.__version__,
     }
+    if cfg.standardize_targets:
+        provenance["target_standardization"] = {
+            "rule": "targets standardised per gene with the training spots' mean and std (population; std 1 "
+                    "where below 1e-6) for training; the de-standardisation y = std * (W x + b) + mean is folded "
+                    "into the head (W' = diag(std) W, b' = std * b + mean) in every checkpoint, so the "
+                    "checkpoint predicts log1p CPM",
+            "folded_into_head": True,
+            "mean": [round(float(v), 6) for v in target_mean],
+            "std": [round(float(v), 6) for v in target_std],
+        }
     white = (1.0 - torch.tensor(card.pixel_mean)) / torch.tensor(card.pixel_std)
     n_train = len(train_set)
 
-    def score(spot_set: SpotSet, desc: str) -> dict | None:
+    def score(scored_model, spot_set: SpotSet, desc: str) -> dict | None:
+        """Metrics of ``scored_model`` (predicting log1p CPM) on ``spot_set``."""
         if len(spot_set) == 0:
             return None
-        pred = predict_levels(model, card, spot_set.levels, batch_size=cfg.eval_batch_size, device=device,
-                              progress=progress, desc=desc)
+        pred = predict_levels(scored_model, card, spot_set.levels, batch_size=cfg.eval_batch_size,
+                              device=device, progress=progress, desc=desc)
         return M.summarize(pred, spot_set.targets)
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -366,13 +558,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, comm
         for start in bar:
             rows = np.sort(order[start:start + cfg.batch_size])
             inputs = normalize_levels(train_set.levels, card, rows)
+            if cfg.color_augment:
+                inputs = color_augment(inputs, generator, card.pixel_mean, card.pixel_std)
             if cfg.augment:
                 inputs = augment(inputs, generator, white)
             inputs = [x.to(device, non_blocking=True) for x in inputs]
-            target = torch.from_numpy(train_set.targets[rows]).to(device)
+            target = torch.from_numpy(train_targets[rows]).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 pred = model(*inputs)
-            loss = F.mse_loss(pred.float(), target)
+            loss = training_loss(pred, target, cfg.pcc_loss_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -380,19 +574,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, comm
             seen += len(rows)
             bar.set_postfix(loss=f"{total / seen:.4f}")
         train_seconds = time.perf_counter() - t0
-        val = score(val_set, "validate")
+        saved_model = inference_model()
+        val = score(saved_model, val_set, "validate")
         row = {"epoch": epoch + 1, "train_loss": total / seen, "train_seconds": round(train_seconds, 3),
                "epoch_seconds": round(time.perf_counter() - t0, 3)}
         if val:
             row.update({f"val_{k}": v for k, v in val.items() if not k.startswith("n_")})
         history.append(row)
         card.provenance = {**provenance, "epoch": epoch + 1, "metrics": {"validation": val, "history_tail": history[-3:]}}
-        save_checkpoint(out / "last.safetensors", model, card)
+        save_checkpoint(out / "last.safetensors", saved_model, card)
         current = val[cfg.select_metric] if val else -row["train_loss"]
         improved = np.isfinite(current) and current > best
         if improved or not (out / "best.safetensors").is_file():
             best = max(best, current) if np.isfinite(current) else best
-            save_checkpoint(out / "best.safetensors", model, card)
+            save_checkpoint(out / "best.safetensors", saved_model, card)
         _atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                             "best": best, "history": history, "genes": genes, "mpp": info["mpp"],
                             "panel_rule": info["panel_rule"], "config": dataclasses.asdict(cfg),
@@ -413,11 +608,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, comm
                "data_seconds": round(info["data_seconds"], 2)}
     if (out / "best.safetensors").is_file():
         best_model, best_card = load_checkpoint(out / "best.safetensors", device=device)
-        model = best_model
         test_metrics, baseline_metrics = {}, {}
         for name in info["split"]["test"]:
             part = test_set.take(np.asarray([s == name for s in test_set.section]))
-            test_metrics[name] = score(part, f"test {name}")
+            test_metrics[name] = score(best_model, part, f"test {name}")
             baseline_metrics[name] = M.summarize(np.broadcast_to(train_mean, part.targets.shape), part.targets)
         summary["test"] = test_metrics
         summary["test_mean_baseline"] = baseline_metrics
@@ -444,7 +638,9 @@ def config_from_args(args) -> TrainConfig:
                  "out": args.out, "seed": args.seed, "val_sections": args.val_sections,
                  "test_sections": args.test_sections, "sections": args.sections, "cache_dir": args.cache_dir,
                  "device": args.device, "max_spots_per_section": args.max_spots, "split": args.split,
-                 "num_threads": args.threads}
+                 "num_threads": args.threads, "standardize_targets": args.standardize_targets,
+                 "pcc_loss_weight": args.pcc_loss_weight, "color_augment": args.color_augment,
+                 "select_metric": args.select_metric}
     for key, value in overrides.items():
         if value is not None:
             setattr(cfg, key, value)
@@ -485,8 +681,16 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--max-spots", type=positive_int, default=None, help="use at most this many spots per section (quick tests)")
     p.add_argument("--out", default=None, help="run folder (checkpoints, metrics, resume file)")
     p.add_argument("--cache-dir", default=None, help="patch cache folder (default ~/.cache/m2ort-fast/patches)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:N or auto")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--standardize-targets", action=argparse.BooleanOptionalAction, default=None,
+                   help="train on per-gene standardised targets (folded into the head in checkpoints)")
+    p.add_argument("--pcc-loss-weight", type=non_negative_float, default=None,
+                   help="add W * (1 - mean per-gene PCC over the batch's spots) to the MSE loss (default 0)")
+    p.add_argument("--color-augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="HED stain + brightness/contrast jitter, the same on the three levels")
+    p.add_argument("--select-metric", choices=SELECT_METRICS, default=None,
+                   help="validation metric the best checkpoint is chosen by (default pcc_spot_mean)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its resume.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_train)
