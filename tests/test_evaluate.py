@@ -59,16 +59,21 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("patch_cache")
 
 
-def test_evaluate_section_folder_as_it_is(section, checkpoint, cache_dir, tmp_path, capsys):
+def _evaluate_cli(checkpoint, section, out, cache_dir) -> dict:
+    """Run the evaluate subcommand as the CLI does; its report.json."""
     import argparse
 
     parser = argparse.ArgumentParser()
     add_subcommands(parser.add_subparsers())
-    out = tmp_path / "report"
     args = parser.parse_args(["evaluate", "--checkpoint", str(checkpoint), str(section), "--out", str(out),
                               "--cache-dir", str(cache_dir), "--device", "cpu", "--quiet"])
     assert args.func(args) == 0
-    report = json.loads((out / "report.json").read_text())
+    return json.loads((out / "report.json").read_text())
+
+
+def test_evaluate_section_folder_as_it_is(section, checkpoint, cache_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    report = _evaluate_cli(checkpoint, section, out, cache_dir)
     (entry,) = report["sections"]
     name = entry["section"]
     assert entry["n_panel_genes_missing"] == 2 and entry["model_mpp"] == 0.7
@@ -123,21 +128,14 @@ def test_evaluate_section_folder_as_it_is(section, checkpoint, cache_dir, tmp_pa
 def test_evaluate_ridge_from_the_checkpoints_training_sections(cache_dir, tmp_path, capsys):
     """Real data: a checkpoint whose provenance says it was trained on C2-C4 is evaluated on C5;
     the ridge baseline is fitted on C2-C4 (leave one of them out to choose alpha) and reported."""
-    import argparse
-
     held = her2st_section("C5")
     for name in ("C2", "C3", "C4"):
         her2st_section(name)
     ckpt = _write_checkpoint(tmp_path / "fold.safetensors", held,
                              split={"train": ["C2", "C3", "C4"], "val": [], "test": ["C5"]},
                              config={"data_root": str(HER2ST)})
-    parser = argparse.ArgumentParser()
-    add_subcommands(parser.add_subparsers())
     out = tmp_path / "report"
-    args = parser.parse_args(["evaluate", "--checkpoint", str(ckpt), str(held), "--out", str(out),
-                              "--cache-dir", str(cache_dir), "--device", "cpu", "--quiet"])
-    assert args.func(args) == 0
-    report = json.loads((out / "report.json").read_text())
+    report = _evaluate_cli(ckpt, held, out, cache_dir)
     ridge = report["ridge_baseline"]
     assert ridge["source"].startswith("ridge on image features, fitted on C2, C3, C4")
     assert ridge["validation"].startswith("leave one training section out") and ridge["alpha"] in ridge["alphas"]
