@@ -578,22 +578,21 @@ class _TileVerifier:
         self._fd = os.open(path, os.O_RDONLY)
 
     @classmethod
-    def for_slide(cls, path: Path, level_dimensions: Sequence[tuple[int, int]]) -> "_TileVerifier":
-        """Match the slide's levels to the TIFF's by size (a level no TIFF level matches is not checked)."""
+    def for_slide(cls, path: Path, level_dimensions: Sequence[tuple[int, int]], tif=None) -> "_TileVerifier":
+        """Match the slide's levels to the TIFF's by size (a level no TIFF level matches is not
+        checked). ``tif``: the file already open as a tifffile.TiffFile (else it is opened here)."""
         import tifffile
 
         by_size: dict = {}
         try:
-            with tifffile.TiffFile(path) as tif:
+            with contextlib.nullcontext(tif) if tif is not None else tifffile.TiffFile(path) as tif:
                 for series in tif.series:
                     for level in series.levels:
                         page = level.keyframe
                         size = (page.imagewidth, page.imagelength)
                         if size in by_size or page.planarconfig == 2:  # separate planes: not checked
                             continue
-                        tile_w, tile_h = ((page.tilewidth, page.tilelength) if page.is_tiled
-                                          else (page.imagewidth, page.rowsperstrip or page.imagelength))
-                        tile_h = min(tile_h, page.imagelength)
+                        tile_w, tile_h = tiff_tile_shape(page)
                         offsets = np.asarray(page.dataoffsets, dtype=np.int64)
                         counts = np.asarray(page.databytecounts, dtype=np.int64)
                         if tile_w < 1 or tile_h < 1 or len(offsets) != len(counts) or len(offsets) < (
@@ -663,6 +662,14 @@ class _TileVerifier:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def tiff_tile_shape(page) -> tuple[int, int]:
+    """(width_px, height_px) of one tile of a tifffile page; a stripped page's "tile" is a
+    full-width strip of RowsPerStrip rows."""
+    if page.is_tiled:
+        return page.tilewidth, page.tilelength
+    return page.imagewidth, min(page.rowsperstrip or page.imagelength, page.imagelength)
 
 
 def _verify_jpeg(data: bytes, path: Path, where: str) -> None:
@@ -807,7 +814,7 @@ def _decode_flat_tiff(path: Path, max_decoded_mb: float | None = None) -> tuple[
         with tifffile.TiffFile(path) as tif:
             page = tif.series[0].levels[0].keyframe
             _check_flat_size(path, page.imagewidth, page.imagelength, max_decoded_mb)
-            verifier = _TileVerifier.for_slide(path, [(page.imagewidth, page.imagelength)])
+            verifier = _TileVerifier.for_slide(path, [(page.imagewidth, page.imagelength)], tif)
             with contextlib.closing(verifier):
                 verifier.verify_region(0, 0, 0, page.imagewidth, page.imagelength)
             pixels = tif.series[0].levels[0].asarray()

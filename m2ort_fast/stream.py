@@ -38,7 +38,7 @@ import numpy as np
 from . import _core
 from .errors import M2ORTError
 from .profiling import StageTimer
-from .slide import Slide, SpotSquares, check_model_inputs, spot_squares
+from .slide import Slide, SpotSquares, check_model_inputs, spot_squares, tiff_tile_shape
 
 log = logging.getLogger("m2ort_fast")
 
@@ -67,11 +67,7 @@ def level_tile_sizes(slide: Slide) -> list[tuple[int, int]]:
             for series in tif.series:
                 for level in series.levels:
                     page = level.keyframe
-                    if page.is_tiled:
-                        by_shape.setdefault((page.imagewidth, page.imagelength), (page.tilewidth, page.tilelength))
-                    else:
-                        by_shape.setdefault((page.imagewidth, page.imagelength),
-                                            (page.imagewidth, min(page.rowsperstrip or page.imagelength, page.imagelength)))
+                    by_shape.setdefault((page.imagewidth, page.imagelength), tiff_tile_shape(page))
         return [by_shape.get(dims, size) for dims, size in zip(slide.level_dimensions, sizes)]
     except Exception:  # not a TIFF: ask OpenSlide
         pass
