@@ -139,13 +139,13 @@ def _read_table(path: Path, *, header: int | None = 0) -> pd.DataFrame:
         raise SpotsError(f"cannot read the spot table: {e}", path) from None
     if header is not None:
         table.columns = [str(c).strip() for c in table.columns]
+        repeated = table.columns[table.columns.duplicated()]
+        if len(repeated):  # " x" and "x" in one header: which one is meant?
+            raise SpotsError(f"column {repeated[0]!r} appears more than once in the header", path)
     return table
 
 
 def _require_columns(table: pd.DataFrame, needed, path: Path, what: str) -> None:
-    repeated = [c for c in needed if list(table.columns).count(c) > 1]
-    if repeated:  # the header names a column twice: which one holds the coordinates?
-        raise SpotsError(f"column {repeated[0]!r} appears more than once in the header", path)
     missing = [c for c in needed if c not in table.columns]
     if missing:
         found = ", ".join(map(str, table.columns[:12])) + (", ..." if len(table.columns) > 12 else "")

@@ -60,6 +60,12 @@ def test_the_contract_can_fail(monkeypatch):
         one_input(bytes([0]) + b"id,x,y\n")
 
 
+@pytest.mark.parametrize("crash", sorted((Path(__file__).parent / "fuzz" / "crashes").iterdir()), ids=lambda p: p.name)
+def test_inputs_the_fuzzer_once_crashed_on(crash):
+    """Each file under fuzz/crashes/ is an input (target byte first) that once escaped the contract."""
+    one_input(crash.read_bytes())
+
+
 def test_every_short_prefix_of_a_tiff():
     """Headers cut anywhere in their first bytes (where struct unpacking reads past the end)."""
     tiffs = [data for data in seed_inputs() if TARGETS[data[0]][1] is None]

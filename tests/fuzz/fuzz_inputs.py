@@ -9,7 +9,8 @@ bug and stops the fuzzer with the input that caused it.
     python tests/fuzz/fuzz_inputs.py CORPUS_DIR -runs=1000000         # longer, by hand
 
 The first input byte chooses the parser; the rest is the file's content. CORPUS_DIR (created
-if needed) is seeded from ``seeds/`` with those prefixes. The project's modules are imported
+if needed) is seeded from ``seeds/`` with those prefixes, and from ``crashes/`` (inputs it once
+failed on, target byte first). The project's modules are imported
 under atheris' coverage instrumentation. ``one_input`` is also replayed by
 ``tests/test_fuzz.py`` on the seeds and on fixed mutations of them, without atheris.
 """
@@ -17,6 +18,7 @@ under atheris' coverage instrumentation. ``one_input`` is also replayed by
 from __future__ import annotations
 
 import atexit
+import logging
 import shutil
 import sys
 import tempfile
@@ -98,6 +100,9 @@ def main() -> None:
         corpus.mkdir(parents=True, exist_ok=True)
         for i, data in enumerate(seed_inputs()):
             (corpus / f"seed-{i:03d}").write_bytes(data)
+        for crash in (Path(__file__).parent / "crashes").iterdir():  # past finds, kept as regressions
+            shutil.copyfile(crash, corpus / crash.name)
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # its warnings on broken files would bury a crash
     with atheris.instrument_imports(include=["m2ort_fast"]):
         import m2ort_fast.slide  # noqa: F401
         import m2ort_fast.spots  # noqa: F401
