@@ -138,11 +138,17 @@ def _read_table(path: Path, *, header: int | None = 0) -> pd.DataFrame:
     except (OSError, UnicodeDecodeError, EOFError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise SpotsError(f"cannot read the spot table: {e}", path) from None
     if header is not None:
-        table.columns = [str(c).strip() for c in table.columns]
-        repeated = table.columns[table.columns.duplicated()]
-        if len(repeated):  # " x" and "x" in one header: which one is meant?
-            raise SpotsError(f"column {repeated[0]!r} appears more than once in the header", path)
+        table.columns = _header(table.columns, path)
     return table
+
+
+def _header(names, path: Path) -> pd.Index:
+    """Column names stripped of spaces; a name that appears twice is refused (which one is meant?)."""
+    header = pd.Index([str(c).strip() for c in names])
+    repeated = header[header.duplicated()]
+    if len(repeated):
+        raise SpotsError(f"column {repeated[0]!r} appears more than once in the header", path)
+    return header
 
 
 def _require_columns(table: pd.DataFrame, needed, path: Path, what: str) -> None:
@@ -184,7 +190,7 @@ def _load_visium(path: Path) -> Spots:
     raw = _read_table(path, header=None)
     has_header = raw.shape[0] > 0 and str(raw.iloc[0, 0]).strip().lower() == "barcode"
     if has_header:
-        raw.columns = [str(c).strip() for c in raw.iloc[0]]
+        raw.columns = _header(raw.iloc[0], path)
         raw = raw.iloc[1:].reset_index(drop=True)
     elif raw.shape[1] == len(VISIUM_COLUMNS):
         raw.columns = VISIUM_COLUMNS
@@ -222,7 +228,7 @@ def _mpp_from_scalefactors(path: Path) -> float | None:
 
 def _load_st(path: Path) -> Spots:
     table = _read_table(path)
-    table.columns = [c.lower() for c in table.columns]
+    table.columns = _header([c.lower() for c in table.columns], path)
     _require_columns(table, ["x", "y", "pixel_x", "pixel_y"], path, "legacy ST spot table")
     if "selected" in table.columns:
         table = table[pd.to_numeric(table["selected"].str.strip(), errors="coerce") == 1].reset_index(drop=True)
