@@ -25,13 +25,17 @@ import time
 import numpy as np
 import torch
 
-from m2ort_fast.backends import make_backend, resolve_device
+from m2ort_fast.backends import make_backend
 from m2ort_fast.checkpoint import ModelCard
+from m2ort_fast.device import resolve_device
 from m2ort_fast.errors import M2ORTError
 from m2ort_fast.model import IMAGE_SIZES_PX, build_model, set_fused_attention
+from m2ort_fast.precision import PRECISION_NAMES, torch_dtype
 
-DEFAULT_BACKENDS = {"cpu": "torch,torch-fused,onnxruntime,aoti",
-                    "cuda": "torch,torch-fused,compile,triton,aoti,tensorrt,onnxruntime"}
+DEFAULT_BACKENDS = {
+    "cpu": "torch,torch-fused,onnxruntime,aoti",
+    "cuda": "torch,torch-fused,compile,triton,aoti,tensorrt,onnxruntime",
+}
 
 
 class PeakRSS:
@@ -65,7 +69,7 @@ class CompileBackend:
     name = "compile"
 
     def __init__(self, model, device, precision):
-        self.device, self.dtype = device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        self.device, self.dtype = device, torch_dtype(precision)
         mode = "max-autotune" if device.type == "cuda" else None
         self.fn = torch.compile(model.to(device, self.dtype).eval(), mode=mode, dynamic=False)
 
@@ -96,10 +100,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-sizes", default="1,64,256")
     parser.add_argument("--backends", default=None, help="comma-separated (default: all for the device)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--precision", default="fp32", choices=PRECISION_NAMES)
     parser.add_argument("--repeats", type=int, default=5, help="timed batches per backend and batch size")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for every backend (default: torch's)")
-    parser.add_argument("--cache-dir", default=None, help="artifact cache (default: $M2ORT_FAST_CACHE or ~/.cache/m2ort-fast)")
+    parser.add_argument(
+        "--cache-dir", default=None, help="artifact cache (default: $M2ORT_FAST_CACHE or ~/.cache/m2ort-fast)"
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -110,8 +116,13 @@ def main(argv=None) -> int:
     names = (args.backends or DEFAULT_BACKENDS[device.type]).split(",")
     model = build_model(args.variant, seed=0)
     card = ModelCard.for_variant(args.variant, [f"G{i}" for i in range(model.cfg.n_genes)], mpp=0.5)
-    device_label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"# {args.variant} ({card.dim}x{card.depth}), {args.precision}, device: {device_label}, torch {torch.__version__}")
+    device_label = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"# {args.variant} ({card.dim}x{card.depth}), {args.precision}, device: {device_label}, "
+        f"torch {torch.__version__}"
+    )
 
     backends, build_s, unavailable = {}, {}, {}
     for name in names:
@@ -147,23 +158,45 @@ def main(argv=None) -> int:
             lat = np.array(latencies[name])
             p50 = float(np.median(lat))
             peak_mib = peaks[name] / 2**20
-            rows.append({"backend": name, "batch": batch, "spots_per_s": batch / p50, "p50_ms": p50 * 1e3,
-                         "p99_ms": float(np.percentile(lat, 99)) * 1e3, "peak_mib": peak_mib,
-                         "max_rel_err": errors[name], "build_s": build_s[name]})
+            rows.append(
+                {
+                    "backend": name,
+                    "batch": batch,
+                    "spots_per_s": batch / p50,
+                    "p50_ms": p50 * 1e3,
+                    "p99_ms": float(np.percentile(lat, 99)) * 1e3,
+                    "peak_mib": peak_mib,
+                    "max_rel_err": errors[name],
+                    "build_s": build_s[name],
+                }
+            )
 
     eager = {r["batch"]: r["spots_per_s"] for r in rows if r["backend"] == "torch"}
     print("| backend | batch | spots/s | vs torch | p50 ms | p99 ms | peak MiB | max rel err | build s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ratio = f"{r['spots_per_s'] / eager[r['batch']]:.2f}x" if r["batch"] in eager else "-"
-        print(f"| {r['backend']} | {r['batch']} | {r['spots_per_s']:.1f} | {ratio} | {r['p50_ms']:.1f} | "
-              f"{r['p99_ms']:.1f} | {r['peak_mib']:.0f} | {r['max_rel_err']:.1e} | {r['build_s']:.1f} |")
+        print(
+            f"| {r['backend']} | {r['batch']} | {r['spots_per_s']:.1f} | {ratio} | {r['p50_ms']:.1f} | "
+            f"{r['p99_ms']:.1f} | {r['peak_mib']:.0f} | {r['max_rel_err']:.1e} | {r['build_s']:.1f} |"
+        )
     if device.type == "cpu":
-        print("# peak MiB on the CPU: peak RSS of the whole process while that backend ran (includes the others' weights)")
+        print(
+            "# peak MiB on the CPU: peak RSS of the whole process while that backend ran (includes the others' weights)"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"variant": args.variant, "device": device_label, "precision": args.precision,
-                       "rows": rows, "unavailable": unavailable}, f, indent=2)
+            json.dump(
+                {
+                    "variant": args.variant,
+                    "device": device_label,
+                    "precision": args.precision,
+                    "rows": rows,
+                    "unavailable": unavailable,
+                },
+                f,
+                indent=2,
+            )
     return 0
 
 

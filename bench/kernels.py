@@ -28,9 +28,9 @@ import time
 import torch
 
 from m2ort_fast.model import NUM_TOKENS, VARIANTS, build_model
+from m2ort_fast.precision import PRECISION_NAMES, torch_dtype
 
 TOKENS = NUM_TOKENS + 1
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def block_flops(cfg, op: str) -> int:
@@ -74,8 +74,10 @@ def bench_blocks(variant: str, args, device, dtype, triton_ok: bool) -> list[dic
     block = model.blocks[0]
     x = torch.randn(args.batch, TOKENS, cfg.dim, device=device, dtype=dtype)
     rows = []
-    for op, module, kernel, weights in (("itmm", block.itmm, itmm, ITMMWeights),
-                                        ("icmm", block.icmm, icmm, ICMMWeights)):
+    for op, module, kernel, weights in (
+        ("itmm", block.itmm, itmm, ITMMWeights),
+        ("icmm", block.icmm, icmm, ICMMWeights),
+    ):
         flops = block_flops(cfg, op) * args.batch
         weight_bytes = sum(p.numel() for p in module.parameters()) * x.element_size()
         min_bytes = 2 * x.numel() * x.element_size() + weight_bytes
@@ -90,17 +92,25 @@ def bench_blocks(variant: str, args, device, dtype, triton_ok: bool) -> list[dic
         reference = None
         for name, fn in impls.items():
             with torch.inference_mode():
-                ms = time_ms(lambda: fn(x), device, args.reps)
+                ms = time_ms(lambda fn=fn: fn(x), device, args.reps)
                 out = fn(x)
             if reference is None:
                 reference = out.float()
             err = ((out.float() - reference).abs().max() / (reference - x.float()).abs().max()).item()
             eager_ms = eager_ms or ms
-            rows.append({
-                "variant": variant, "op": op, "impl": name, "batch": args.batch, "ms": ms,
-                "gflops": flops / ms / 1e6, "gbps": min_bytes / ms / 1e6, "vs_eager": eager_ms / ms,
-                "rel_err_vs_eager": err,
-            })
+            rows.append(
+                {
+                    "variant": variant,
+                    "op": op,
+                    "impl": name,
+                    "batch": args.batch,
+                    "ms": ms,
+                    "gflops": flops / ms / 1e6,
+                    "gbps": min_bytes / ms / 1e6,
+                    "vs_eager": eager_ms / ms,
+                    "rel_err_vs_eager": err,
+                }
+            )
     return rows
 
 
@@ -122,41 +132,58 @@ def bench_encoder(variant: str, args, device, dtype, triton_ok: bool) -> list[di
     rows, eager_ms, reference = [], None, None
     for name, fn in impls.items():
         with torch.inference_mode():
-            ms = time_ms(lambda: fn(tokens), device, args.reps)
+            ms = time_ms(lambda fn=fn: fn(tokens), device, args.reps)
             out = fn(tokens).float()
         reference = out if reference is None else reference
         eager_ms = eager_ms or ms
-        rows.append({
-            "variant": variant, "impl": name, "batch": args.encoder_batch, "ms": ms,
-            "spots_per_s": args.encoder_batch / ms * 1e3, "vs_eager": eager_ms / ms,
-            "rel_err_vs_eager": ((out - reference).abs().max() / reference.abs().max()).item(),
-        })
+        rows.append(
+            {
+                "variant": variant,
+                "impl": name,
+                "batch": args.encoder_batch,
+                "ms": ms,
+                "spots_per_s": args.encoder_batch / ms * 1e3,
+                "vs_eager": eager_ms / ms,
+                "rel_err_vs_eager": ((out - reference).abs().max() / reference.abs().max()).item(),
+            }
+        )
     return rows
 
 
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
-    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    return (
+        f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variant", nargs="+", default=None, choices=[*VARIANTS, "all"],
-                        help="default: all on a GPU, tiny on the CPU")
+    parser.add_argument(
+        "--variant", nargs="+", default=None, choices=[*VARIANTS, "all"], help="default: all on a GPU, tiny on the CPU"
+    )
     parser.add_argument("--batch", type=int, default=None, help="spots per block call (default 256 GPU, 2 CPU)")
     parser.add_argument("--encoder-batch", type=int, default=256, help="spots per encoder call (GPU only)")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default bf16 on a GPU, fp32 on the CPU")
+    parser.add_argument("--dtype", choices=PRECISION_NAMES, default=None, help="default bf16 on a GPU, fp32 on the CPU")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
-    parser.add_argument("--compile-mode", default=None,
-                        help="torch.compile mode; default max-autotune on a GPU, the default mode on the CPU; "
-                             "'none' skips torch.compile")
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode; default max-autotune on a GPU, the default mode on the CPU; "
+        "'none' skips torch.compile",
+    )
     parser.add_argument("--reps", type=int, default=None, help="timed calls per measurement (default 20 GPU, 5 CPU)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
     gpu = device.type == "cuda"
     variants = args.variant or (["all"] if gpu else ["tiny"])
     variants = list(VARIANTS) if "all" in variants else variants
@@ -165,16 +192,20 @@ def main(argv=None) -> int:
     args.reps = args.reps or (20 if gpu else 5)
     if args.compile_mode is None and gpu:
         args.compile_mode = "max-autotune"
-    dtype = DTYPES[args.dtype]
+    dtype = torch_dtype(args.dtype)
     if not gpu:
         torch.set_num_threads(min(2, os.cpu_count() or 1))
 
     print(f"# Kernel benchmark on {device_description(device)}")
-    print(f"torch {torch.__version__}, triton {_triton_version()}, {args.dtype}, block batch {args.batch}, "
-          f"median of {args.reps} runs")
+    print(
+        f"torch {torch.__version__}, triton {_triton_version()}, {args.dtype}, block batch {args.batch}, "
+        f"median of {args.reps} runs"
+    )
     if not gpu:
-        print("\nTriton kernels need a CUDA GPU (on the CPU they only run in the slow interpreter, which is "
-              "not worth timing): the triton rows are skipped; eager vs torch.compile shown for reference.")
+        print(
+            "\nTriton kernels need a CUDA GPU (on the CPU they only run in the slow interpreter, which is "
+            "not worth timing): the triton rows are skipped; eager vs torch.compile shown for reference."
+        )
     triton_ok = gpu and _triton_version() != "not installed"
 
     block_rows, encoder_rows = [], []
@@ -187,18 +218,28 @@ def main(argv=None) -> int:
     print("| variant | block | impl | ms | GFLOP/s | GB/s (min traffic) | vs eager | max rel err vs eager |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in block_rows:
-        print(f"| {r['variant']} | {r['op']} | {r['impl']} | {r['ms']:.3f} | {r['gflops']:.0f} | {r['gbps']:.0f} "
-              f"| {r['vs_eager']:.2f}x | {r['rel_err_vs_eager']:.1e} |")
+        print(
+            f"| {r['variant']} | {r['op']} | {r['impl']} | {r['ms']:.3f} | {r['gflops']:.0f} | {r['gbps']:.0f} "
+            f"| {r['vs_eager']:.2f}x | {r['rel_err_vs_eager']:.1e} |"
+        )
     if encoder_rows:
         print(f"\n## Encoder (all blocks + final norm), batch {args.encoder_batch}\n")
         print("| variant | impl | ms | spots/s | vs eager | max rel err vs eager |")
         print("|---|---|---:|---:|---:|---:|")
         for r in encoder_rows:
-            print(f"| {r['variant']} | {r['impl']} | {r['ms']:.2f} | {r['spots_per_s']:.0f} | {r['vs_eager']:.2f}x "
-                  f"| {r['rel_err_vs_eager']:.1e} |")
+            print(
+                f"| {r['variant']} | {r['impl']} | {r['ms']:.2f} | {r['spots_per_s']:.0f} | {r['vs_eager']:.2f}x "
+                f"| {r['rel_err_vs_eager']:.1e} |"
+            )
     if args.json:
-        payload = {"device": device_description(device), "torch": torch.__version__, "triton": _triton_version(),
-                   "dtype": args.dtype, "blocks": block_rows, "encoder": encoder_rows}
+        payload = {
+            "device": device_description(device),
+            "torch": torch.__version__,
+            "triton": _triton_version(),
+            "dtype": args.dtype,
+            "blocks": block_rows,
+            "encoder": encoder_rows,
+        }
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
             json.dump(payload, f, indent=2)

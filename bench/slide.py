@@ -56,9 +56,14 @@ def prepare_slide(section: Path, region_px: int, out: Path):
         if region_px:
             h, w = image.shape[:2]
             top, left = max(0, (h - region_px) // 2), max(0, (w - region_px) // 2)
-            image = image[top:top + region_px, left:left + region_px]
-        path = write_pyramid(np.ascontiguousarray(image), out / f"{section.name}.svs", mpp=spots.mpp_from_pitch,
-                             layout="svs", downsamples=(1, 4, 16))
+            image = image[top : top + region_px, left : left + region_px]
+        path = write_pyramid(
+            np.ascontiguousarray(image),
+            out / f"{section.name}.svs",
+            mpp=spots.mpp_from_pitch,
+            layout="svs",
+            downsamples=(1, 4, 16),
+        )
     return path, spots.mpp_from_pitch
 
 
@@ -75,8 +80,14 @@ def make_predictor(args, mpp: float, tmp: Path):
         model = build_model(args.variant, len(genes), seed=0)
         checkpoint = tmp / f"{args.variant}.safetensors"
         save_checkpoint(checkpoint, model, card)
-    return Predictor(checkpoint, backend=args.backend, device=args.device, batch_size=args.batch_size,
-                     level_source=args.level_source, progress=False)
+    return Predictor(
+        checkpoint,
+        backend=args.backend,
+        device=args.device,
+        batch_size=args.batch_size,
+        level_source=args.level_source,
+        progress=False,
+    )
 
 
 def traced(fn):
@@ -117,10 +128,25 @@ def run_streamed(predictor, slide, centers, max_memory_mb):
 
     def work():
         with timer.stage("plan"):
-            plan = plan_slide_reads(slide, centers, predictor.card.level_mpp, predictor.card.patch_sizes_px,
-                                    level_source=predictor.level_source, max_memory_mb=max_memory_mb)
-        run_stream(slide, plan, predictor.backend, predictor.card.pixel_mean, predictor.card.pixel_std, store,
-                   batch_size=predictor.batch_size, timer=timer, num_threads=predictor.num_threads)
+            plan = plan_slide_reads(
+                slide,
+                centers,
+                predictor.card.level_mpp,
+                predictor.card.patch_sizes_px,
+                level_source=predictor.level_source,
+                max_memory_mb=max_memory_mb,
+            )
+        run_stream(
+            slide,
+            plan,
+            predictor.backend,
+            predictor.card.pixel_mean,
+            predictor.card.pixel_std,
+            store,
+            batch_size=predictor.batch_size,
+            timer=timer,
+            num_threads=predictor.num_threads,
+        )
         return plan
 
     plan, seconds, peak = traced(work)
@@ -129,8 +155,9 @@ def run_streamed(predictor, slide, centers, max_memory_mb):
 
 def bench_readers(path: Path, mpp: float, centers: np.ndarray, card, max_memory_mb: float) -> list[dict]:
     """Each reader on the same regions: naive squares and the streamed engine's planned rows."""
+    from m2ort_fast.crop import read_spot_patches
     from m2ort_fast.errors import M2ORTError
-    from m2ort_fast.slide import open_slide, read_spot_patches
+    from m2ort_fast.slide import open_slide
     from m2ort_fast.stream import iter_streamed_patches, plan_slide_reads
 
     rows = []
@@ -149,9 +176,15 @@ def bench_readers(path: Path, mpp: float, centers: np.ndarray, card, max_memory_
             for _ in iter_streamed_patches(slide, plan):  # crop and resize on every core, as predict does
                 pass
             streamed_s = time.perf_counter() - start
-        rows.append({"reader": reader, "spots": len(centers), "naive_read_spots_per_s": round(len(centers) / naive_s, 1),
-                     "streamed_read_spots_per_s": round(len(centers) / streamed_s, 1),
-                     "ratio": round(naive_s / streamed_s, 2)})
+        rows.append(
+            {
+                "reader": reader,
+                "spots": len(centers),
+                "naive_read_spots_per_s": round(len(centers) / naive_s, 1),
+                "streamed_read_spots_per_s": round(len(centers) / streamed_s, 1),
+                "ratio": round(naive_s / streamed_s, 2),
+            }
+        )
     return rows
 
 
@@ -159,8 +192,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="her2st folder (default: %(default)s)")
     parser.add_argument("--section", default="C2")
-    parser.add_argument("--slide", type=Path, default=None,
-                        help="bench on this pyramid (with mpp) instead of a converted her2st section, e.g. the demo slide")
+    parser.add_argument(
+        "--slide",
+        type=Path,
+        default=None,
+        help="bench on this pyramid (with mpp) instead of a converted her2st section, e.g. the demo slide",
+    )
     parser.add_argument("--region-px", type=int, default=3072, help="centre crop of the section (0: whole section)")
     parser.add_argument("--spacing-um", type=float, default=55.0)
     parser.add_argument("--variant", default="tiny", help="random-weight model of this variant (tiny: the demo model)")
@@ -168,13 +205,21 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--level-source", default=None, choices=["pyramid", "resize"],
-                        help="how the coarser inputs are made (default: the model card's); pyramid: one read per "
-                             "spot per level on the naive path")
+    parser.add_argument(
+        "--level-source",
+        default=None,
+        choices=["pyramid", "resize"],
+        help="how the coarser inputs are made (default: the model card's); pyramid: one read per "
+        "spot per level on the naive path",
+    )
     parser.add_argument("--max-memory-mb", type=float, default=512)
     parser.add_argument("--reader", default="tiffslide", help="reader for the two paths (default: %(default)s)")
-    parser.add_argument("--reader-spots", type=int, default=300,
-                        help="spots for the per-reader comparison (the block nearest the tissue's middle)")
+    parser.add_argument(
+        "--reader-spots",
+        type=int,
+        default=300,
+        help="spots for the per-reader comparison (the block nearest the tissue's middle)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args(argv)
 
@@ -184,8 +229,10 @@ def main(argv=None) -> int:
 
     section = args.data / args.section
     if args.slide is None and not section.is_dir():
-        print(f"bench/slide.py: no her2st section at {section} (../shared/data is absent): nothing measured",
-              file=sys.stderr)
+        print(
+            f"bench/slide.py: no her2st section at {section} (../shared/data is absent): nothing measured",
+            file=sys.stderr,
+        )
         return 2
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -202,11 +249,17 @@ def main(argv=None) -> int:
             centers = np.asarray(spots.centers_px, dtype=np.float64)
             n = len(centers)
             label = args.slide.name if args.slide is not None else f"her2st {args.section}"
-            report = {"slide": f"{label} {slide.level_dimensions[0]} px, {mpp:.4f} um/px, levels {slide.level_downsamples}",
-                      "reader": args.reader, "spots": n, "spacing_um": args.spacing_um,
-                      "model": f"{predictor.card.variant} ({args.backend}, {predictor.backend.device})",
-                      "level_source": predictor.level_source,
-                      "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(), "runs": {}}
+            report = {
+                "slide": f"{label} {slide.level_dimensions[0]} px, {mpp:.4f} um/px, levels {slide.level_downsamples}",
+                "reader": args.reader,
+                "spots": n,
+                "spacing_um": args.spacing_um,
+                "model": f"{predictor.card.variant} ({args.backend}, {predictor.backend.device})",
+                "level_source": predictor.level_source,
+                "batch_size": args.batch_size,
+                "torch_threads": torch.get_num_threads(),
+                "runs": {},
+            }
             # Warm the model (first calls allocate).
             predictor.backend(*[torch.zeros(2, 3, s, s) for s in predictor.card.patch_sizes_px])
             model = predictor.backend
@@ -218,13 +271,21 @@ def main(argv=None) -> int:
                 if label == "end_to_end":
                     report["bit_equal"] = bool(np.array_equal(naive[0], streamed[0]))
                 report["runs"][label] = {
-                    "naive": {"spots_per_s": round(n / naive[1], 1), "seconds": round(naive[1], 2),
-                              "tiles_decoded_per_spot": round(plan.naive_tile_reads / n, 2),
-                              "peak_host_mb": round(naive[2] / 2**20, 1), "stages_s": naive[3]},
-                    "streamed": {"spots_per_s": round(n / streamed[1], 1), "seconds": round(streamed[1], 2),
-                                 "tiles_decoded_per_spot": round(plan.tiles_decoded / n, 3),
-                                 "peak_host_mb": round(streamed[2] / 2**20, 1), "stages_s": streamed[3],
-                                 "plan": plan.stats()},
+                    "naive": {
+                        "spots_per_s": round(n / naive[1], 1),
+                        "seconds": round(naive[1], 2),
+                        "tiles_decoded_per_spot": round(plan.naive_tile_reads / n, 2),
+                        "peak_host_mb": round(naive[2] / 2**20, 1),
+                        "stages_s": naive[3],
+                    },
+                    "streamed": {
+                        "spots_per_s": round(n / streamed[1], 1),
+                        "seconds": round(streamed[1], 2),
+                        "tiles_decoded_per_spot": round(plan.tiles_decoded / n, 3),
+                        "peak_host_mb": round(streamed[2] / 2**20, 1),
+                        "stages_s": streamed[3],
+                        "plan": plan.stats(),
+                    },
                     "speedup": round(naive[1] / streamed[1], 2),
                     "peak_device_mb": device_peak_mb(),
                 }
@@ -232,7 +293,7 @@ def main(argv=None) -> int:
         # A compact block of the dense grid (the spots nearest the tissue's middle), as a dense
         # map is read: spots scattered over the whole slide would make every planned band span it.
         middle = np.median(centers, axis=0)
-        subset = centers[np.argsort(np.hypot(*(centers - middle).T), kind="stable")[:args.reader_spots]]
+        subset = centers[np.argsort(np.hypot(*(centers - middle).T), kind="stable")[: args.reader_spots]]
         report["readers"] = bench_readers(path, mpp, subset, predictor.card, args.max_memory_mb)
 
     print(json.dumps(report, indent=2))
@@ -241,8 +302,10 @@ def main(argv=None) -> int:
     for label, run in report["runs"].items():
         for path_name in ("naive", "streamed"):
             r = run[path_name]
-            print(f"{label:<12}{path_name:<10}{r['spots_per_s']:>9}{r['tiles_decoded_per_spot']:>12}"
-                  f"{r['peak_host_mb']:>9}   {r['stages_s']}")
+            print(
+                f"{label:<12}{path_name:<10}{r['spots_per_s']:>9}{r['tiles_decoded_per_spot']:>12}"
+                f"{r['peak_host_mb']:>9}   {r['stages_s']}"
+            )
         print(f"{label:<12}speedup {run['speedup']}x")
     print(f"predictions bit-equal: {report['bit_equal']}")
     for r in report["readers"]:

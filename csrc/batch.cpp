@@ -13,9 +13,8 @@ constexpr int64_t kMinPixelsPerThread = 1 << 15;
 constexpr uint8_t kWhite = 255;
 }  // namespace
 
-void assemble_batch(const uint8_t* patches, int64_t n, int64_t height, int64_t width,
-                    const std::array<double, 3>& mean, const std::array<double, 3>& std_dev,
-                    float* out, int64_t num_threads) {
+void assemble_batch(const uint8_t* patches, int64_t n, int64_t height, int64_t width, const std::array<double, 3>& mean,
+                    const std::array<double, 3>& std_dev, float* out, int64_t num_threads) {
   // A uint8 has 256 values: a per-channel table computed in double gives the correctly rounded
   // float32 of (v / 255 - mean) / std, and turns the inner loop into loads and stores.
   float table[3][256];
@@ -43,8 +42,8 @@ void assemble_batch(const uint8_t* patches, int64_t n, int64_t height, int64_t w
   });
 }
 
-void crop_patches(const RegionView& region, const int64_t* origins_xy, int64_t n, int64_t size_px,
-                  uint8_t* out, int64_t num_threads) {
+void crop_patches(const RegionView& region, const int64_t* origins_xy, int64_t n, int64_t size_px, uint8_t* out,
+                  int64_t num_threads) {
   const int64_t out_row_bytes = size_px * 3;
   const bool packed_pixels = region.pixel_stride == 3 && region.channel_stride == 1;
   const int64_t rows = n * size_px;  // unit of work: one output row
@@ -55,9 +54,8 @@ void crop_patches(const RegionView& region, const int64_t* origins_xy, int64_t n
       const int64_t origin_x = origins_xy[2 * i], origin_y = origins_xy[2 * i + 1];
       uint8_t* dst = out + row * out_row_bytes;
       // Rejecting far-away origins first keeps the arithmetic below free of int64 overflow.
-      const bool row_outside = origin_y >= region.height || origin_y <= -size_px ||
-                               origin_x >= region.width || origin_x <= -size_px ||
-                               origin_y + r >= region.height || origin_y + r < 0;
+      const bool row_outside = origin_y >= region.height || origin_y <= -size_px || origin_x >= region.width ||
+                               origin_x <= -size_px || origin_y + r >= region.height || origin_y + r < 0;
       if (row_outside) {
         std::memset(dst, kWhite, static_cast<size_t>(out_row_bytes));
         continue;

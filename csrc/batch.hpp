@@ -8,9 +8,8 @@ namespace m2ort {
 
 // patches (N, H, W, 3) uint8, C-contiguous -> out (N, 3, H, W) float32, C-contiguous,
 // out = (patches / 255 - mean[c]) / std[c].
-void assemble_batch(const uint8_t* patches, int64_t n, int64_t height, int64_t width,
-                    const std::array<double, 3>& mean, const std::array<double, 3>& std_dev,
-                    float* out, int64_t num_threads);
+void assemble_batch(const uint8_t* patches, int64_t n, int64_t height, int64_t width, const std::array<double, 3>& mean,
+                    const std::array<double, 3>& std_dev, float* out, int64_t num_threads);
 
 // Crops n square patches of size_px from an RGB region and writes them to out (n, size, size, 3)
 // uint8, C-contiguous. The region is (H, W, 3) uint8 addressed through byte strides (so an RGBA
@@ -22,7 +21,7 @@ struct RegionView {
   int64_t row_stride, pixel_stride, channel_stride;  // bytes
 };
 
-void crop_patches(const RegionView& region, const int64_t* origins_xy, int64_t n, int64_t size_px,
-                  uint8_t* out, int64_t num_threads);
+void crop_patches(const RegionView& region, const int64_t* origins_xy, int64_t n, int64_t size_px, uint8_t* out,
+                  int64_t num_threads);
 
 }  // namespace m2ort

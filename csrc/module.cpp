@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "batch.hpp"
+#include "parallel.hpp"
 #include "read_plan.hpp"
 #include "resize.hpp"
 
@@ -31,7 +32,9 @@ std::string shape_of(const py::array& a) {
   return s.str();
 }
 
-std::string dtype_name(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+std::string dtype_name(const py::array& a) {
+  return py::str(a.dtype()).cast<std::string>();
+}
 
 [[noreturn]] void fail(const std::string& where, const std::string& what) {
   throw py::value_error(where + ": " + what);
@@ -39,7 +42,8 @@ std::string dtype_name(const py::array& a) { return py::str(a.dtype()).cast<std:
 
 py::array as_array(const py::object& obj, const std::string& where, const std::string& name) {
   if (!py::isinstance<py::array>(obj)) {
-    fail(where, name + " must be a numpy.ndarray, got " + py::str(py::type::of(obj).attr("__name__")).cast<std::string>());
+    fail(where,
+         name + " must be a numpy.ndarray, got " + py::str(py::type::of(obj).attr("__name__")).cast<std::string>());
   }
   return py::reinterpret_borrow<py::array>(obj);
 }
@@ -47,7 +51,8 @@ py::array as_array(const py::object& obj, const std::string& where, const std::s
 template <typename T>
 void require_dtype(const py::array& a, const std::string& where, const std::string& name) {
   if (!a.dtype().equal(py::dtype::of<T>())) {
-    fail(where, name + " must have dtype " + py::str(py::dtype::of<T>()).cast<std::string>() + ", got " + dtype_name(a));
+    fail(where,
+         name + " must have dtype " + py::str(py::dtype::of<T>()).cast<std::string>() + ", got " + dtype_name(a));
   }
 }
 
@@ -66,7 +71,8 @@ std::array<double, 3> three_floats(const std::vector<double>& values, const std:
 }
 
 int64_t thread_count(int64_t num_threads, const std::string& where) {
-  if (num_threads < 0) fail(where, "num_threads must be >= 0 (0 = one per CPU core), got " + std::to_string(num_threads));
+  if (num_threads < 0)
+    fail(where, "num_threads must be >= 0 (0 = one per CPU this process may use), got " + std::to_string(num_threads));
   return num_threads;
 }
 
@@ -78,8 +84,8 @@ py::array_t<T> output_array(const py::object& out_obj, const std::vector<py::ssi
   if (out_obj.is_none()) return py::array_t<T>(shape);
   py::array out = as_array(out_obj, where, "out");
   require_dtype<T>(out, where, "out");
-  const bool shape_ok = out.ndim() == static_cast<py::ssize_t>(shape.size()) &&
-                        std::equal(shape.begin(), shape.end(), out.shape());
+  const bool shape_ok =
+      out.ndim() == static_cast<py::ssize_t>(shape.size()) && std::equal(shape.begin(), shape.end(), out.shape());
   if (!shape_ok) {
     std::ostringstream expected;
     expected << "(";
@@ -131,11 +137,13 @@ py::array_t<uint8_t> crop_patches(const py::object& region_obj, const py::object
   const std::string where = "crop_patches";
   py::array region = as_array(region_obj, where, "region");
   require_dtype<uint8_t>(region, where, "region");
-  if (region.ndim() != 3 || region.shape(2) != 3) fail(where, "region must have shape (H, W, 3), got " + shape_of(region));
+  if (region.ndim() != 3 || region.shape(2) != 3)
+    fail(where, "region must have shape (H, W, 3), got " + shape_of(region));
 
   py::array origins_any = as_array(origins_obj, where, "origins_px");
   const char kind = origins_any.dtype().kind();
-  if (kind != 'i' && kind != 'u') fail(where, "origins_px must have an integer dtype (int64), got " + dtype_name(origins_any));
+  if (kind != 'i' && kind != 'u')
+    fail(where, "origins_px must have an integer dtype (int64), got " + dtype_name(origins_any));
   if (origins_any.ndim() != 2 || origins_any.shape(1) != 2) {
     fail(where, "origins_px must have shape (N, 2) holding (x, y), got " + shape_of(origins_any));
   }
@@ -146,8 +154,12 @@ py::array_t<uint8_t> crop_patches(const py::object& region_obj, const py::object
   const int64_t n = origins.shape(0);
   py::array_t<uint8_t> out = output_array<uint8_t>(out_obj, {n, size_px, size_px, 3}, region, where);
 
-  const m2ort::RegionView view{static_cast<const uint8_t*>(region.data()), region.shape(0), region.shape(1),
-                               region.strides(0), region.strides(1), region.strides(2)};
+  const m2ort::RegionView view{static_cast<const uint8_t*>(region.data()),
+                               region.shape(0),
+                               region.shape(1),
+                               region.strides(0),
+                               region.strides(1),
+                               region.strides(2)};
   const int64_t* origins_xy = origins.data();
   uint8_t* dst = out.mutable_data();
   {
@@ -163,7 +175,8 @@ py::array_t<uint8_t> resize_patches(const py::object& patches_obj, int64_t size_
   py::array patches = rgb_patches(patches_obj, where);
   // Pillow picks the order of its two passes by their cost (a tie, horizontal first, for squares),
   // and the passes round in between: square patches (all the engine has) keep this bit-exact.
-  if (patches.shape(1) != patches.shape(2)) fail(where, "patches must be square (N, S, S, 3), got " + shape_of(patches));
+  if (patches.shape(1) != patches.shape(2))
+    fail(where, "patches must be square (N, S, S, 3), got " + shape_of(patches));
   if (patches.shape(1) <= 0) fail(where, "patches must not be empty images, got " + shape_of(patches));
   if (size_px <= 0) fail(where, "size_px must be > 0, got " + std::to_string(size_px));
   const int64_t threads = thread_count(num_threads, where);
@@ -187,8 +200,7 @@ py::array_t<T> to_numpy(const std::vector<T>& values, const std::vector<py::ssiz
 }
 
 py::dict plan_reads(const py::object& centers_obj, const std::vector<std::array<int64_t, 4>>& sources_in,
-                    const py::list& patch_sets_in, int64_t max_bytes, int64_t max_step_spots,
-                    int64_t reads_in_flight) {
+                    const py::list& patch_sets_in, int64_t max_bytes, int64_t max_step_spots, int64_t reads_in_flight) {
   const std::string where = "plan_reads";
   py::array centers_any = as_array(centers_obj, where, "centers_px");
   if (centers_any.ndim() != 2 || centers_any.shape(1) != 2) {
@@ -243,7 +255,7 @@ PYBIND11_MODULE(_core, m) {
 
 patches: (N, H, W, 3) uint8, C-contiguous. mean, std: 3 floats each (R, G, B, on the 0-1 scale).
 out: optional (N, 3, H, W) float32 C-contiguous array written in place. num_threads: 0 = one per
-CPU core (fewer for small batches). Returns out, (N, 3, H, W) float32 = (patches / 255 - mean) / std.)doc");
+CPU in this process's affinity mask (fewer for small batches). Returns out, (N, 3, H, W) float32 = (patches / 255 - mean) / std.)doc");
 
   m.def("crop_patches", &crop_patches, py::arg("region"), py::arg("origins_px"), py::arg("size_px"),
         py::arg("out") = py::none(), py::arg("num_threads") = 0,
@@ -255,12 +267,15 @@ the region, where they are filled with white (255). size_px: patch side. out: op
 (N, size_px, size_px, 3) uint8 C-contiguous array written in place. Returns out.)doc");
   m.def("resize_patches", &resize_patches, py::arg("patches"), py::arg("size_px"), py::arg("out") = py::none(),
         py::arg("num_threads") = 0,
-        R"doc(Resize square RGB patches to size_px x size_px, bit for bit as m2ort_fast.slide.resize_patches.
+        R"doc(Resize square RGB patches to size_px x size_px, bit for bit as m2ort_fast.crop.resize_patches.
 
 patches: (N, S, S, 3) uint8, C-contiguous. The same antialiased bilinear arithmetic as Pillow's
 Image.resize(BILINEAR, reducing_gap=None), with the weights computed once for the batch and the
-patches split over num_threads threads (0 = one per CPU core). out: optional
+patches split over num_threads threads (0 = one per CPU in this process's affinity mask). out: optional
 (N, size_px, size_px, 3) uint8 C-contiguous array written in place. Returns out.)doc");
+  m.def("available_cpus", &m2ort::available_cpus,
+        R"doc(CPUs this process may run on (its affinity mask; the host's count where there is none): the
+number of threads the kernels above use when num_threads is 0 and the batch is large enough.)doc");
   m.def("plan_reads", &plan_reads, py::arg("centers_px"), py::arg("sources"), py::arg("patch_sets"),
         py::arg("max_bytes") = 0, py::arg("max_step_spots") = 256, py::arg("reads_in_flight") = 1,
         R"doc(Plan the streamed engine's reads: each needed tile decoded once, held while spots need it.

@@ -12,9 +12,15 @@ namespace {
 
 constexpr int64_t kBytesPerPixel = 3;  // windows hold RGB uint8
 
-int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
-int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
-int64_t clamp(int64_t v, int64_t lo, int64_t hi) { return std::min(std::max(v, lo), hi); }
+int64_t floor_div(int64_t a, int64_t b) {
+  return a >= 0 ? a / b : -((-a + b - 1) / b);
+}
+int64_t ceil_div(int64_t a, int64_t b) {
+  return -floor_div(-a, b);
+}
+int64_t clamp(int64_t v, int64_t lo, int64_t hi) {
+  return std::min(std::max(v, lo), hi);
+}
 
 struct Inputs {
   const double* centers;
@@ -25,8 +31,12 @@ struct Inputs {
   std::vector<int64_t> limit_rows;                   // most rows a step may ask of each source
 };
 
-int64_t top_y(const PlanPatchSet& set, int64_t spot) { return set.top_left_xy[2 * spot + 1]; }
-int64_t left_x(const PlanPatchSet& set, int64_t spot) { return set.top_left_xy[2 * spot]; }
+int64_t top_y(const PlanPatchSet& set, int64_t spot) {
+  return set.top_left_xy[2 * spot + 1];
+}
+int64_t left_x(const PlanPatchSet& set, int64_t spot) {
+  return set.top_left_xy[2 * spot];
+}
 
 // Rows of `source` that spots [begin, end) of `order` need, tile-aligned and clipped to the
 // level: [keep_from, bottom). Relies on each patch set's top y being non-decreasing in order.
@@ -193,7 +203,11 @@ ReadPlan plan_reads(const double* centers_xy, int64_t n_spots, const std::vector
       throw std::invalid_argument("source sizes and tile sizes must be positive");
     }
   }
-  Inputs in{centers_xy, n_spots, sources, patch_sets, std::vector<std::vector<int64_t>>(sources.size()),
+  Inputs in{centers_xy,
+            n_spots,
+            sources,
+            patch_sets,
+            std::vector<std::vector<int64_t>>(sources.size()),
             std::vector<int64_t>(sources.size(), 0)};
   for (size_t s = 0; s < patch_sets.size(); ++s) {
     const PlanPatchSet& set = patch_sets[s];
@@ -209,7 +223,8 @@ ReadPlan plan_reads(const double* centers_xy, int64_t n_spots, const std::vector
     in.limit_rows[set.source] = std::max(in.limit_rows[set.source], (ceil_div(set.read_px, th) + 2) * th);
   }
   for (size_t src = 0; src < sources.size(); ++src) {
-    if (in.sets_of_source[src].empty()) throw std::invalid_argument("source " + std::to_string(src) + " has no patch set");
+    if (in.sets_of_source[src].empty())
+      throw std::invalid_argument("source " + std::to_string(src) + " has no patch set");
   }
 
   ReadPlan plan;
@@ -224,8 +239,10 @@ ReadPlan plan_reads(const double* centers_xy, int64_t n_spots, const std::vector
   plan = plan_with_stripes(in, n_stripes, max_step_spots, reads_in_flight);
   while (max_bytes > 0 && plan.peak_bytes > max_bytes) {
     if (n_stripes >= n_spots || stalls >= 3) {
-      throw std::runtime_error("memory budget of " + std::to_string(max_bytes >> 20) + " MiB is too small: the "
-                               "narrowest read plan needs " + std::to_string((plan.peak_bytes >> 20) + 1) + " MiB");
+      throw std::runtime_error("memory budget of " + std::to_string(max_bytes >> 20) +
+                               " MiB is too small: the "
+                               "narrowest read plan needs " +
+                               std::to_string((plan.peak_bytes >> 20) + 1) + " MiB");
     }
     n_stripes = std::min(n_stripes * 2, n_spots);
     ReadPlan narrower = plan_with_stripes(in, n_stripes, max_step_spots, reads_in_flight);

@@ -34,16 +34,16 @@ struct PlanPatchSet {
 
 struct ReadPlan {
   int64_t n_sources = 0;
-  std::vector<int64_t> order;          // (n_spots,) spot indices in processing order
-  std::vector<int64_t> stripe_columns; // (n_stripes, n_sources, 2) window columns [x0, x1)
-  std::vector<int64_t> stripe_rows;    // (n_stripes, n_sources) most rows a window holds
-  std::vector<int64_t> step_stripe;    // (n_steps,)
-  std::vector<int64_t> step_offsets;   // (n_steps + 1,) step t's spots: order[offsets[t]:offsets[t+1]]
-  std::vector<int64_t> step_rows;      // (n_steps, n_sources, 3): keep_from, read_y0, read_y1
-  int64_t tiles_decoded = 0;    // tiles the reads cover (a tile read by two stripes counts twice)
-  int64_t tiles_needed = 0;     // distinct tiles any patch touches (the least any reader must decode)
-  int64_t naive_tile_reads = 0; // sum over patches of the tiles each touches (one read per patch)
-  int64_t peak_bytes = 0;       // windows (held with room to append: 2x rows) + reads in flight
+  std::vector<int64_t> order;           // (n_spots,) spot indices in processing order
+  std::vector<int64_t> stripe_columns;  // (n_stripes, n_sources, 2) window columns [x0, x1)
+  std::vector<int64_t> stripe_rows;     // (n_stripes, n_sources) most rows a window holds
+  std::vector<int64_t> step_stripe;     // (n_steps,)
+  std::vector<int64_t> step_offsets;    // (n_steps + 1,) step t's spots: order[offsets[t]:offsets[t+1]]
+  std::vector<int64_t> step_rows;       // (n_steps, n_sources, 3): keep_from, read_y0, read_y1
+  int64_t tiles_decoded = 0;            // tiles the reads cover (a tile read by two stripes counts twice)
+  int64_t tiles_needed = 0;             // distinct tiles any patch touches (the least any reader must decode)
+  int64_t naive_tile_reads = 0;         // sum over patches of the tiles each touches (one read per patch)
+  int64_t peak_bytes = 0;               // windows (held with room to append: 2x rows) + reads in flight
   int64_t n_stripes() const { return n_sources ? static_cast<int64_t>(stripe_rows.size()) / n_sources : 0; }
   int64_t n_steps() const { return static_cast<int64_t>(step_stripe.size()); }
 };

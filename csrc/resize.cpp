@@ -86,7 +86,8 @@ FixedTaps fixed_taps(const AxisTaps& taps, int in_size) {
     const int start = std::min(taps.first[xx], in_size - fixed.ksize);
     const int shift = taps.first[xx] - start;
     for (int x = 0; x < taps.count[xx]; ++x) {
-      fixed.weights[static_cast<size_t>(xx) * fixed.ksize + shift + x] = taps.weights[static_cast<size_t>(xx) * taps.ksize + x];
+      fixed.weights[static_cast<size_t>(xx) * fixed.ksize + shift + x] =
+          taps.weights[static_cast<size_t>(xx) * taps.ksize + x];
     }
     fixed.first[xx] = start;
   }
@@ -117,7 +118,8 @@ void horizontal_pass(const uint8_t* in, int64_t rows, int64_t in_width, const Fi
                      uint8_t* out) {
   auto row_fn = taps.ksize == 5 ? horizontal_row<5> : taps.ksize == 9 ? horizontal_row<9> : horizontal_row<0>;
   for (int64_t y = 0; y < rows; ++y) {
-    row_fn(in + y * in_width * 3, taps.first.data(), taps.weights.data(), taps.ksize, out_width, out + y * out_width * 3);
+    row_fn(in + y * in_width * 3, taps.first.data(), taps.weights.data(), taps.ksize, out_width,
+           out + y * out_width * 3);
   }
 }
 
@@ -151,12 +153,14 @@ void resize_patches(const uint8_t* patches, int64_t n, int64_t in_height, int64_
     return;
   }
   const AxisTaps rows = axis_taps(static_cast<int>(in_height), static_cast<int>(out_height));
-  const AxisTaps column_taps = need_horizontal ? axis_taps(static_cast<int>(in_width), static_cast<int>(out_width)) : AxisTaps{};
+  const AxisTaps column_taps =
+      need_horizontal ? axis_taps(static_cast<int>(in_width), static_cast<int>(out_width)) : AxisTaps{};
   const FixedTaps columns = fixed_taps(column_taps, static_cast<int>(in_width));
   // As Pillow: the horizontal pass only covers the input rows the vertical pass reads.
   const int64_t first_row = need_vertical ? rows.first.front() : 0;
   const int64_t last_row = need_vertical ? rows.first.back() + rows.count.back() : in_height;
-  const int64_t threads = choose_threads(n, num_threads, std::max<int64_t>(1, kMinPixelsPerThread / std::max<int64_t>(1, in_height * in_width)));
+  const int64_t threads = choose_threads(
+      n, num_threads, std::max<int64_t>(1, kMinPixelsPerThread / std::max<int64_t>(1, in_height * in_width)));
   parallel_for(n, threads, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> between(static_cast<size_t>((last_row - first_row) * out_width * 3));
     std::vector<int32_t> sums;

@@ -25,18 +25,18 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from ..checkpoint import METADATA_KEY, ModelCard
-from ..errors import M2ORTError
-from ..model import M2ORT
-from .cache import DEFAULT_BATCH_PROFILE
-from .graph import GRAPH_VERSION, export_model, sample_inputs
+from m2ort_fast.checkpoint import METADATA_KEY, ModelCard
+from m2ort_fast.errors import M2ORTError
+from m2ort_fast.export.cache import DEFAULT_BATCH_PROFILE
+from m2ort_fast.export.graph import GRAPH_VERSION, export_model, sample_inputs
+from m2ort_fast.model import M2ORT
 
-log = logging.getLogger("m2ort_fast")
+log = logging.getLogger(__name__)
 
 
 def kernel_ops(device: torch.device) -> dict[str, Callable] | None:
@@ -45,7 +45,7 @@ def kernel_ops(device: torch.device) -> dict[str, Callable] | None:
     if torch.device(device).type != "cuda":
         return None
     try:
-        from .. import kernels
+        from m2ort_fast import kernels
     except ImportError:
         return None
     export_ops = getattr(kernels, "export_ops", None)
@@ -81,9 +81,14 @@ def inductor_configs(device: torch.device, card: ModelCard, precision: str) -> d
     return configs
 
 
-def exported_program(model: M2ORT, *, device: torch.device, precision: str,
-                     batch_profile: tuple[int, int, int] = DEFAULT_BATCH_PROFILE,
-                     use_kernels: bool = True) -> torch.export.ExportedProgram:
+def exported_program(
+    model: M2ORT,
+    *,
+    device: torch.device,
+    precision: str,
+    batch_profile: tuple[int, int, int] = DEFAULT_BATCH_PROFILE,
+    use_kernels: bool = True,
+) -> torch.export.ExportedProgram:
     """torch.export of the model (float32 in and out, ``precision`` inside) with a dynamic batch."""
     graph = export_model(model, precision, device, block_ops=kernel_ops(device) if use_kernels else None)
     low, _, high = batch_profile
@@ -97,33 +102,47 @@ def exported_program(model: M2ORT, *, device: torch.device, precision: str,
         return torch.export.export(graph, example, dynamic_shapes=dynamic)
 
 
-def compile_aoti(model: M2ORT, card: ModelCard, path: str | os.PathLike, *, device: torch.device,
-                 precision: str = "fp32", batch_profile: tuple[int, int, int] = DEFAULT_BATCH_PROFILE,
-                 use_kernels: bool = True) -> dict:
+def compile_aoti(
+    model: M2ORT,
+    card: ModelCard,
+    path: str | os.PathLike,
+    *,
+    device: torch.device,
+    precision: str = "fp32",
+    batch_profile: tuple[int, int, int] = DEFAULT_BATCH_PROFILE,
+    use_kernels: bool = True,
+) -> dict:
     """Compile an AOTInductor package for ``device`` at ``path``. Returns build info (seconds,
     toolkit, whether our Triton kernels are in it)."""
     device = torch.device(device)
     path = Path(path)
     start = time.perf_counter()
-    program = exported_program(model, device=device, precision=precision, batch_profile=batch_profile,
-                               use_kernels=use_kernels)
+    program = exported_program(
+        model, device=device, precision=precision, batch_profile=batch_profile, use_kernels=use_kernels
+    )
     export_s = time.perf_counter() - start
     tmp = path.with_name(f".{path.name}.partial.pt2")
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)
             torch._inductor.aoti_compile_and_package(
-                program, package_path=str(tmp), inductor_configs=inductor_configs(device, card, precision))
+                program, package_path=str(tmp), inductor_configs=inductor_configs(device, card, precision)
+            )
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    compile_s = round(time.perf_counter() - start - export_s, 2)
     info = {
-        "format": "aoti", "device": str(device), "precision": precision, "batch_profile": list(batch_profile),
+        "format": "aoti",
+        "device": str(device),
+        "precision": precision,
+        "batch_profile": list(batch_profile),
         "toolkit": toolkit_version(device, use_kernels),
         "triton_kernels": bool(use_kernels and kernel_ops(device) is not None),
-        "export_s": round(export_s, 2), "compile_s": round(time.perf_counter() - start - export_s, 2),
+        "export_s": round(export_s, 2),
+        "compile_s": compile_s,
     }
-    log.info("AOTInductor package for %s built in %.1f s: %s", device, export_s + info["compile_s"], path)
+    log.info("AOTInductor package for %s built in %.1f s: %s", device, export_s + compile_s, path)
     return info
 
 
@@ -131,7 +150,8 @@ def load_aoti(path: str | os.PathLike, device: torch.device):
     """Load a package; ``runner(l1, l2, l3)`` takes and returns tensors on ``device``."""
     device = torch.device(device)
     try:
-        return torch._inductor.aoti_load_package(str(path), device_index=device.index if device.index is not None else -1)
+        device_index = device.index if device.index is not None else -1
+        return torch._inductor.aoti_load_package(str(path), device_index=device_index)
     except (RuntimeError, OSError, ValueError) as exc:
         raise M2ORTError(f"cannot load AOTInductor package ({str(exc).splitlines()[0]})", path) from None
 

@@ -21,13 +21,13 @@ import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
-from ..checkpoint import ModelCard
-from ..errors import M2ORTError
+from m2ort_fast.checkpoint import ModelCard
+from m2ort_fast.errors import M2ORTError
 
 CACHE_ENV = "M2ORT_FAST_CACHE"
 DEFAULT_CACHE_DIR = "~/.cache/m2ort-fast"
@@ -35,8 +35,6 @@ DEFAULT_CACHE_DIR = "~/.cache/m2ort-fast"
 # accepts min..max; AOTInductor guards on min..max. 256 is the largest batch `predict` is
 # tuned for on a GPU; larger batches are split into chunks by the backends.
 DEFAULT_BATCH_PROFILE = (1, 64, 256)
-PRECISIONS = ("fp32", "fp16", "bf16")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def cache_root(root: str | os.PathLike | None = None) -> Path:
@@ -46,14 +44,8 @@ def cache_root(root: str | os.PathLike | None = None) -> Path:
     return Path(root).expanduser()
 
 
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise M2ORTError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    return precision
-
-
 def parse_batch_profile(profile: str | Sequence[int]) -> tuple[int, int, int]:
-    """"1,64,256" or (1, 64, 256) -> (min, opt, max), checked 1 <= min <= opt <= max."""
+    """ "1,64,256" or (1, 64, 256) -> (min, opt, max), checked 1 <= min <= opt <= max."""
     try:
         values = [int(v) for v in (profile.split(",") if isinstance(profile, str) else profile)]
     except (TypeError, ValueError):
@@ -71,8 +63,9 @@ def device_name(device: str | torch.device) -> str:
     model_name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            model_name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                              model_name)
+            model_name = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model_name
+            )
     except OSError:
         pass
     # Inductor's CPU code is vectorised for the ISA found at compile time (avx2, avx512, ...).
@@ -115,8 +108,9 @@ class ArtifactKey:
         return cache_root(root) / self.kind / f"{self.checkpoint_sha256[:12]}-{self.digest()}"
 
 
-def cached_artifact(key: ArtifactKey, filename: str, build: Callable[[Path], None],
-                    root: str | os.PathLike | None = None) -> tuple[Path, bool]:
+def cached_artifact(
+    key: ArtifactKey, filename: str, build: Callable[[Path], object], root: str | os.PathLike | None = None
+) -> tuple[Path, bool]:
     """Path of ``filename`` in ``key``'s folder, built by ``build(path)`` when absent.
 
     ``build`` writes the artifact (and any side files) at the path it is given, inside a

@@ -14,8 +14,9 @@ import json
 import shutil
 from pathlib import Path
 
-from ..errors import M2ORTError
-from ..options import device_name
+from m2ort_fast.errors import M2ORTError
+from m2ort_fast.options import device_name
+from m2ort_fast.precision import PRECISION_NAMES
 
 FORMATS = ("onnx", "aoti", "tensorrt")
 SUFFIXES = {"onnx": ".onnx", "aoti": ".pt2", "tensorrt": ".plan"}
@@ -26,27 +27,43 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--checkpoint", required=True, help="model checkpoint (.safetensors)")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", default=None, help="output file (default: build into the cache and print its path)")
-    p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
-                   help="default: fp32 (onnx, aoti on the CPU), bf16 (aoti on a GPU), fp16 (tensorrt)")
-    p.add_argument("--batch-profile", default="1,64,256", metavar="MIN,OPT,MAX",
-                   help="batch sizes compiled for (aoti, tensorrt; default %(default)s); ONNX takes any batch")
-    p.add_argument("--device", type=device_name, default="auto",
-                   help="device to compile for (aoti, tensorrt): cpu, cuda, cuda:N, auto")
-    p.add_argument("--no-kernels", action="store_true",
-                   help="aoti on CUDA: let Inductor compile the encoder blocks instead of embedding our Triton kernels")
+    p.add_argument(
+        "--precision",
+        default=None,
+        choices=PRECISION_NAMES,
+        help="default: fp32 (onnx, aoti on the CPU), bf16 (aoti on a GPU), fp16 (tensorrt)",
+    )
+    p.add_argument(
+        "--batch-profile",
+        default="1,64,256",
+        metavar="MIN,OPT,MAX",
+        help="batch sizes compiled for (aoti, tensorrt; default %(default)s); ONNX takes any batch",
+    )
+    p.add_argument(
+        "--device",
+        type=device_name,
+        default="auto",
+        help="device to compile for (aoti, tensorrt): cpu, cuda, cuda:N, auto",
+    )
+    p.add_argument(
+        "--no-kernels",
+        action="store_true",
+        help="aoti on CUDA: let Inductor compile the encoder blocks instead of embedding our Triton kernels",
+    )
     p.set_defaults(func=run_export)
 
 
 def run_export(args) -> int:
-    from ..backends import resolve_device
-    from ..checkpoint import file_sha256, load_checkpoint
-    from . import artifacts
-    from .cache import parse_batch_profile
+    from m2ort_fast.checkpoint import file_sha256, load_checkpoint
+    from m2ort_fast.device import resolve_device
+    from m2ort_fast.export import artifacts
+    from m2ort_fast.export.cache import parse_batch_profile
 
     profile = parse_batch_profile(args.batch_profile)
     device = resolve_device(args.device)
     precision = args.precision or {"onnx": "fp32", "tensorrt": "fp16"}.get(
-        args.format, "bf16" if device.type == "cuda" else "fp32")
+        args.format, "bf16" if device.type == "cuda" else "fp32"
+    )
     model, card = load_checkpoint(args.checkpoint)
     sha = file_sha256(args.checkpoint)
     if args.format == "tensorrt" and device.type != "cuda":
@@ -54,11 +71,19 @@ def run_export(args) -> int:
     if args.format == "onnx":
         built, reused = artifacts.onnx_artifact(model, card, sha=sha, precision=precision)
     elif args.format == "aoti":
-        built, reused = artifacts.aoti_artifact(model, card, sha=sha, device=device, precision=precision,
-                                                batch_profile=profile, use_kernels=not args.no_kernels)
+        built, reused = artifacts.aoti_artifact(
+            model,
+            card,
+            sha=sha,
+            device=device,
+            precision=precision,
+            batch_profile=profile,
+            use_kernels=not args.no_kernels,
+        )
     else:
-        built, reused = artifacts.tensorrt_artifact(model, card, sha=sha, device=device, precision=precision,
-                                                    batch_profile=profile)
+        built, reused = artifacts.tensorrt_artifact(
+            model, card, sha=sha, device=device, precision=precision, batch_profile=profile
+        )
     result = {"format": args.format, "precision": precision, "cached": str(built), "reused_from_cache": reused}
     if args.out:
         out = Path(args.out)

@@ -25,13 +25,13 @@ compiler.
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from ..model import IMAGE_SIZES_PX, ICMM, ITMM, M2ORT
-from .cache import DTYPES, check_precision
+from m2ort_fast.model import ICMM, IMAGE_SIZES_PX, ITMM, M2ORT
+from m2ort_fast.precision import torch_dtype
 
 # Part of every artifact's cache key: bump it when the exported graph's computation changes, so
 # that artifacts built from an older graph are not reused. 2: fused attention op, class-token-only last block.
@@ -47,8 +47,7 @@ class ExportGraph(nn.Module):
     ``block_ops``: ``{"itmm": f, "icmm": g}`` with ``f(x, block.itmm)``, ``g(x, block.icmm)`` mapping
     (B, T, D) -> (B, T, D); used for every block but the last."""
 
-    def __init__(self, model: M2ORT, dtype: torch.dtype = torch.float32,
-                 block_ops: dict[str, Callable] | None = None):
+    def __init__(self, model: M2ORT, dtype: torch.dtype = torch.float32, block_ops: dict[str, Callable] | None = None):
         super().__init__()
         self.dtype = dtype
         self.model = model
@@ -62,17 +61,18 @@ class ExportGraph(nn.Module):
     def forward(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:
         model = self.model
         tokens = model.embed(*(x.to(self.dtype) for x in (level1, level2, level3)))
-        *blocks, last = model.blocks
+        *blocks, last = model.encoder_blocks()
         for block in blocks:
             tokens = self._block(block.itmm, block.icmm, tokens)
         cls = last.icmm(last.itmm(tokens, query_tokens=1, fused=True))  # (B, 1, D)
         return model.head(model.norm(cls[:, 0])).float()
 
 
-def export_model(model: M2ORT, precision: str, device: torch.device | str = "cpu",
-                 block_ops: dict[str, Callable] | None = None) -> ExportGraph:
+def export_model(
+    model: M2ORT, precision: str, device: torch.device | str = "cpu", block_ops: dict[str, Callable] | None = None
+) -> ExportGraph:
     """The model wrapped for export in ``precision`` on ``device``; the caller's model is not changed."""
-    dtype = DTYPES[check_precision(precision)]
+    dtype = torch_dtype(precision)
     device = torch.device(device)
     p = next(model.parameters())
     if p.dtype != dtype or p.device != device:

@@ -30,14 +30,17 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import onnx
 import torch
 
-from ..checkpoint import METADATA_KEY, ModelCard
-from ..errors import M2ORTError
-from ..model import M2ORT
-from .graph import export_model, sample_inputs
+from m2ort_fast.checkpoint import METADATA_KEY, ModelCard
+from m2ort_fast.errors import M2ORTError
+from m2ort_fast.export.graph import export_model, sample_inputs
+from m2ort_fast.model import M2ORT
+
+if TYPE_CHECKING:  # onnx (the [onnx] extra) is imported by the functions that use it
+    import onnx
 
 OPSET = 18
 INPUT_NAMES = ("level1", "level2", "level3")
@@ -49,7 +52,8 @@ BATCH_DIM = "batch"
 # restrictions listed there (e.g. LayerNormalization: only output Y) are checked separately where
 # they matter to this graph.
 TENSORRT_OPSET_RANGE = (9, 24)
-TENSORRT_ONNX_OPS = frozenset("""
+TENSORRT_ONNX_OPS = frozenset(
+    """
 Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh Attention AveragePool BatchNormalization
 BlackmanWindow Cast CastLike Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh
 CumSum DeformConv DepthToSpace DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand EyeLike
@@ -64,7 +68,8 @@ ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize ReverseSequen
 RoiAlign RotaryEmbedding Round STFT ScaledTanh Scan Scatter ScatterElements ScatterND Selu Shape Shrink
 Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan
 Tanh TensorScatter ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
-""".split())
+""".split()
+)
 
 
 def card_metadata(card: ModelCard, *, precision: str, checkpoint_sha256: str | None = None) -> dict[str, str]:
@@ -81,7 +86,7 @@ def card_metadata(card: ModelCard, *, precision: str, checkpoint_sha256: str | N
         "target_transform": card.target_transform,
         "precision": precision,
         "inputs": "level1 (batch,3,224,224), level2 (batch,3,112,112), level3 (batch,3,56,56): "
-                  "float32 RGB, (x/255 - pixel_mean)/pixel_std",
+        "float32 RGB, (x/255 - pixel_mean)/pixel_std",
     }
     if checkpoint_sha256:
         meta["checkpoint_sha256"] = checkpoint_sha256
@@ -89,6 +94,8 @@ def card_metadata(card: ModelCard, *, precision: str, checkpoint_sha256: str | N
 
 
 def read_onnx_metadata(model_or_path: onnx.ModelProto | str | os.PathLike) -> dict[str, str]:
+    import onnx
+
     proto = model_or_path
     if not isinstance(proto, onnx.ModelProto):
         proto = onnx.load(str(model_or_path), load_external_data=False)
@@ -97,6 +104,8 @@ def read_onnx_metadata(model_or_path: onnx.ModelProto | str | os.PathLike) -> di
 
 def read_onnx_card(model_or_path: onnx.ModelProto | str | os.PathLike) -> ModelCard:
     """The ModelCard stored in an exported file."""
+    import onnx
+
     meta = read_onnx_metadata(model_or_path)
     if METADATA_KEY not in meta:
         where = model_or_path if not isinstance(model_or_path, onnx.ModelProto) else None
@@ -104,20 +113,39 @@ def read_onnx_card(model_or_path: onnx.ModelProto | str | os.PathLike) -> ModelC
     return ModelCard.from_json(meta[METADATA_KEY])
 
 
-def export_onnx(model: M2ORT, card: ModelCard, path: str | os.PathLike, *, precision: str = "fp32",
-                opset: int = OPSET, checkpoint_sha256: str | None = None) -> Path:
+def export_onnx(
+    model: M2ORT,
+    card: ModelCard,
+    path: str | os.PathLike,
+    *,
+    precision: str = "fp32",
+    opset: int = OPSET,
+    checkpoint_sha256: str | None = None,
+) -> Path:
     """Export ``model`` to ``path`` (written under a temporary name, then renamed) and validate it:
     onnx.checker (full check) and the TensorRT operator check. Returns the path."""
+    import onnx
+
     path = Path(path)
     graph = export_model(model, precision)
     batch = torch.export.Dim(BATCH_DIM, min=1)
     tmp = path.with_name(f".{path.name}.partial")
     with _quiet_exporter():
         program = torch.onnx.export(
-            graph, sample_inputs(), dynamo=True, opset_version=opset,
-            input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
+            graph,
+            sample_inputs(),
+            dynamo=True,
+            opset_version=opset,
+            input_names=list(INPUT_NAMES),
+            output_names=[OUTPUT_NAME],
             dynamic_shapes={name: {0: batch} for name in ("level1", "level2", "level3")},
-            optimize=True, verify=False, report=False, verbose=False)
+            optimize=True,
+            verify=False,
+            report=False,
+            verbose=False,
+        )
+    if program is None:  # only the legacy (dynamo=False) exporter returns nothing
+        raise M2ORTError("torch.onnx.export returned no program", path)
     proto = program.model_proto
     _name_batch_dim(proto)
     for key, value in card_metadata(card, precision=precision, checkpoint_sha256=checkpoint_sha256).items():
@@ -137,6 +165,8 @@ def export_onnx(model: M2ORT, card: ModelCard, path: str | os.PathLike, *, preci
 
 def check_onnx(path: str | os.PathLike) -> None:
     """onnx.checker with full_check (also runs strict shape inference); one-line error if invalid."""
+    import onnx
+
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
@@ -152,7 +182,8 @@ def tensorrt_op_problems(proto: onnx.ModelProto) -> list[str]:
     problems = []
     for opset in proto.opset_import:
         if opset.domain in ("", "ai.onnx") and not TENSORRT_OPSET_RANGE[0] <= opset.version <= TENSORRT_OPSET_RANGE[1]:
-            problems.append(f"opset {opset.version} outside TensorRT's {TENSORRT_OPSET_RANGE[0]}-{TENSORRT_OPSET_RANGE[1]}")
+            low, high = TENSORRT_OPSET_RANGE
+            problems.append(f"opset {opset.version} outside TensorRT's {low}-{high}")
     local_functions = {(f.domain, f.name) for f in proto.functions}
     nodes = list(_all_nodes(proto.graph))
     for f in proto.functions:  # TensorRT inlines local functions: their bodies must be supported too

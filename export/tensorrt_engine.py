@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import M2ORTError
-from .cache import DEFAULT_BATCH_PROFILE
-from .onnx_export import INPUT_NAMES, OUTPUT_NAME, read_onnx_metadata
+from m2ort_fast.errors import M2ORTError
+from m2ort_fast.export.cache import DEFAULT_BATCH_PROFILE
+from m2ort_fast.export.onnx_export import INPUT_NAMES, OUTPUT_NAME, read_onnx_metadata
 
-log = logging.getLogger("m2ort_fast")
+log = logging.getLogger(__name__)
 
 WORKSPACE_BYTES = 4 << 30  # scratch memory the builder may use for tactics
 
@@ -65,10 +65,14 @@ def _logger(trt):
     return trt.Logger(trt.Logger.WARNING)
 
 
-def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *,
-                 batch_profile: tuple[int, int, int] = DEFAULT_BATCH_PROFILE,
-                 timing_cache_path: str | os.PathLike | None = None,
-                 workspace_bytes: int = WORKSPACE_BYTES) -> dict:
+def build_engine(
+    onnx_path: str | os.PathLike,
+    engine_path: str | os.PathLike,
+    *,
+    batch_profile: tuple[int, int, int] = DEFAULT_BATCH_PROFILE,
+    timing_cache_path: str | os.PathLike | None = None,
+    workspace_bytes: int = WORKSPACE_BYTES,
+) -> dict:
     """Build a TensorRT engine from ``onnx_path`` into ``engine_path`` (+ ``.json`` sidecar).
     Returns the sidecar's content."""
     trt = require_tensorrt()
@@ -106,7 +110,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     with open(tmp, "wb") as f:
         f.write(memoryview(serialized))
     os.replace(tmp, engine_path)
-    if timing_cache is not None:
+    if timing_cache is not None and timing_cache_path is not None:
         _write_atomic(timing_cache_path, memoryview(config.get_timing_cache().serialize()))
 
     onnx_meta = read_onnx_metadata(onnx_path)
@@ -144,13 +148,20 @@ def _write_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-_TORCH_DTYPES = {}
+_TORCH_DTYPES: dict[object, torch.dtype] = {}  # TensorRT's DataType -> torch's, filled on first use
 
 
 def _torch_dtype(trt, trt_dtype) -> torch.dtype:
     if not _TORCH_DTYPES:
-        _TORCH_DTYPES.update({trt.float32: torch.float32, trt.float16: torch.float16,
-                              trt.bfloat16: torch.bfloat16, trt.int32: torch.int32, trt.int64: torch.int64})
+        _TORCH_DTYPES.update(
+            {
+                trt.float32: torch.float32,
+                trt.float16: torch.float16,
+                trt.bfloat16: torch.bfloat16,
+                trt.int32: torch.int32,
+                trt.int64: torch.int64,
+            }
+        )
     return _TORCH_DTYPES[trt_dtype]
 
 
@@ -169,29 +180,33 @@ class TensorRTRunner:
             self._runtime = trt.Runtime(_logger(trt))
             self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
             if self.engine is None:
-                raise M2ORTError("TensorRT could not deserialize the engine (built by another TensorRT "
-                                 "version or for another GPU?)", self.path)
+                raise M2ORTError(
+                    "TensorRT could not deserialize the engine (built by another TensorRT version or for another GPU?)",
+                    self.path,
+                )
             self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         if sorted(self.input_names) != sorted(INPUT_NAMES) or self.output_names != [OUTPUT_NAME]:
-            raise M2ORTError(f"engine has tensors {names}, expected inputs {list(INPUT_NAMES)} "
-                             f"and output {OUTPUT_NAME!r}", self.path)
+            raise M2ORTError(
+                f"engine has tensors {names}, expected inputs {list(INPUT_NAMES)} and output {OUTPUT_NAME!r}", self.path
+            )
         # get_tensor_profile_shape -> [min, opt, max] shapes of profile 0
         self.max_batch = int(self.engine.get_tensor_profile_shape(INPUT_NAMES[0], 0)[2][0])
 
     def __call__(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:
         stream = torch.cuda.current_stream(self.device)
         keep_alive = []
-        for name, x in zip(INPUT_NAMES, (level1, level2, level3)):
+        for name, x in zip(INPUT_NAMES, (level1, level2, level3), strict=True):
             x = x.to(self.device, _torch_dtype(self._trt, self.engine.get_tensor_dtype(name))).contiguous()
             keep_alive.append(x)
             self.context.set_input_shape(name, tuple(x.shape))
             self.context.set_tensor_address(name, x.data_ptr())
         out_shape = tuple(self.context.get_tensor_shape(OUTPUT_NAME))
-        out = torch.empty(out_shape, device=self.device,
-                          dtype=_torch_dtype(self._trt, self.engine.get_tensor_dtype(OUTPUT_NAME)))
+        out = torch.empty(
+            out_shape, device=self.device, dtype=_torch_dtype(self._trt, self.engine.get_tensor_dtype(OUTPUT_NAME))
+        )
         self.context.set_tensor_address(OUTPUT_NAME, out.data_ptr())
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError(f"TensorRT execution failed for engine {self.path}")

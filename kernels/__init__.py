@@ -9,6 +9,6 @@ def export_ops():
 
     if importlib.util.find_spec("triton") is None:
         return None
-    from .ops import export_ops as ops
+    from m2ort_fast.kernels.ops import export_ops as ops
 
     return ops()

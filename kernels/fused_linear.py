@@ -23,14 +23,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .runtime import TritonKernel, dot_precision, gpu_configs, size_class, tl, triton
-
+from m2ort_fast.kernels.runtime import TritonKernel, dot_precision, gpu_configs, size_class, tl, triton
 
 # --------------------------------------------------------------------------- row statistics
 
 
-def _row_stats_kernel(x_ptr, mean_ptr, rstd_ptr, M, eps, size_bucket,
-                      D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+def _row_stats_kernel(
+    x_ptr, mean_ptr, rstd_ptr, M, eps, size_bucket, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr
+):
     """mean and 1/sqrt(var + eps) of each row of x (M, D); a program owns BLOCK_M whole rows."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
@@ -49,7 +49,9 @@ def _row_stats_configs():
 
 
 ROW_STATS = TritonKernel(
-    _row_stats_kernel, configs=_row_stats_configs, key=["D", "size_bucket"],
+    _row_stats_kernel,
+    configs=_row_stats_configs,
+    key=["D", "size_bucket"],
     interpreter_meta=lambda kw: {"BLOCK_M": 64},
 )
 
@@ -61,7 +63,14 @@ def row_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     rstd = torch.empty_like(mean)
     ROW_STATS.launch(
         lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),),
-        x, mean, rstd, m, float(eps), size_class(m), D=d, BLOCK_D=triton.next_power_of_2(d),
+        x,
+        mean,
+        rstd,
+        m,
+        float(eps),
+        size_class(m),
+        D=d,
+        BLOCK_D=triton.next_power_of_2(d),
     )
     return mean, rstd
 
@@ -76,12 +85,28 @@ def reference_row_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torc
 
 
 def _fused_linear_kernel(
-    x_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, res_ptr, y_ptr,
-    M, size_bucket,
-    N: tl.constexpr, K: tl.constexpr,
-    LN_PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    mean_ptr,
+    rstd_ptr,
+    gamma_ptr,
+    beta_ptr,
+    res_ptr,
+    y_ptr,
+    M,
+    size_bucket,
+    N: tl.constexpr,
+    K: tl.constexpr,
+    LN_PROLOGUE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    GELU: tl.constexpr,
+    RESIDUAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """y (M, N) = epilogue(prologue(x) (M, K) @ w (N, K)^T); all of x, w, res, y contiguous."""
     # Grouped tile order: GROUP_M row-tiles share each column-tile of W while it is in L2.
@@ -142,8 +167,14 @@ def _linear_configs():
     # Hopper: 128-row tiles with 8 warps (two warpgroups of wgmma) and 3-4 smem stages do best
     # for these K (192-1152) and N (192-1152); smaller tiles for the small-N layers.
     tiles = [
-        (128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4), (256, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
+        (128, 128, 64, 8, 3),
+        (128, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (128, 128, 32, 4, 4),
+        (256, 128, 64, 8, 3),
         (64, 256, 64, 8, 3),
     ]
     return [
@@ -153,17 +184,28 @@ def _linear_configs():
 
 
 FUSED_LINEAR = TritonKernel(
-    _fused_linear_kernel, configs=_linear_configs,
+    _fused_linear_kernel,
+    configs=_linear_configs,
     key=["N", "K", "size_bucket", "LN_PROLOGUE", "GELU", "RESIDUAL"],
     # Interpreter: few, large programs (each is a numpy evaluation) and few K steps.
-    interpreter_meta=lambda kw: {"BLOCK_M": 256, "BLOCK_N": min(256, triton.next_power_of_2(kw["N"])),
-                                 "BLOCK_K": min(256, triton.next_power_of_2(kw["K"])), "GROUP_M": 8},
+    interpreter_meta=lambda kw: {
+        "BLOCK_M": 256,
+        "BLOCK_N": min(256, triton.next_power_of_2(kw["N"])),
+        "BLOCK_K": min(256, triton.next_power_of_2(kw["K"])),
+        "GROUP_M": 8,
+    },
 )
 
 
-def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                 gelu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+def fused_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    gelu: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
     """x (M, K), weight (N, K) [nn.Linear layout], bias (N,) -> y (M, N) in x's dtype.
 
     norm = (mean (M,), rstd (M,), gamma (K,), beta (K,)) applies LayerNorm to x first;
@@ -182,10 +224,24 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             raise ValueError(f"residual {tuple(residual.shape)} does not match output {tuple(y.shape)}")
     FUSED_LINEAR.launch(
         lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),),
-        x, weight, bias if bias is not None else x, mean, rstd, gamma, beta,
-        residual if residual is not None else x, y, m, size_class(m),
-        N=n, K=k, LN_PROLOGUE=norm is not None, HAS_BIAS=bias is not None, GELU=gelu,
-        RESIDUAL=residual is not None, DOT_PRECISION=dot_precision(x.dtype),
+        x,
+        weight,
+        bias if bias is not None else x,
+        mean,
+        rstd,
+        gamma,
+        beta,
+        residual if residual is not None else x,
+        y,
+        m,
+        size_class(m),
+        N=n,
+        K=k,
+        LN_PROLOGUE=norm is not None,
+        HAS_BIAS=bias is not None,
+        GELU=gelu,
+        RESIDUAL=residual is not None,
+        DOT_PRECISION=dot_precision(x.dtype),
     )
     return y
 

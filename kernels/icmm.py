@@ -27,9 +27,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from m2ort_fast.kernels.fused_linear import fused_linear, reference_row_stats, row_stats
 from m2ort_fast.model import ICMM
-
-from .fused_linear import fused_linear, reference_row_stats, row_stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,12 +44,19 @@ class ICMMWeights:
     b2: torch.Tensor
 
     @classmethod
-    def from_module(cls, module: ICMM) -> "ICMMWeights":
+    def from_module(cls, module: ICMM) -> ICMMWeights:
         def c(p):
             return p.detach().contiguous()
 
-        return cls(module.norm.eps, c(module.norm.weight), c(module.norm.bias), c(module.fc1.weight),
-                   c(module.fc1.bias), c(module.fc2.weight), c(module.fc2.bias))
+        return cls(
+            module.norm.eps,
+            c(module.norm.weight),
+            c(module.norm.bias),
+            c(module.fc1.weight),
+            c(module.fc1.bias),
+            c(module.fc2.weight),
+            c(module.fc2.bias),
+        )
 
 
 def icmm(x: torch.Tensor, weights: ICMMWeights) -> torch.Tensor:

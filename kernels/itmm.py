@@ -33,20 +33,34 @@ import math
 
 import torch
 
+from m2ort_fast.kernels.fused_linear import fused_linear, reference_row_stats, row_stats
+from m2ort_fast.kernels.runtime import TritonKernel, dot_precision, gpu_configs, size_class, tl, triton
 from m2ort_fast.model import HEAD_DIM, ITMM
-
-from .fused_linear import fused_linear, reference_row_stats, row_stats
-from .runtime import TritonKernel, dot_precision, gpu_configs, size_class, tl, triton
 
 LOG2_E = 1.4426950408889634
 
 
 def _ln_qkv_attention_kernel(
-    x_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, wq_ptr, wk_ptr, wv_ptr, o_ptr,
-    qk_scale_log2, size_bucket,
-    T: tl.constexpr, D: tl.constexpr, LEVEL_DIM: tl.constexpr, HEADS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    mean_ptr,
+    rstd_ptr,
+    gamma_ptr,
+    beta_ptr,
+    wq_ptr,
+    wk_ptr,
+    wv_ptr,
+    o_ptr,
+    qk_scale_log2,
+    size_bucket,
+    T: tl.constexpr,
+    D: tl.constexpr,
+    LEVEL_DIM: tl.constexpr,
+    HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """x (B, T, D) -> o (B, T, HEADS*HEAD_DIM) for one (query block, batch, head).
 
@@ -152,21 +166,35 @@ def _attention_configs():
     # registers; 128/64 trade recomputation for occupancy. BLOCK_K 64 divides every M2ORT d.
     space = [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64} for m in (64, 128, 256) for n in (32, 64)]
     warps_for_rows = {64: (4,), 128: (4, 8), 256: (8, 16)}
-    return gpu_configs(space, num_warps=[4, 8, 16], num_stages=[2, 3],
-                       keep=lambda meta, warps, stages: warps in warps_for_rows[meta["BLOCK_M"]]
-                       and not (meta["BLOCK_M"] == 256 and stages > 2))
+    return gpu_configs(
+        space,
+        num_warps=[4, 8, 16],
+        num_stages=[2, 3],
+        keep=lambda meta, warps, stages: (
+            warps in warps_for_rows[meta["BLOCK_M"]] and not (meta["BLOCK_M"] == 256 and stages > 2)
+        ),
+    )
 
 
 LN_QKV_ATTENTION = TritonKernel(
-    _ln_qkv_attention_kernel, configs=_attention_configs,
+    _ln_qkv_attention_kernel,
+    configs=_attention_configs,
     key=["T", "D", "HEADS", "size_bucket"],
     # Interpreter: one program covers all queries and one key block all keys (256 >= 197).
     interpreter_meta=lambda kw: {"BLOCK_M": 256, "BLOCK_N": 256, "BLOCK_K": triton.next_power_of_2(kw["LEVEL_DIM"])},
 )
 
 
-def ln_qkv_attention(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, gamma: torch.Tensor,
-                     beta: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor) -> torch.Tensor:
+def ln_qkv_attention(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+) -> torch.Tensor:
     """x (B, T, D) contiguous, LayerNorm stats (B*T,) -> attention output o (B*T, heads*64)."""
     b, t, dim = x.shape
     inner, level_dim = wq.shape
@@ -174,8 +202,23 @@ def ln_qkv_attention(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, ga
     o = torch.empty((b * t, inner), device=x.device, dtype=x.dtype)
     LN_QKV_ATTENTION.launch(
         lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * heads),
-        x, mean, rstd, gamma, beta, wq, wk, wv, o, HEAD_DIM**-0.5 * LOG2_E, size_class(b * t),
-        T=t, D=dim, LEVEL_DIM=level_dim, HEADS=heads, HEAD_DIM=HEAD_DIM, DOT_PRECISION=dot_precision(x.dtype),
+        x,
+        mean,
+        rstd,
+        gamma,
+        beta,
+        wq,
+        wk,
+        wv,
+        o,
+        HEAD_DIM**-0.5 * LOG2_E,
+        size_class(b * t),
+        T=t,
+        D=dim,
+        LEVEL_DIM=level_dim,
+        HEADS=heads,
+        HEAD_DIM=HEAD_DIM,
+        DOT_PRECISION=dot_precision(x.dtype),
     )
     return o
 
@@ -195,15 +238,25 @@ class ITMMWeights:
 
     def __post_init__(self):
         if self.wq.shape[0] % HEAD_DIM or self.wq.shape[1] % 16:
-            raise ValueError(f"ITMM kernels need heads of {HEAD_DIM} and d a multiple of 16, got {tuple(self.wq.shape)}")
+            raise ValueError(
+                f"ITMM kernels need heads of {HEAD_DIM} and d a multiple of 16, got {tuple(self.wq.shape)}"
+            )
 
     @classmethod
-    def from_module(cls, module: ITMM) -> "ITMMWeights":
+    def from_module(cls, module: ITMM) -> ITMMWeights:
         def c(p):
             return p.detach().contiguous()
 
-        return cls(module.norm.eps, c(module.norm.weight), c(module.norm.bias), c(module.to_q.weight),
-                   c(module.to_k.weight), c(module.to_v.weight), c(module.proj.weight), c(module.proj.bias))
+        return cls(
+            module.norm.eps,
+            c(module.norm.weight),
+            c(module.norm.bias),
+            c(module.to_q.weight),
+            c(module.to_k.weight),
+            c(module.to_v.weight),
+            c(module.proj.weight),
+            c(module.proj.bias),
+        )
 
 
 def itmm(x: torch.Tensor, weights: ITMMWeights) -> torch.Tensor:
@@ -230,8 +283,8 @@ def reference_itmm(x: torch.Tensor, weights: ITMMWeights) -> torch.Tensor:
         return z.reshape(b, t, heads, HEAD_DIM).transpose(1, 2)
 
     q = split(h[..., :d] @ weights.wq.T)
-    k = split(h[..., d:2 * d] @ weights.wk.T)
-    v = split(h[..., 2 * d:] @ weights.wv.T)
+    k = split(h[..., d : 2 * d] @ weights.wk.T)
+    v = split(h[..., 2 * d :] @ weights.wv.T)
     scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(HEAD_DIM)
     o = (torch.softmax(scores, dim=-1) @ v.float()).to(x.dtype)
     o = o.transpose(1, 2).reshape(b, t, heads * HEAD_DIM)

@@ -19,34 +19,67 @@ from __future__ import annotations
 
 import torch
 
+from m2ort_fast.kernels.icmm import ICMMWeights, icmm
+from m2ort_fast.kernels.itmm import ITMMWeights, itmm
 from m2ort_fast.model import ICMM, ITMM
-
-from .icmm import ICMMWeights, icmm
-from .itmm import ITMMWeights, itmm
 
 
 @torch.library.triton_op("m2ort_fast::itmm", mutates_args=())
-def itmm_op(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
-            wv: torch.Tensor, w_proj: torch.Tensor, b_proj: torch.Tensor, eps: float) -> torch.Tensor:
+def itmm_op(
+    x: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+    w_proj: torch.Tensor,
+    b_proj: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
     return itmm(x, ITMMWeights(eps, gamma, beta, wq, wk, wv, w_proj, b_proj))
 
 
 @torch.library.triton_op("m2ort_fast::icmm", mutates_args=())
-def icmm_op(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
-            w2: torch.Tensor, b2: torch.Tensor, eps: float) -> torch.Tensor:
+def icmm_op(
+    x: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
     return icmm(x, ICMMWeights(eps, gamma, beta, w1, b1, w2, b2))
 
 
 def itmm_block(x: torch.Tensor, module: ITMM) -> torch.Tensor:
     """ITMM of the reference ``module`` through the fused op: (B, T, D) -> (B, T, D)."""
-    return itmm_op(x, module.norm.weight, module.norm.bias, module.to_q.weight, module.to_k.weight,
-                   module.to_v.weight, module.proj.weight, module.proj.bias, module.norm.eps)
+    return itmm_op(
+        x,
+        module.norm.weight,
+        module.norm.bias,
+        module.to_q.weight,
+        module.to_k.weight,
+        module.to_v.weight,
+        module.proj.weight,
+        module.proj.bias,
+        module.norm.eps,
+    )
 
 
 def icmm_block(x: torch.Tensor, module: ICMM) -> torch.Tensor:
     """ICMM of the reference ``module`` through the fused op: (B, T, D) -> (B, T, D)."""
-    return icmm_op(x, module.norm.weight, module.norm.bias, module.fc1.weight, module.fc1.bias,
-                   module.fc2.weight, module.fc2.bias, module.norm.eps)
+    return icmm_op(
+        x,
+        module.norm.weight,
+        module.norm.bias,
+        module.fc1.weight,
+        module.fc1.bias,
+        module.fc2.weight,
+        module.fc2.bias,
+        module.norm.eps,
+    )
 
 
 def export_ops() -> dict:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -41,7 +41,7 @@ def interpreter_enabled() -> bool:
 def check_can_run(device: torch.device, dtype: torch.dtype) -> None:
     """Raise M2ORTError (one line) when the kernels cannot run on ``device`` in ``dtype``."""
     if triton is None:
-        raise M2ORTError("the triton backend needs the 'triton' package (pip install 'triton>=3.6')")
+        raise M2ORTError("the triton backend needs the 'triton' package (pip install 'm2ort-fast[triton]')")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise M2ORTError(f"device {device} asked for, but this machine has no CUDA GPU")
@@ -80,8 +80,9 @@ class TritonKernel:
     interpreter_meta: callable(kwargs) -> dict of the constexpr block sizes used in the interpreter.
     """
 
-    def __init__(self, fn: Callable, *, configs: Callable[[], list], key: list[str],
-                 interpreter_meta: Callable[[dict], dict]):
+    def __init__(
+        self, fn: Callable, *, configs: Callable[[], list], key: list[str], interpreter_meta: Callable[[dict], dict]
+    ):
         self.fn = fn
         self.configs = configs
         self.key = key
@@ -91,7 +92,7 @@ class TritonKernel:
     def _build(self, interpret: bool):
         if interpret not in self._builds:
             if triton is None:
-                raise M2ORTError("the triton backend needs the 'triton' package (pip install 'triton>=3.6')")
+                raise M2ORTError("the triton backend needs the 'triton' package (pip install 'm2ort-fast[triton]')")
             # triton.jit reads TRITON_INTERPRET now and returns an InterpretedFunction or a JITFunction.
             jitted = triton.jit(self.fn)
             if not interpret:

@@ -1,6 +1,6 @@
 """m2ort-fast: per-spot gene expression from H&E whole-slide images with M2ORT.
 
-    from m2ort_fast import Predictor, predict_slides
+from m2ort_fast import Predictor, predict_slides
 """
 
 __version__ = "0.1.0"
@@ -8,22 +8,22 @@ __version__ = "0.1.0"
 __all__ = ["Predictor", "SlideResult", "predict_slides", "load_checkpoint", "build_model", "open_slide"]
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> object:
     # Imported on first use, so that `import m2ort_fast` (and the CLI's --help) stays quick.
     if name in ("Predictor", "SlideResult", "predict_slides"):
-        from . import predict
+        from m2ort_fast import predict
 
         return getattr(predict, name)
     if name == "load_checkpoint":
-        from .checkpoint import load_checkpoint
+        from m2ort_fast.checkpoint import load_checkpoint
 
         return load_checkpoint
     if name == "build_model":
-        from .model import build_model
+        from m2ort_fast.model import build_model
 
         return build_model
     if name == "open_slide":
-        from .slide import open_slide
+        from m2ort_fast.slide import open_slide
 
         return open_slide
     raise AttributeError(f"module 'm2ort_fast' has no attribute {name!r}")

@@ -24,7 +24,7 @@ import dataclasses
 
 import numpy as np
 
-from .tissue import MIN_TISSUE_SATURATION
+from m2ort_fast.tissue import MIN_TISSUE_SATURATION
 
 # log-spaced, on standardized features: from nearly least squares (1e-3) to nearly the mean
 # baseline (1e5; a few hundred to thousands of training spots make X^T X of that order).
@@ -33,8 +33,17 @@ INNER_FOLDS = 5
 # Background: unsaturated (glass-like) and bright. The brightness floor keeps dark grey
 # (pen marks, folds) out of it.
 WHITE_MIN_BRIGHTNESS = 200
-FEATURES_PER_LEVEL = ("mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b", "white_fraction",
-                      "grey_std", "grey_gradient_mean")
+FEATURES_PER_LEVEL = (
+    "mean_r",
+    "mean_g",
+    "mean_b",
+    "std_r",
+    "std_g",
+    "std_b",
+    "white_fraction",
+    "grey_std",
+    "grey_gradient_mean",
+)
 CHUNK_SPOTS = 64  # spots converted to float at a time (a 224 px level is 0.6 MB per spot as float32)
 
 
@@ -79,7 +88,7 @@ def spot_image_features(levels: list[np.ndarray]) -> np.ndarray:
     for start in range(0, n, CHUNK_SPOTS):
         rows = slice(start, min(n, start + CHUNK_SPOTS))
         for i, level in enumerate(levels):
-            out[rows, i * width:(i + 1) * width] = _level_features(level[rows])
+            out[rows, i * width : (i + 1) * width] = _level_features(level[rows])
     return out
 
 
@@ -109,8 +118,7 @@ class RidgeBaseline:
     n_train: int
 
     @classmethod
-    def fit(cls, features: np.ndarray, targets: np.ndarray, groups=None, alphas=ALPHAS,
-            seed: int = 0) -> "RidgeBaseline":
+    def fit(cls, features: np.ndarray, targets: np.ndarray, groups=None, alphas=ALPHAS, seed: int = 0) -> RidgeBaseline:
         """Fit on features (N, F) and targets (N, G); ``groups`` (N,) labels (e.g. the section of
         each spot) make the inner validation leave one group out. One alpha: no validation."""
         x = np.asarray(features, dtype=np.float64)
@@ -142,9 +150,17 @@ class RidgeBaseline:
         y_mean = y.mean(axis=0)
         (w_std,) = _solve_paths((x - mean) / std, y - y_mean, [alphas[best]])
         coef = w_std / std[:, None]
-        return cls(coef=coef, intercept=y_mean - mean @ coef, alpha=alphas[best], alphas=alphas,
-                   validation_mse=[float(v) for v in mse], validation=how, feature_mean=mean, feature_std=std,
-                   n_train=len(x))
+        return cls(
+            coef=coef,
+            intercept=y_mean - mean @ coef,
+            alpha=alphas[best],
+            alphas=alphas,
+            validation_mse=[float(v) for v in mse],
+            validation=how,
+            feature_mean=mean,
+            feature_std=std,
+            n_train=len(x),
+        )
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """(N, F) -> (N, G) float32 predictions."""
@@ -152,9 +168,14 @@ class RidgeBaseline:
 
     def describe(self) -> dict:
         """JSON-ready summary (no arrays over the genes)."""
-        return {"alpha": self.alpha, "alphas": self.alphas, "validation_mse": self.validation_mse,
-                "validation": self.validation, "n_train_spots": self.n_train,
-                "n_features": int(self.coef.shape[0])}
+        return {
+            "alpha": self.alpha,
+            "alphas": self.alphas,
+            "validation_mse": self.validation_mse,
+            "validation": self.validation,
+            "n_train_spots": self.n_train,
+            "n_features": int(self.coef.shape[0]),
+        }
 
 
 def _standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -172,8 +193,10 @@ def _inner_folds(n: int, groups, seed: int) -> tuple[list[np.ndarray], str]:
             raise ValueError(f"groups has {len(groups)} labels for {n} spots")
         names = list(dict.fromkeys(groups.tolist()))
         if len(names) >= 2:
-            return ([np.flatnonzero(groups == g) for g in names],
-                    "leave one training section out (" + ", ".join(map(str, names)) + ")")
+            return (
+                [np.flatnonzero(groups == g) for g in names],
+                "leave one training section out (" + ", ".join(map(str, names)) + ")",
+            )
     k = min(INNER_FOLDS, n)
     if k < 2:
         return [], "none (too few spots)"

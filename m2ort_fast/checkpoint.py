@@ -14,13 +14,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
-from .model import IMAGE_SIZES_PX, M2ORT, M2ORTConfig, VARIANTS
+from m2ort_fast.errors import CheckpointError
+from m2ort_fast.model import IMAGE_SIZES_PX, M2ORT, VARIANTS, M2ORTConfig
 
 FORMAT = "m2ort-fast/1"
 METADATA_KEY = "m2ort_fast"
@@ -51,8 +52,12 @@ class ModelCard:
     @property
     def config(self) -> M2ORTConfig:
         return M2ORTConfig(
-            dim=self.dim, depth=self.depth, heads=self.heads, mlp_dim=self.mlp_dim,
-            n_genes=len(self.genes), variant=self.variant,
+            dim=self.dim,
+            depth=self.depth,
+            heads=self.heads,
+            mlp_dim=self.mlp_dim,
+            n_genes=len(self.genes),
+            variant=self.variant,
         )
 
     @property
@@ -72,16 +77,24 @@ class ModelCard:
         return self.mpp * self.patch_sizes_px[0]
 
     @classmethod
-    def for_variant(cls, variant: str, genes: list[str], mpp: float, **kwargs) -> "ModelCard":
+    def for_variant(cls, variant: str, genes: list[str], mpp: float, **kwargs: Any) -> ModelCard:
         cfg = VARIANTS[variant]
-        return cls(variant=variant, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
-                   mlp_dim=cfg.mlp_dim, genes=list(genes), mpp=float(mpp), **kwargs)
+        return cls(
+            variant=variant,
+            dim=cfg.dim,
+            depth=cfg.depth,
+            heads=cfg.heads,
+            mlp_dim=cfg.mlp_dim,
+            genes=list(genes),
+            mpp=float(mpp),
+            **kwargs,
+        )
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelCard":
+    def from_json(cls, text: str) -> ModelCard:
         data = json.loads(text)
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
@@ -112,7 +125,9 @@ def read_card(path: str | os.PathLike) -> ModelCard:
         meta = header.get("__metadata__") or {}
         return ModelCard.from_json(meta[METADATA_KEY])
     except KeyError:
-        raise CheckpointError("safetensors file carries no m2ort_fast metadata (not an m2ort-fast checkpoint)", path) from None
+        raise CheckpointError(
+            "safetensors file carries no m2ort_fast metadata (not an m2ort-fast checkpoint)", path
+        ) from None
     except (ValueError, TypeError, UnicodeDecodeError):
         raise CheckpointError("not a safetensors checkpoint (unreadable header)", path) from None
 
@@ -134,7 +149,11 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint is for variant {card.variant!r}, not {variant!r}", path)
     if genes is not None and list(genes) != card.genes:
         missing = [g for g in genes if g not in set(card.genes)]
-        detail = f"{len(missing)} of the {len(genes)} genes asked for are not in it" if missing else "same genes in another order"
+        detail = (
+            f"{len(missing)} of the {len(genes)} genes asked for are not in it"
+            if missing
+            else "same genes in another order"
+        )
         raise CheckpointError(f"checkpoint is for another gene panel ({len(card.genes)} genes; {detail})", path)
     try:
         state = load_file(str(path), device="cpu")
@@ -148,20 +167,23 @@ def load_checkpoint(
     head = state.get("head.weight")
     if head is not None and head.shape[0] != len(card.genes):
         raise CheckpointError(
-            f"weights predict {head.shape[0]} genes but the checkpoint's gene panel lists {len(card.genes)}", path)
+            f"weights predict {head.shape[0]} genes but the checkpoint's gene panel lists {len(card.genes)}", path
+        )
     bad = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
     extra = [k for k in state if k not in expected]
     if bad or extra:
         name = (bad or extra)[0]
         got = tuple(state[name].shape) if name in state else "missing"
         want = tuple(expected[name].shape) if name in expected else "unexpected"
-        raise CheckpointError(
-            f"weights do not fit variant {card.variant!r}: {name} is {got}, expected {want}", path)
+        raise CheckpointError(f"weights do not fit variant {card.variant!r}: {name} is {got}, expected {want}", path)
     broken = [k for k, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
     if broken:
-        raise CheckpointError(f"weights contain NaN or infinite values ({len(broken)} of {len(state)} tensors, first "
-                              f"{broken[0]}): "
-                              f"a damaged or diverged checkpoint", path)
+        raise CheckpointError(
+            f"weights contain NaN or infinite values ({len(broken)} of {len(state)} tensors, first "
+            f"{broken[0]}): "
+            f"a damaged or diverged checkpoint",
+            path,
+        )
     model.load_state_dict(state)
     return model.to(device).eval(), card
 

@@ -19,12 +19,14 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
-from .errors import M2ORTError
-from .options import MAX_HEATMAPS, device_name, mpp_value, number, positive_int
-from .slide import READERS
+from m2ort_fast.errors import M2ORTError
+from m2ort_fast.options import MAX_HEATMAPS, device_name, mpp_value, number, positive_int
+from m2ort_fast.precision import PRECISION_NAMES
+from m2ort_fast.slide import READERS
 
-log = logging.getLogger("m2ort_fast")
+log = logging.getLogger(__name__)
 
 # Modules that add their own subcommands through add_subcommands(subparsers).
 SUBCOMMAND_MODULES = ("m2ort_fast.convert", "m2ort_fast.export.cli", "m2ort_fast.train", "m2ort_fast.evaluate")
@@ -36,48 +38,97 @@ def _csv_list(text: str) -> list[str]:
 
 def add_predict(subparsers) -> None:
     p = subparsers.add_parser("predict", help="predict per-spot expression for slides (no slide: the demo)")
-    p.add_argument("slides", nargs="*", help="slides (.svs, pyramidal TIFF, or flat JPEG/PNG/TIFF); none: the shipped demo")
-    p.add_argument("--list", dest="slide_list", default=None, metavar="FILE",
-                   help="text file naming slides, one per line (added after SLIDE ...; # starts a comment)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="redo slides whose .h5ad exists in --out (default: skip them, so a stopped batch resumes)")
-    p.add_argument("--engine", default="streamed", choices=["streamed", "naive"],
-                   help="streamed (default: each tile decoded once, stages overlapped, bounded memory) or naive "
-                        "(one read per spot per level); same predictions")
-    p.add_argument("--max-memory-mb", type=number(float, 0, what="the memory bound (MB)"), default=None,
-                   help="streamed engine: bound on decoded slide pixels held at once (default 1024)")
-    p.add_argument("--profile", nargs="?", const="", default=None, metavar="FILE",
-                   help="write a per-stage timing summary as JSON (default file: OUT/profile.json) and print it")
-    p.add_argument("--spots", action="append", default=None, metavar="FILE",
-                   help="spot table, once per slide: Visium spatial/ folder or tissue_positions file, legacy ST "
-                        "spot table, or CSV of centres in level-0 px; none: a grid over the tissue")
+    p.add_argument(
+        "slides", nargs="*", help="slides (.svs, pyramidal TIFF, or flat JPEG/PNG/TIFF); none: the shipped demo"
+    )
+    p.add_argument(
+        "--list",
+        dest="slide_list",
+        default=None,
+        metavar="FILE",
+        help="text file naming slides, one per line (added after SLIDE ...; # starts a comment)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo slides whose .h5ad exists in --out (default: skip them, so a stopped batch resumes)",
+    )
+    p.add_argument(
+        "--engine",
+        default="streamed",
+        choices=["streamed", "naive"],
+        help="streamed (default: each tile decoded once, stages overlapped, bounded memory) or naive "
+        "(one read per spot per level); same predictions",
+    )
+    p.add_argument(
+        "--max-memory-mb",
+        type=number(float, 0, what="the memory bound (MB)"),
+        default=None,
+        help="streamed engine: bound on decoded slide pixels held at once (default 1024)",
+    )
+    p.add_argument(
+        "--profile",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="FILE",
+        help="write a per-stage timing summary as JSON (default file: OUT/profile.json) and print it",
+    )
+    p.add_argument(
+        "--spots",
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="spot table, once per slide: Visium spatial/ folder or tissue_positions file, legacy ST "
+        "spot table, or CSV of centres in level-0 px; none: a grid over the tissue",
+    )
     p.add_argument("--spot-format", default="auto", choices=["auto", "visium", "st", "csv"])
-    p.add_argument("--spacing-um", type=number(float, 0, what="the grid spacing (um)"), default=None,
-                   help="grid spacing when no spot table is given (default 100 um, Visium; smaller for dense maps)")
-    p.add_argument("--mpp", type=mpp_value, default=None,
-                   help="level-0 microns per pixel, for slides without it (overrides the slide's own, with a warning)")
+    p.add_argument(
+        "--spacing-um",
+        type=number(float, 0, what="the grid spacing (um)"),
+        default=None,
+        help="grid spacing when no spot table is given (default 100 um, Visium; smaller for dense maps)",
+    )
+    p.add_argument(
+        "--mpp",
+        type=mpp_value,
+        default=None,
+        help="level-0 microns per pixel, for slides without it (overrides the slide's own, with a warning)",
+    )
     p.add_argument("--checkpoint", default=None, help="model checkpoint (.safetensors); default: the package's model")
-    p.add_argument("--reader", default="auto", choices=["auto", *READERS],
-                   help="slide reader (default auto: cuCIM, else tiffslide, else OpenSlide; flat images: flat)")
+    p.add_argument(
+        "--reader",
+        default="auto",
+        choices=["auto", *READERS],
+        help="slide reader (default auto: cuCIM, else tiffslide, else OpenSlide; flat images: flat)",
+    )
     p.add_argument("--out", default="m2ort-fast-out", help="output folder (default: %(default)s)")
     p.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--batch-size", type=number(int, 0, what="the batch size"), default=64)
     p.add_argument("--backend", default="torch", help="inference backend (default: %(default)s)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--level-source", default=None, choices=["pyramid", "resize"],
-                   help="levels 2 and 3 read from the pyramid or resized from level 1 as the paper's code does "
-                        "(default: as the checkpoint's model was trained)")
+    p.add_argument("--precision", default="fp32", choices=PRECISION_NAMES)
+    p.add_argument(
+        "--level-source",
+        default=None,
+        choices=["pyramid", "resize"],
+        help="levels 2 and 3 read from the pyramid or resized from level 1 as the paper's code does "
+        "(default: as the checkpoint's model was trained)",
+    )
     p.add_argument("--genes", type=_csv_list, default=None, help="comma-separated genes to draw heatmaps of")
-    p.add_argument("--heatmaps", type=number(int, 0, MAX_HEATMAPS, low_inclusive=True, what="the number of heatmaps"),
-                   default=4, help=f"number of heatmaps when --genes is not given (0: none; at most {MAX_HEATMAPS})")
+    p.add_argument(
+        "--heatmaps",
+        type=number(int, 0, MAX_HEATMAPS, low_inclusive=True, what="the number of heatmaps"),
+        default=4,
+        help=f"number of heatmaps when --genes is not given (0: none; at most {MAX_HEATMAPS})",
+    )
     p.add_argument("--no-csv", action="store_true", help="do not write the CSV")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_predict)
 
 
 def run_predict(args) -> int:
-    from .outputs import check_out_dir
-    from .predict import DEMO_SLIDE, DEMO_SPOTS, predict_slides
+    from m2ort_fast.outputs import check_out_dir
+    from m2ort_fast.predict import DEMO_SLIDE, DEMO_SPOTS, predict_slides
 
     check_out_dir(args.out)
     slides, spots = list(args.slides), args.spots
@@ -87,18 +138,34 @@ def run_predict(args) -> int:
         slides, spots = [str(DEMO_SLIDE)], [str(DEMO_SPOTS)]
         log.info("no slide given: running the demo (%s with its spot table)", DEMO_SLIDE.name)
     if spots is not None and len(spots) != len(slides):
-        raise M2ORTError(f"--spots given {len(spots)} times for {len(slides)} slides: give it once per slide, or not at all")
+        raise M2ORTError(
+            f"--spots given {len(spots)} times for {len(slides)} slides: give it once per slide, or not at all"
+        )
     engine_options = {"streamed": args.engine == "streamed"}
     if args.max_memory_mb is not None:
         engine_options["max_memory_mb"] = args.max_memory_mb
     results = predict_slides(
-        slides, model=args.checkpoint, out_dir=args.out, spots=spots, spot_format=args.spot_format,
-        overwrite=args.overwrite, **engine_options,
-        spacing_um=args.spacing_um, mpp=args.mpp, reader=args.reader,
-        heatmap_genes=args.genes, n_heatmaps=args.heatmaps,
-        write_csv=not args.no_csv, backend=args.backend, device=args.device, precision=args.precision,
-        batch_size=args.batch_size, level_source=args.level_source, progress=not args.quiet,
-        stop_on_error=len(slides) == 1)
+        slides,
+        model=args.checkpoint,
+        out_dir=args.out,
+        spots=spots,
+        spot_format=args.spot_format,
+        overwrite=args.overwrite,
+        **engine_options,
+        spacing_um=args.spacing_um,
+        mpp=args.mpp,
+        reader=args.reader,
+        heatmap_genes=args.genes,
+        n_heatmaps=args.heatmaps,
+        write_csv=not args.no_csv,
+        backend=args.backend,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        level_source=args.level_source,
+        progress=not args.quiet,
+        stop_on_error=len(slides) == 1,
+    )
     failed = 0
     for result in results:
         if not result.ok:
@@ -108,8 +175,11 @@ def run_predict(args) -> int:
             print(f"{result.slide.name}: skipped, its .h5ad exists in {args.out} (--overwrite to redo it)")
             continue
         stages = ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items())
-        print(f"{result.slide.name}: {result.n_spots} spots at {result.mpp:.4f} um/px ({result.mpp_source}) -> "
-              f"{result.outputs.h5ad}  [{stages}]")
+        assert result.outputs is not None  # ok and not skipped: written
+        print(
+            f"{result.slide.name}: {result.n_spots} spots at {result.mpp:.4f} um/px ({result.mpp_source}) -> "
+            f"{result.outputs.h5ad}  [{stages}]"
+        )
     if args.profile is not None:
         _write_profile(args.profile or str(Path(args.out) / "profile.json"), results, args)
     if failed:
@@ -137,12 +207,23 @@ def _write_profile(path: str, results, args) -> None:
     for r in results:
         entry = {"slide": str(r.slide), "ok": r.ok, "skipped": r.skipped, "error": r.error}
         if r.ok and not r.skipped:
-            entry.update({"spots": r.n_spots, "wall_s": r.wall_seconds, "stage_s": r.seconds,
-                          "spots_per_s": round(r.n_spots / r.wall_seconds, 2) if r.wall_seconds else None,
-                          "engine": r.engine})
+            entry.update(
+                {
+                    "spots": r.n_spots,
+                    "wall_s": r.wall_seconds,
+                    "stage_s": r.seconds,
+                    "spots_per_s": round(r.n_spots / r.wall_seconds, 2) if r.wall_seconds else None,
+                    "engine": r.engine,
+                }
+            )
         slides.append(entry)
-    report = {"engine": args.engine, "backend": args.backend, "device": args.device, "batch_size": args.batch_size,
-              "slides": slides}
+    report = {
+        "engine": args.engine,
+        "backend": args.backend,
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "slides": slides,
+    }
     text = json.dumps(report, indent=2)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(f"{path}.tmp")
@@ -158,30 +239,36 @@ def add_info(subparsers) -> None:
     p.add_argument("--model", default=None, help="model variant: tiny, small, base, large, or 'all'")
     p.add_argument("--checkpoint", default=None, help="describe a checkpoint (variant, genes, mpp, provenance)")
     p.add_argument("--genes", type=positive_int, default=250, help="gene panel size for --model (default 250)")
-    p.add_argument("--mpp", type=mpp_value, default=None,
-                   help="level-0 mpp to assume for a slide without it")
+    p.add_argument("--mpp", type=mpp_value, default=None, help="level-0 mpp to assume for a slide without it")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run_info)
 
 
 def run_info(args) -> int:
-    from .model import VARIANTS, describe, get_config
+    from m2ort_fast.model import VARIANTS, describe, get_config
 
-    report = {}
+    report: dict[str, Any] = {}
     if args.slide:
-        from .slide import open_slide
+        from m2ort_fast.slide import open_slide
 
         with open_slide(args.slide, mpp=args.mpp) as slide:
             report["slide"] = slide.info()
     if args.checkpoint:
-        from .checkpoint import read_card
+        from m2ort_fast.checkpoint import read_card
 
         card = read_card(args.checkpoint)
         report["checkpoint"] = {
-            "path": args.checkpoint, "model_id": card.model_id, "variant": card.variant, "trained": card.trained,
-            "n_genes": len(card.genes), "genes_head": card.genes[:10], "mpp": card.mpp,
-            "level_mpp": card.level_mpp, "patch_sizes_px": card.patch_sizes_px,
-            "target_transform": card.target_transform, "provenance": card.provenance,
+            "path": args.checkpoint,
+            "model_id": card.model_id,
+            "variant": card.variant,
+            "trained": card.trained,
+            "n_genes": len(card.genes),
+            "genes_head": card.genes[:10],
+            "mpp": card.mpp,
+            "level_mpp": card.level_mpp,
+            "patch_sizes_px": card.patch_sizes_px,
+            "target_transform": card.target_transform,
+            "provenance": card.provenance,
             **{k: v for k, v in describe(card.config).items() if k in ("params", "params_M", "gflops_per_spot")},
         }
     if args.model or not report:
@@ -200,19 +287,26 @@ def run_info(args) -> int:
 def _print_info(report: dict) -> None:
     if "slide" in report:
         s = report["slide"]
-        print(f"slide {s.get('path')}: reader {s.get('reader')}, vendor {s.get('vendor')}, "
-              f"mpp {s.get('mpp')} ({s.get('mpp_source')})")
+        print(
+            f"slide {s.get('path')}: reader {s.get('reader')}, vendor {s.get('vendor')}, "
+            f"mpp {s.get('mpp')} ({s.get('mpp_source')})"
+        )
         for i, level in enumerate(s.get("levels", [])):
             print(f"  level {i}: {level}")
     if "checkpoint" in report:
         c = report["checkpoint"]
-        print(f"checkpoint {c['path']}: {c['model_id']} ({c['variant']}, {'trained' if c['trained'] else 'NOT trained'}), "
-              f"{c['n_genes']} genes, level-1 mpp {c['mpp']}, {c['params_M']} M params, {c['gflops_per_spot']} GFLOPs/spot")
+        print(
+            f"checkpoint {c['path']}: {c['model_id']} ({c['variant']}, "
+            f"{'trained' if c['trained'] else 'NOT trained'}), {c['n_genes']} genes, level-1 mpp {c['mpp']}, "
+            f"{c['params_M']} M params, {c['gflops_per_spot']} GFLOPs/spot"
+        )
     for m in report.get("models", []):
         note = "" if m["in_paper"] else "  (not in the paper: demo/test size)"
-        print(f"{m['variant']:>6}: D={m['dim']} depth={m['depth']} heads={m['heads']}x64 mlp={m['mlp_dim']} "
-              f"genes={m['n_genes']}  params {m['params']:,} ({m['params_M']} M)  "
-              f"{m['gflops_per_spot']} GFLOPs/spot{note}")
+        print(
+            f"{m['variant']:>6}: D={m['dim']} depth={m['depth']} heads={m['heads']}x64 mlp={m['mlp_dim']} "
+            f"genes={m['n_genes']}  params {m['params']:,} ({m['params_M']} M)  "
+            f"{m['gflops_per_spot']} GFLOPs/spot{note}"
+        )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -223,7 +317,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from m2ort_fast import __version__
 
     parser = _Parser(prog="m2ort-fast", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"m2ort-fast {__version__}")

@@ -10,7 +10,7 @@ Layouts:
   (pixels per centimetre). OpenSlide reports it as "generic-tiff".
 
 Tiles are JPEG (RGB, no chroma subsampling). Each level is the previous one resized (bilinear,
-antialiased; :func:`m2ort_fast.slide.resize_rgb`). The output is written under a temporary name
+antialiased; :func:`m2ort_fast.crop.resize_rgb`). The output is written under a temporary name
 and renamed, so an interrupted run leaves no half-written slide behind.
 """
 
@@ -20,15 +20,16 @@ import argparse
 import contextlib
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from .errors import M2ORTError, SlideError
-from .options import mpp_value, number, positive_int
-from .outputs import output_errors
-from .slide import open_slide, resize_rgb
+from m2ort_fast.crop import resize_rgb
+from m2ort_fast.errors import M2ORTError, SlideError
+from m2ort_fast.options import mpp_value, number, positive_int
+from m2ort_fast.outputs import output_errors
+from m2ort_fast.slide import open_slide
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,16 @@ def pyramid_downsamples(width_px: int, height_px: int, *, tile_px: int = 256, la
     return downsamples
 
 
-def write_pyramid(image: np.ndarray, dst: str | os.PathLike, *, mpp: float | None, tile_px: int = 256,
-                  quality: int = 90, layout: str = "svs", downsamples: Sequence[int] | None = None) -> Path:
+def write_pyramid(
+    image: np.ndarray,
+    dst: str | os.PathLike,
+    *,
+    mpp: float | None,
+    tile_px: int = 256,
+    quality: int = 90,
+    layout: str = "svs",
+    downsamples: Sequence[int] | None = None,
+) -> Path:
     """Write ``image`` (H, W, 3) uint8 RGB as a JPEG-tiled pyramidal TIFF at ``dst``.
 
     ``mpp``: level-0 microns per pixel to record (None: none recorded). ``downsamples``: the
@@ -73,11 +82,16 @@ def write_pyramid(image: np.ndarray, dst: str | os.PathLike, *, mpp: float | Non
         raise M2ORTError("output folder does not exist", dst.parent)
     height_px, width_px = image.shape[:2]
     downsamples = list(downsamples or pyramid_downsamples(width_px, height_px, tile_px=tile_px, layout=layout))
-    if downsamples[0] != 1 or any(b <= a for a, b in zip(downsamples, downsamples[1:])):
+    if downsamples[0] != 1 or any(b <= a for a, b in zip(downsamples, downsamples[1:], strict=False)):
         raise ValueError(f"downsamples must start at 1 and increase, got {downsamples}")
 
-    tile_options = dict(tile=(tile_px, tile_px), compression="jpeg", compressionargs={"level": quality},
-                        photometric="rgb", metadata=None)
+    tile_options = dict(
+        tile=(tile_px, tile_px),
+        compression="jpeg",
+        compressionargs={"level": quality},
+        photometric="rgb",
+        metadata=None,
+    )
     # Size the offsets for the uncompressed worst case: BigTIFF past 2 GiB.
     bigtiff = image.nbytes * 4 // 3 > 2**31
     _remove_stale_temporaries(dst)
@@ -89,18 +103,25 @@ def write_pyramid(image: np.ndarray, dst: str | os.PathLike, *, mpp: float | Non
                 if downsample != level_downsample:
                     # Each level from the previous one (as libvips and scanners do): far cheaper
                     # than from level 0, and the bilinear filter is antialiased either way.
-                    level_image = resize_rgb(level_image, max(1, width_px // downsample),
-                                             max(1, height_px // downsample),
-                                             exact_factor=downsample // level_downsample)
+                    level_image = resize_rgb(
+                        level_image,
+                        max(1, width_px // downsample),
+                        max(1, height_px // downsample),
+                        exact_factor=downsample // level_downsample,
+                    )
                     level_downsample = downsample
                 level_h, level_w = level_image.shape[:2]
                 if layout == "svs":
                     if i == 0:
-                        description = (f"{APERIO_HEADER}\n{width_px}x{height_px} [0,0 {width_px}x{height_px}] "
-                                       f"({tile_px}x{tile_px}) JPEG/RGB Q={quality}" + _aperio_fields(mpp))
+                        description = (
+                            f"{APERIO_HEADER}\n{width_px}x{height_px} [0,0 {width_px}x{height_px}] "
+                            f"({tile_px}x{tile_px}) JPEG/RGB Q={quality}" + _aperio_fields(mpp)
+                        )
                     else:
-                        description = (f"{APERIO_HEADER}\n{width_px}x{height_px} [0,0 {width_px}x{height_px}] "
-                                       f"({tile_px}x{tile_px}) -> {level_w}x{level_h} JPEG/RGB Q={quality}")
+                        description = (
+                            f"{APERIO_HEADER}\n{width_px}x{height_px} [0,0 {width_px}x{height_px}] "
+                            f"({tile_px}x{tile_px}) -> {level_w}x{level_h} JPEG/RGB Q={quality}"
+                        )
                     # Aperio readers (OpenSlide, tifffile) expect plain subfiles, not "reduced" ones.
                     tiff.write(level_image, description=description, **tile_options)
                     if i == 0:
@@ -147,13 +168,27 @@ def _write_svs_thumbnail(tiff, image: np.ndarray, quality: int, mpp: float | Non
     scale = min(1.0, THUMBNAIL_MAX_SIDE_PX / max(width_px, height_px))
     thumb_w, thumb_h = max(1, round(width_px * scale)), max(1, round(height_px * scale))
     thumbnail = resize_rgb(image, thumb_w, thumb_h) if scale < 1 else image
-    tiff.write(thumbnail, compression="jpeg", compressionargs={"level": quality}, photometric="rgb",
-               metadata=None, rowsperstrip=16,
-               description=f"{APERIO_HEADER}\n{width_px}x{height_px} -> {thumb_w}x{thumb_h} - " + _aperio_fields(mpp))
+    tiff.write(
+        thumbnail,
+        compression="jpeg",
+        compressionargs={"level": quality},
+        photometric="rgb",
+        metadata=None,
+        rowsperstrip=16,
+        description=f"{APERIO_HEADER}\n{width_px}x{height_px} -> {thumb_w}x{thumb_h} - " + _aperio_fields(mpp),
+    )
 
 
-def convert_to_pyramid(src: str | os.PathLike, dst: str | os.PathLike, *, mpp: float | None = None,
-                       tile_px: int = 256, quality: int = 90, layout: str = "svs", reader: str = "auto") -> Path:
+def convert_to_pyramid(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    mpp: float | None = None,
+    tile_px: int = 256,
+    quality: int = 90,
+    layout: str = "svs",
+    reader: str = "auto",
+) -> Path:
     """Convert ``src`` (a flat JPEG/PNG/TIFF or any slide) to a pyramidal TIFF at ``dst``.
 
     The mpp recorded is ``mpp`` when given, else the source's own; where neither exists the
@@ -168,12 +203,15 @@ def convert_to_pyramid(src: str | os.PathLike, dst: str | os.PathLike, *, mpp: f
     with open_slide(src, mpp=mpp, reader=reader) as slide:
         width_px, height_px = slide.level_dimensions[0]
         if slide.mpp is None:
-            log.warning("%s: no mpp in the source and none given (--mpp); %s is written without one",
-                        src.name, dst.name)
-        if slide.reader_name == "flat":
+            log.warning(
+                "%s: no mpp in the source and none given (--mpp); %s is written without one", src.name, dst.name
+            )
+        from m2ort_fast.slide._flat import FlatSlide
+
+        if isinstance(slide, FlatSlide):  # decoded whole already
             image = slide.image
         else:
-            from .slide import FLAT_MAX_PIXELS
+            from m2ort_fast.slide import FLAT_MAX_PIXELS
 
             if width_px * height_px > FLAT_MAX_PIXELS:
                 raise SlideError(f"level 0 ({width_px}x{height_px} px) is too large to convert in memory", src)
@@ -182,23 +220,39 @@ def convert_to_pyramid(src: str | os.PathLike, dst: str | os.PathLike, *, mpp: f
 
 
 def add_subcommands(subparsers) -> None:
-    p = subparsers.add_parser("convert", help="flat image (JPEG/PNG/TIFF) or slide -> tiled pyramidal TIFF",
-                              description=__doc__.splitlines()[0])
+    p = subparsers.add_parser(
+        "convert",
+        help="flat image (JPEG/PNG/TIFF) or slide -> tiled pyramidal TIFF",
+        description=__doc__.splitlines()[0],
+    )
     p.add_argument("image", help="flat image or slide to convert")
     p.add_argument("out", help="output .tiff (or .svs)")
-    p.add_argument("--mpp", type=mpp_value, default=None,
-                   help="level-0 microns per pixel to record (default: the source's; flat JPEG/PNG have none)")
+    p.add_argument(
+        "--mpp",
+        type=mpp_value,
+        default=None,
+        help="level-0 microns per pixel to record (default: the source's; flat JPEG/PNG have none)",
+    )
     p.add_argument("--tile-px", type=positive_int, default=256, help="tile size in pixels (default 256)")
-    p.add_argument("--quality", type=number(int, 1, 100, low_inclusive=True, what="JPEG quality"), default=90,
-                   help="JPEG quality 1-100 (default 90)")
-    p.add_argument("--layout", choices=LAYOUTS, default="svs",
-                   help="svs: Aperio-like, levels 1,4,16,...; generic: levels 1,2,4,... (default svs)")
+    p.add_argument(
+        "--quality",
+        type=number(int, 1, 100, low_inclusive=True, what="JPEG quality"),
+        default=90,
+        help="JPEG quality 1-100 (default 90)",
+    )
+    p.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="svs",
+        help="svs: Aperio-like, levels 1,4,16,...; generic: levels 1,2,4,... (default svs)",
+    )
     p.set_defaults(func=_run_convert)
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    out = convert_to_pyramid(args.image, args.out, mpp=args.mpp, tile_px=args.tile_px, quality=args.quality,
-                             layout=args.layout)
+    out = convert_to_pyramid(
+        args.image, args.out, mpp=args.mpp, tile_px=args.tile_px, quality=args.quality, layout=args.layout
+    )
     with open_slide(out) as slide:
         levels = ", ".join(f"{w}x{h}" for w, h in slide.level_dimensions)
         mpp = f"{slide.mpp:.4g} um/px" if slide.mpp else "no mpp"

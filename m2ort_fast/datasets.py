@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .errors import M2ORTError, SpotsError
+from m2ort_fast.errors import M2ORTError, SpotsError
 
 IMAGE_SUFFIXES = (".svs", ".tif", ".tiff", ".btf", ".ndpi", ".mrxs", ".jpg", ".jpeg", ".png")
 HEST_MPP_KEYS = ("pixel_size_um_estimated", "pixel_size_um_embedded", "pixel_size_um", "mpp")
@@ -56,16 +56,21 @@ class STSample:
     def n_spots(self) -> int:
         return len(self.spot_ids)
 
-    def subset(self, keep: np.ndarray) -> "STSample":
+    def subset(self, keep: np.ndarray) -> STSample:
         """The same sample with only the spots where ``keep`` (N,) bool is true."""
         keep = np.asarray(keep, dtype=bool)
-        return dataclasses.replace(self, centers_px=self.centers_px[keep], counts=self.counts[keep],
-                                   spot_ids=[s for s, k in zip(self.spot_ids, keep) if k],
-                                   notes=list(self.notes))
+        return dataclasses.replace(
+            self,
+            centers_px=self.centers_px[keep],
+            counts=self.counts[keep],
+            spot_ids=[s for s, k in zip(self.spot_ids, keep, strict=True) if k],
+            notes=list(self.notes),
+        )
 
 
 # ----------------------------------------------------------------------------------------------
 # Format detection
+
 
 def detect_format(folder: Path) -> str:
     folder = Path(folder)
@@ -75,8 +80,11 @@ def detect_format(folder: Path) -> str:
         return "hest"
     if _find(folder, ["*_selection.tsv", "*selection*.tsv*", "*spots*.tsv*"]):
         return "st"
-    raise M2ORTError("not a sample folder: no filtered_feature_bc_matrix.h5 (Visium), .h5ad (HEST) or "
-                     "*_selection.tsv spot table with a counts .tsv (ST)", folder)
+    raise M2ORTError(
+        "not a sample folder: no filtered_feature_bc_matrix.h5 (Visium), .h5ad (HEST) or "
+        "*_selection.tsv spot table with a counts .tsv (ST)",
+        folder,
+    )
 
 
 def read_sample(folder, format: str = "auto", *, name: str | None = None) -> STSample:
@@ -105,8 +113,13 @@ def _find(folder: Path, patterns: list[str]) -> list[Path]:
 
 def _find_image(folders: list[Path], exclude: tuple[str, ...] = ()) -> Path | None:
     for folder in folders:
-        images = [p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not any(word in p.name.lower() for word in exclude)]
+        images = [
+            p
+            for p in sorted(folder.iterdir())
+            if p.is_file()
+            and p.suffix.lower() in IMAGE_SUFFIXES
+            and not any(word in p.name.lower() for word in exclude)
+        ]
         if images:
             # The biggest file is the full-resolution image (not a thumbnail or a mask).
             return max(images, key=lambda p: p.stat().st_size)
@@ -119,7 +132,7 @@ def _match(spot_ids: list[str], count_ids: list[str]) -> tuple[np.ndarray, np.nd
     pairs = [(i, position[s]) for i, s in enumerate(spot_ids) if s in position]
     if not pairs:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    spot_idx, count_idx = zip(*pairs)
+    spot_idx, count_idx = zip(*pairs, strict=True)
     return np.asarray(spot_idx), np.asarray(count_idx)
 
 
@@ -132,14 +145,23 @@ def _assemble(name, fmt, slide_path, spots, counts, genes, count_ids, mpp, mpp_s
     if len(count_idx) < len(count_ids):
         notes.append(f"{len(count_ids) - len(count_idx)} of {len(count_ids)} count rows have no spot under tissue")
     counts = sp.csr_matrix(counts)[count_idx]
-    return STSample(name=name, slide_path=Path(slide_path),
-                    centers_px=np.asarray(spots.centers_px, dtype=np.float64)[spot_idx],
-                    counts=counts, genes=[str(g) for g in genes], spot_ids=[spot_ids[i] for i in spot_idx],
-                    mpp=mpp, mpp_source=mpp_source, format=fmt, notes=notes)
+    return STSample(
+        name=name,
+        slide_path=Path(slide_path),
+        centers_px=np.asarray(spots.centers_px, dtype=np.float64)[spot_idx],
+        counts=counts,
+        genes=[str(g) for g in genes],
+        spot_ids=[spot_ids[i] for i in spot_idx],
+        mpp=mpp,
+        mpp_source=mpp_source,
+        format=fmt,
+        notes=notes,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # HER2ST / ST-Net
+
 
 def read_st_counts(path: Path) -> tuple[sp.csr_matrix, list[str], list[str]]:
     """Counts TSV(.gz): rows = spots (first column, e.g. ``"10x21"``), columns = genes.
@@ -162,7 +184,7 @@ def read_st_counts(path: Path) -> tuple[sp.csr_matrix, list[str], list[str]]:
 
 
 def read_st_folder(folder: Path) -> STSample:
-    from .spots import load_spots
+    from m2ort_fast.spots import load_spots
 
     spot_files = _find(folder, ["*_selection.tsv", "*selection*.tsv*", "*spots*.tsv*"])
     spot_file = spot_files[0]
@@ -178,12 +200,23 @@ def read_st_folder(folder: Path) -> STSample:
     counts, count_ids, genes = read_st_counts(count_file)
     mpp = spots.mpp_from_pitch
     name = spot_file.name.split("_selection")[0] if "_selection" in spot_file.name else folder.name
-    return _assemble(name, "st", image, spots, counts, genes, count_ids, mpp,
-                     f"spot-table pitch ({spot_file.name})" if mpp else "slide", folder)
+    return _assemble(
+        name,
+        "st",
+        image,
+        spots,
+        counts,
+        genes,
+        count_ids,
+        mpp,
+        f"spot-table pitch ({spot_file.name})" if mpp else "slide",
+        folder,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # 10x Visium (Space Ranger)
+
 
 def read_10x_h5(path: Path) -> tuple[sp.csr_matrix, list[str], list[str]]:
     """10x feature-barcode matrix HDF5 -> ((N barcodes, G) int32 CSR, barcodes, gene names).
@@ -204,28 +237,34 @@ def read_10x_h5(path: Path) -> tuple[sp.csr_matrix, list[str], list[str]]:
             if "features" in group:
                 names = group["features"]["name"][:]
                 if "feature_type" in group["features"]:
-                    types = [t.decode() if isinstance(t, bytes) else str(t) for t in group["features"]["feature_type"][:]]
+                    types = [
+                        t.decode() if isinstance(t, bytes) else str(t) for t in group["features"]["feature_type"][:]
+                    ]
                 else:
                     types = ["Gene Expression"] * len(names)
             else:
                 names = group["gene_names"][:]
                 types = ["Gene Expression"] * len(names)
     except (OSError, KeyError, StopIteration) as exc:
-        raise M2ORTError(f"not a 10x feature-barcode HDF5 matrix ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
-                         path) from None
+        raise M2ORTError(
+            f"not a 10x feature-barcode HDF5 matrix ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
+            path,
+        ) from None
     genes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
     if shape != (len(genes), len(barcodes)) or len(indptr) != len(barcodes) + 1:
-        raise M2ORTError(f"inconsistent 10x matrix: shape {shape}, {len(genes)} features, {len(barcodes)} barcodes", path)
+        raise M2ORTError(
+            f"inconsistent 10x matrix: shape {shape}, {len(genes)} features, {len(barcodes)} barcodes", path
+        )
     matrix = sp.csc_matrix((data, indices, indptr), shape=shape).T.tocsr().astype(np.int32)
     expression = np.asarray([t == "Gene Expression" for t in types])
     if not expression.all():  # antibody capture etc. are not genes
         matrix = matrix[:, np.flatnonzero(expression)]
-        genes = [g for g, e in zip(genes, expression) if e]
+        genes = [g for g, e in zip(genes, expression, strict=True) if e]
     return matrix, barcodes, genes
 
 
 def read_visium_folder(folder: Path) -> STSample:
-    from .spots import load_spots
+    from m2ort_fast.spots import load_spots
 
     root = folder / "outs" if (folder / "outs" / "filtered_feature_bc_matrix.h5").is_file() else folder
     h5 = root / "filtered_feature_bc_matrix.h5"
@@ -238,12 +277,23 @@ def read_visium_folder(folder: Path) -> STSample:
     spots = load_spots(spatial, format="visium")
     counts, barcodes, genes = read_10x_h5(h5)
     mpp = spots.mpp_from_pitch
-    return _assemble(folder.name, "visium", image, spots, counts, genes, barcodes, mpp,
-                     "spot-table pitch (spatial/)" if mpp else "slide", folder)
+    return _assemble(
+        folder.name,
+        "visium",
+        image,
+        spots,
+        counts,
+        genes,
+        barcodes,
+        mpp,
+        "spot-table pitch (spatial/)" if mpp else "slide",
+        folder,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # HEST-1k
+
 
 class _HestSpots:
     def __init__(self, ids, centers_px):
@@ -260,7 +310,9 @@ def read_hest_folder(folder: Path) -> STSample:
     images = _find(folder, [f"{sample_id}.tif", f"{sample_id}.tiff", f"wsis/{sample_id}.tif", f"wsis/{sample_id}.tiff"])
     image = images[0] if images else _find_image([folder, folder / "wsis"] if (folder / "wsis").is_dir() else [folder])
     if image is None:
-        raise M2ORTError(f"no whole-slide image for {h5ad.name} (expected {sample_id}.tif or wsis/{sample_id}.tif)", folder)
+        raise M2ORTError(
+            f"no whole-slide image for {h5ad.name} (expected {sample_id}.tif or wsis/{sample_id}.tif)", folder
+        )
     metas = _find(folder, [f"{sample_id}.json", f"metadata/{sample_id}.json", "*.json", "metadata/*.json"])
     mpp, mpp_source = None, "slide"
     if metas:
@@ -276,7 +328,9 @@ def read_hest_folder(folder: Path) -> STSample:
     try:
         adata = anndata.read_h5ad(h5ad)
     except Exception as exc:  # anndata raises many types for a bad file
-        raise M2ORTError(f"cannot read AnnData ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})", h5ad) from None
+        raise M2ORTError(
+            f"cannot read AnnData ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})", h5ad
+        ) from None
     if "spatial" not in adata.obsm:
         raise SpotsError('AnnData has no obsm["spatial"] (spot centres in pixels)', h5ad)
     centers = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]

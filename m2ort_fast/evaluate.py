@@ -35,19 +35,20 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from . import metrics as M
-from .backends import resolve_device
-from .checkpoint import ModelCard
-from .errors import M2ORTError
-from .options import device_name, positive_int
-from .outputs import check_out_dir, ensure_out_dir, output_errors
-from .predict import normalize_levels
-from .targets import expression_targets
+from m2ort_fast import metrics as M
+from m2ort_fast.checkpoint import ModelCard
+from m2ort_fast.device import resolve_device
+from m2ort_fast.errors import M2ORTError
+from m2ort_fast.options import device_name, positive_int
+from m2ort_fast.outputs import check_out_dir, ensure_out_dir, output_errors
+from m2ort_fast.predict import normalize_levels
+from m2ort_fast.targets import expression_targets
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,16 @@ PLOT_GENES = 4
 
 
 @torch.no_grad()
-def predict_levels(model, card: ModelCard, levels: list[np.ndarray], *, batch_size: int = 64,
-                   device: torch.device | str = "cpu", progress: bool = False, desc: str = "predict") -> np.ndarray:
+def predict_levels(
+    model,
+    card: ModelCard,
+    levels: list[np.ndarray],
+    *,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    desc: str = "predict",
+) -> np.ndarray:
     """Model predictions (N, G) float32 for uint8 patches (N, S, S, 3) of the three levels."""
     device = torch.device(device)
     model.eval()
@@ -82,27 +91,42 @@ def section_targets(sample, genes: list[str]):
 
 
 def section_patches(sample, card: ModelCard, cache, level_source: str, progress: bool = False) -> list[np.ndarray]:
-    return cache.patches(sample.slide_path, sample.centers_px, card.level_mpp, slide_mpp=sample.mpp,
-                         mpp_source=sample.mpp_source, sizes_px=card.patch_sizes_px, level_source=level_source,
-                         progress=progress)
+    return cache.patches(
+        sample.slide_path,
+        sample.centers_px,
+        card.level_mpp,
+        slide_mpp=sample.mpp,
+        mpp_source=sample.mpp_source,
+        sizes_px=card.patch_sizes_px,
+        level_source=level_source,
+        progress=progress,
+    )
 
 
-def per_gene_table(pred: np.ndarray, true: np.ndarray, baseline: np.ndarray | None, genes: list[str],
-                   missing: list[str], ridge_pred: np.ndarray | None = None) -> pd.DataFrame:
+def per_gene_table(
+    pred: np.ndarray,
+    true: np.ndarray,
+    baseline: np.ndarray | None,
+    genes: list[str],
+    missing: list[str],
+    ridge_pred: np.ndarray | None = None,
+) -> pd.DataFrame:
     """One row per panel gene: its PCC across spots (model; also beyond the measured PC1), RMSE,
     means, and the ridge baseline's PCCs where given; sorted by the model's PCC."""
-    table = pd.DataFrame({
-        "gene": genes,
-        "pcc": M.pcc_per_gene(pred, true) if len(pred) >= 2 else np.nan,
-        "pcc_beyond_pc1": M.pcc_per_gene_beyond_pc1(pred, true),
-        "rmse": np.sqrt(((pred - true) ** 2).mean(axis=0)),
-        "mae": np.abs(pred - true).mean(axis=0),
-        "measured_mean": true.mean(axis=0),
-        "predicted_mean": pred.mean(axis=0),
-        "measured_std": true.std(axis=0),
-        "predicted_std": pred.std(axis=0),
-        "missing_in_section": [g in set(missing) for g in genes],
-    })
+    table = pd.DataFrame(
+        {
+            "gene": genes,
+            "pcc": M.pcc_per_gene(pred, true) if len(pred) >= 2 else np.nan,
+            "pcc_beyond_pc1": M.pcc_per_gene_beyond_pc1(pred, true),
+            "rmse": np.sqrt(((pred - true) ** 2).mean(axis=0)),
+            "mae": np.abs(pred - true).mean(axis=0),
+            "measured_mean": true.mean(axis=0),
+            "predicted_mean": pred.mean(axis=0),
+            "measured_std": true.std(axis=0),
+            "predicted_std": pred.std(axis=0),
+            "missing_in_section": [g in set(missing) for g in genes],
+        }
+    )
     if baseline is not None:
         table["baseline_rmse"] = np.sqrt(((baseline[None, :] - true) ** 2).mean(axis=0))
     if ridge_pred is not None:
@@ -114,8 +138,16 @@ def per_gene_table(pred: np.ndarray, true: np.ndarray, baseline: np.ndarray | No
     return table
 
 
-def plot_best_genes(path: Path, centers_px: np.ndarray, pred: np.ndarray, true: np.ndarray, genes: list[str],
-                    table: pd.DataFrame, title: str, count: int = PLOT_GENES) -> None:
+def plot_best_genes(
+    path: Path,
+    centers_px: np.ndarray,
+    pred: np.ndarray,
+    true: np.ndarray,
+    genes: list[str],
+    table: pd.DataFrame,
+    title: str,
+    count: int = PLOT_GENES,
+) -> None:
     """Measured (top row) vs predicted (bottom row) maps of the ``count`` best-predicted genes."""
     import matplotlib
 
@@ -153,25 +185,26 @@ def plot_best_genes(path: Path, centers_px: np.ndarray, pred: np.ndarray, true: 
 def mean_baseline(card: ModelCard, baseline_sections=None) -> tuple[np.ndarray | None, str]:
     """(G,) mean log1p CPM of the training spots over the checkpoint's panel, and where it came from."""
     if baseline_sections:
-        from .datasets import read_sample
+        from m2ort_fast.datasets import read_sample
 
         values = [section_targets(read_sample(folder), card.genes).values for folder in baseline_sections]
         stacked = np.concatenate(values)
-        return stacked.mean(axis=0).astype(np.float32), "computed from " + ", ".join(str(Path(f).name) for f in baseline_sections)
+        return stacked.mean(axis=0).astype(np.float32), "computed from " + ", ".join(
+            str(Path(f).name) for f in baseline_sections
+        )
     stored = card.provenance.get("train_mean_expression")
     if stored is not None and len(stored) == len(card.genes):
         return np.asarray(stored, dtype=np.float32), "checkpoint provenance (training spots)"
     return None, "unavailable (checkpoint has no train_mean_expression; pass --baseline-sections)"
 
 
-def ridge_baseline(card: ModelCard, cache, level_source: str, baseline_sections=None,
-                   progress: bool = False):
+def ridge_baseline(card: ModelCard, cache, level_source: str, baseline_sections=None, progress: bool = False):
     """The ridge image-feature baseline fitted on the training sections (see the module's docstring).
 
     Returns (RidgeBaseline or None, a description of where it came from, the training sections'
     names)."""
-    from .baselines import RidgeBaseline, spot_image_features
-    from .datasets import read_sample
+    from m2ort_fast.baselines import RidgeBaseline, spot_image_features
+    from m2ort_fast.datasets import read_sample
 
     if baseline_sections:
         folders, origin = [Path(f) for f in baseline_sections], "--baseline-sections"
@@ -184,8 +217,15 @@ def ridge_baseline(card: ModelCard, cache, level_source: str, baseline_sections=
         folders = [Path(root) / name for name in names]
         absent = [str(f) for f in folders if not f.is_dir()]
         if absent:
-            return None, ("unavailable (the checkpoint's training sections are not on this machine: "
-                          + ", ".join(absent) + "; pass --baseline-sections)"), []
+            return (
+                None,
+                (
+                    "unavailable (the checkpoint's training sections are not on this machine: "
+                    + ", ".join(absent)
+                    + "; pass --baseline-sections)"
+                ),
+                [],
+            )
         origin = "the checkpoint's training sections"
     features, targets, groups = [], [], []
     for folder in folders:
@@ -201,9 +241,19 @@ def ridge_baseline(card: ModelCard, cache, level_source: str, baseline_sections=
     return ridge, f"ridge on image features, fitted on {', '.join(names)} ({origin})", names
 
 
-def evaluate_sample(model, card: ModelCard, sample, cache, *, baseline: np.ndarray | None = None,
-                    ridge=None, level_source: str = "resize", batch_size: int = 64, device="cpu",
-                    progress: bool = False) -> dict:
+def evaluate_sample(
+    model,
+    card: ModelCard,
+    sample,
+    cache,
+    *,
+    baseline: np.ndarray | None = None,
+    ridge=None,
+    level_source: str = "resize",
+    batch_size: int = 64,
+    device="cpu",
+    progress: bool = False,
+) -> dict:
     """Predict one section and score it: {"metrics", "baseline_metrics", "ridge_baseline_metrics",
     "pred", "true", "ridge_pred", "table", ...} (baseline entries only for the baselines given)."""
     targets = section_targets(sample, card.genes)
@@ -213,8 +263,9 @@ def evaluate_sample(model, card: ModelCard, sample, cache, *, baseline: np.ndarr
     levels = section_patches(sample, card, cache, level_source, progress)
     rows = np.flatnonzero(targets.keep)
     levels = [np.asarray(level[rows]) for level in levels]
-    pred = predict_levels(model, card, levels, batch_size=batch_size, device=device, progress=progress,
-                          desc=f"predict {sample.name}")
+    pred = predict_levels(
+        model, card, levels, batch_size=batch_size, device=device, progress=progress, desc=f"predict {sample.name}"
+    )
     true = targets.values
     result = {
         "section": sample.name,
@@ -233,7 +284,7 @@ def evaluate_sample(model, card: ModelCard, sample, cache, *, baseline: np.ndarr
         result["baseline_metrics"] = M.summarize(np.broadcast_to(baseline, true.shape), true)
     ridge_pred = None
     if ridge is not None:
-        from .baselines import spot_image_features
+        from m2ort_fast.baselines import spot_image_features
 
         ridge_pred = ridge.predict(spot_image_features(levels))
         result["ridge_baseline_metrics"] = M.summarize(ridge_pred, true)
@@ -249,14 +300,25 @@ def _write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def evaluate_sections(checkpoint, sections, *, out_dir=None, baseline_sections=None, cache_dir=None,
-                      level_source: str | None = None, batch_size: int = 64, device: str = "auto",
-                      progress: bool = True, plot_genes: int = PLOT_GENES, ridge: bool = True) -> dict:
+def evaluate_sections(
+    checkpoint,
+    sections,
+    *,
+    out_dir=None,
+    baseline_sections=None,
+    cache_dir=None,
+    level_source: str | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    progress: bool = True,
+    plot_genes: int = PLOT_GENES,
+    ridge: bool = True,
+) -> dict:
     """Evaluate a checkpoint on section folders; writes the reports when ``out_dir`` is given.
     ``ridge=False`` skips the ridge baseline (it reads the training sections' patches)."""
-    from .checkpoint import load_checkpoint
-    from .datasets import read_sample
-    from .patch_cache import PatchCache
+    from m2ort_fast.checkpoint import load_checkpoint
+    from m2ort_fast.datasets import read_sample
+    from m2ort_fast.patch_cache import PatchCache
 
     out = check_out_dir(out_dir) if out_dir else None  # a wrong --out fails before any work
     torch_device = resolve_device(device)
@@ -265,32 +327,51 @@ def evaluate_sections(checkpoint, sections, *, out_dir=None, baseline_sections=N
     baseline, baseline_source = mean_baseline(card, baseline_sections)
     cache = PatchCache(cache_dir)
     if ridge:
-        ridge_model, ridge_source, ridge_sections = ridge_baseline(card, cache, level_source, baseline_sections,
-                                                                   progress)
+        ridge_model, ridge_source, ridge_sections = ridge_baseline(
+            card, cache, level_source, baseline_sections, progress
+        )
     else:
         ridge_model, ridge_source, ridge_sections = None, "skipped", []
-    report = {"checkpoint": str(checkpoint), "variant": card.variant, "model_id": card.model_id,
-              "n_genes": len(card.genes), "model_mpp": card.mpp, "level_source": level_source,
-              "scale": card.target_transform, "baseline": baseline_source,
-              "ridge_baseline": {"source": ridge_source, **(ridge_model.describe() if ridge_model else {})},
-              "sections": []}
+    report: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "variant": card.variant,
+        "model_id": card.model_id,
+        "n_genes": len(card.genes),
+        "model_mpp": card.mpp,
+        "level_source": level_source,
+        "scale": card.target_transform,
+        "baseline": baseline_source,
+        "ridge_baseline": {"source": ridge_source, **(ridge_model.describe() if ridge_model else {})},
+        "sections": [],
+    }
     results = []  # every section is evaluated before anything is written: a bad section leaves no report
     for folder in sections:
         sample = read_sample(folder)
-        result = evaluate_sample(model, card, sample, cache, baseline=baseline, ridge=ridge_model,
-                                 level_source=level_source, batch_size=batch_size, device=torch_device,
-                                 progress=progress)
+        result = evaluate_sample(
+            model,
+            card,
+            sample,
+            cache,
+            baseline=baseline,
+            ridge=ridge_model,
+            level_source=level_source,
+            batch_size=batch_size,
+            device=torch_device,
+            progress=progress,
+        )
         if ridge_model is not None:
             result["ridge_in_sample"] = sample.name in ridge_sections
         results.append((sample.name, result))
         report["sections"].append(
-            {k: v for k, v in result.items() if k not in ("pred", "true", "ridge_pred", "centers_px", "table")})
+            {k: v for k, v in result.items() if k not in ("pred", "true", "ridge_pred", "centers_px", "table")}
+        )
     report["mean_over_sections"] = _mean_over_sections([s["metrics"] for s in report["sections"]])
     if baseline is not None:
         report["baseline_mean_over_sections"] = _mean_over_sections([s["baseline_metrics"] for s in report["sections"]])
     if ridge_model is not None:
         report["ridge_baseline_mean_over_sections"] = _mean_over_sections(
-            [s["ridge_baseline_metrics"] for s in report["sections"]])
+            [s["ridge_baseline_metrics"] for s in report["sections"]]
+        )
     if out:
         _write_reports(out, report, results, card.genes, plot_genes)
     return report
@@ -306,12 +387,20 @@ def _write_reports(out: Path, report: dict, results: list, genes: list[str], plo
         with output_errors(out):
             ensure_out_dir(out)
             staging = Path(tempfile.mkdtemp(prefix=".evaluate.partial-", dir=out))
-            for (name, result), summary in zip(results, report["sections"]):
+            for (name, result), summary in zip(results, report["sections"], strict=True):
                 _write_json(staging / f"{name}.json", summary)
                 result["table"].to_csv(staging / f"{name}_genes.csv", index=False, float_format="%.5f")
                 if plot_genes:
-                    plot_best_genes(staging / f"{name}_best_genes.png", result["centers_px"], result["pred"],
-                                    result["true"], genes, result["table"], name, plot_genes)
+                    plot_best_genes(
+                        staging / f"{name}_best_genes.png",
+                        result["centers_px"],
+                        result["pred"],
+                        result["true"],
+                        genes,
+                        result["table"],
+                        name,
+                        plot_genes,
+                    )
             _write_json(staging / "report.json", report)
             for path in sorted(staging.iterdir(), key=lambda p: p.name == "report.json"):
                 os.replace(path, out / path.name)
@@ -336,10 +425,15 @@ def _mean_over_sections(per_section: list[dict]) -> dict:
 
 
 TABLE_COLUMNS = (  # (header, metrics key): the printed table, one row per model / baseline
-    ("PCC/spot", "pcc_spot_mean"), ("RMSE/spot", "rmse_spot_mean"), ("MAE", "mae"),
-    ("PCC/gene", "pcc_gene_mean"), (f"top{M.TOP_GENES}", f"pcc_gene_top{M.TOP_GENES}_mean"),
-    ("PCC/gene>PC1", "pcc_gene_beyond_pc1_mean"), ("PC1 share", "var_share_pc1_pred"),
-    (f"PC1-{M.TOP_PCS} share", f"var_share_pc1to{M.TOP_PCS}_pred"))
+    ("PCC/spot", "pcc_spot_mean"),
+    ("RMSE/spot", "rmse_spot_mean"),
+    ("MAE", "mae"),
+    ("PCC/gene", "pcc_gene_mean"),
+    (f"top{M.TOP_GENES}", f"pcc_gene_top{M.TOP_GENES}_mean"),
+    ("PCC/gene>PC1", "pcc_gene_beyond_pc1_mean"),
+    ("PC1 share", "var_share_pc1_pred"),
+    (f"PC1-{M.TOP_PCS} share", f"var_share_pc1to{M.TOP_PCS}_pred"),
+)
 LABEL_WIDTH = 24
 
 
@@ -357,12 +451,22 @@ def _format_row(label: str, m: dict) -> str:
 
 
 def run_evaluate(args) -> int:
-    report = evaluate_sections(args.checkpoint, args.sections, out_dir=args.out,
-                               baseline_sections=args.baseline_sections, cache_dir=args.cache_dir,
-                               level_source=args.level_source, batch_size=args.batch_size, device=args.device,
-                               progress=not args.quiet, ridge=not args.no_ridge)
-    print(f"ridge baseline: {report['ridge_baseline']['source']}"
-          + (f", alpha {report['ridge_baseline']['alpha']:g}" if "alpha" in report["ridge_baseline"] else ""))
+    report = evaluate_sections(
+        args.checkpoint,
+        args.sections,
+        out_dir=args.out,
+        baseline_sections=args.baseline_sections,
+        cache_dir=args.cache_dir,
+        level_source=args.level_source,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.quiet,
+        ridge=not args.no_ridge,
+    )
+    print(
+        f"ridge baseline: {report['ridge_baseline']['source']}"
+        + (f", alpha {report['ridge_baseline']['alpha']:g}" if "alpha" in report["ridge_baseline"] else "")
+    )
     print(_format_header())
     for section in report["sections"]:
         name = section["section"]
@@ -373,8 +477,10 @@ def run_evaluate(args) -> int:
             flag = " (in-sample)" if section.get("ridge_in_sample") else ""
             print(_format_row(f"{name} ridge baseline", section["ridge_baseline_metrics"]) + flag)
         m = section["metrics"]
-        print(f"  measured: PC1 share {m['var_share_pc1_true']:.4f}, "
-              f"PC1-{M.TOP_PCS} share {m[f'var_share_pc1to{M.TOP_PCS}_true']:.4f}")
+        print(
+            f"  measured: PC1 share {m['var_share_pc1_true']:.4f}, "
+            f"PC1-{M.TOP_PCS} share {m[f'var_share_pc1to{M.TOP_PCS}_true']:.4f}"
+        )
         if section["n_panel_genes_missing"]:
             print(f"  {section['n_panel_genes_missing']} panel genes missing from the section's counts (counted as 0)")
     if args.out:
@@ -383,18 +489,31 @@ def run_evaluate(args) -> int:
 
 
 def add_subcommands(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="score a checkpoint on held-out sections (PCC, RMSE, MAE; per spot and per gene)")
+    p = subparsers.add_parser(
+        "evaluate", help="score a checkpoint on held-out sections (PCC, RMSE, MAE; per spot and per gene)"
+    )
     p.add_argument("sections", nargs="+", help="section folders (HER2ST/ST-Net, Visium Space Ranger or HEST layout)")
     p.add_argument("--checkpoint", required=True, help="model checkpoint (.safetensors)")
     p.add_argument("--out", default=None, help="folder for report.json, per-section JSON, per-gene CSV and PNG maps")
-    p.add_argument("--baseline-sections", nargs="*", default=None,
-                   help="training sections for the mean and ridge baselines (default: the mean stored in the "
-                        "checkpoint; the ridge is fitted on the checkpoint's training sections where present)")
-    p.add_argument("--no-ridge", action="store_true",
-                   help="skip the ridge image-feature baseline (it reads the training sections' patches)")
+    p.add_argument(
+        "--baseline-sections",
+        nargs="*",
+        default=None,
+        help="training sections for the mean and ridge baselines (default: the mean stored in the "
+        "checkpoint; the ridge is fitted on the checkpoint's training sections where present)",
+    )
+    p.add_argument(
+        "--no-ridge",
+        action="store_true",
+        help="skip the ridge image-feature baseline (it reads the training sections' patches)",
+    )
     p.add_argument("--cache-dir", default=None, help="patch cache folder (default ~/.cache/m2ort-fast/patches)")
-    p.add_argument("--level-source", default=None, choices=["pyramid", "resize"],
-                   help="how levels 2 and 3 are made (default: as the checkpoint was trained)")
+    p.add_argument(
+        "--level-source",
+        default=None,
+        choices=["pyramid", "resize"],
+        help="how levels 2 and 3 are made (default: as the checkpoint was trained)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

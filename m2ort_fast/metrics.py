@@ -1,6 +1,6 @@
 """Metrics of predicted vs measured expression, on the transformed scale (log1p CPM).
 
-Two families, named so they cannot be confused (``M2ORT_SPEC.md`` "Metrics"):
+Two families, named so they cannot be confused (``docs/model.md`` "Metrics"):
 
 * **per spot** (what the M2ORT paper's tables report): for each spot, Pearson correlation / RMSE
   between predicted and measured values across the panel's genes; then the mean over spots.

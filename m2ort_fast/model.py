@@ -1,7 +1,7 @@
 """The reference M2ORT model (Wang et al., AAAI 2024), in plain PyTorch.
 
 This module is the ground truth that every fast path (Triton kernels, ONNX, AOTInductor,
-TensorRT) is checked against. It follows ``M2ORT_SPEC.md``:
+TensorRT) is checked against. It follows ``docs/model.md``:
 
 * LDPE: each of the three levels of a spot, (B, 3, 224, 224), (B, 3, 112, 112) and
   (B, 3, 56, 56), is cut into the same 14 x 14 grid (patches of 16, 8 and 4 px) and embedded
@@ -19,6 +19,7 @@ Patches are flattened in (p1 p2 c) order, as the ViT-style public code does with
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,7 @@ class M2ORTConfig:
     variant: str = "custom"
     dropout: float = 0.1  # in ITMM and ICMM, training only (the paper's code); no parameters
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.dim % 3:
             raise ValueError(f"model width {self.dim} is not divisible by 3")
 
@@ -56,11 +57,11 @@ class M2ORTConfig:
     def inner_dim(self) -> int:
         return self.heads * HEAD_DIM
 
-    def with_genes(self, n_genes: int) -> "M2ORTConfig":
+    def with_genes(self, n_genes: int) -> M2ORTConfig:
         return dataclasses.replace(self, n_genes=n_genes)
 
 
-# The paper's variants (Table of M2ORT_SPEC.md), and "tiny": a small configuration of the same
+# The paper's variants (the variant table of docs/model.md), and "tiny": a small configuration of the same
 # architecture that is not in the paper, used for the shipped demo model and fast tests.
 VARIANTS: dict[str, M2ORTConfig] = {
     "tiny": M2ORTConfig(dim=192, depth=2, heads=3, mlp_dim=256, variant="tiny"),
@@ -184,9 +185,7 @@ class M2ORT(nn.Module):
         self.cfg = cfg
         d = cfg.level_dim
         hidden = (cfg.dim, cfg.dim // 2, cfg.dim // 4)
-        self.embeds = nn.ModuleList(
-            LevelPatchEmbed(p, hid, d) for p, hid in zip(PATCH_SIZES_PX, hidden)
-        )
+        self.embeds = nn.ModuleList(LevelPatchEmbed(p, hid, d) for p, hid in zip(PATCH_SIZES_PX, hidden, strict=True))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, NUM_TOKENS + 1, cfg.dim))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
@@ -194,7 +193,7 @@ class M2ORT(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.n_genes)
         self.reset_parameters()
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():
@@ -203,9 +202,15 @@ class M2ORT(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
+    def encoder_blocks(self) -> list[Block]:
+        """The ``depth`` encoder blocks, typed (iterating the nn.ModuleList gives plain Modules)."""
+        return typing.cast(list[Block], list(self.blocks))
+
     def embed(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:
         """LDPE + fusion: three levels -> tokens (B, 197, D)."""
-        tokens = torch.cat([emb(img) for emb, img in zip(self.embeds, (level1, level2, level3))], dim=-1)
+        levels = (level1, level2, level3)
+        # a plain zip: torch.export traces this line (three embeds, three levels)
+        tokens = torch.cat([emb(img) for emb, img in zip(self.embeds, levels)], dim=-1)  # noqa: B905
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         return torch.cat([cls, tokens], dim=1) + self.pos_embed
 
@@ -236,7 +241,7 @@ def flops_per_spot(cfg: M2ORTConfig) -> int:
     (the spec's convention; softmax, norms and GELU not counted)."""
     d, D, inner, t = cfg.level_dim, cfg.dim, cfg.inner_dim, NUM_TOKENS + 1
     macs = 0
-    for p, hidden in zip(PATCH_SIZES_PX, (D, D // 2, D // 4)):
+    for p, hidden in zip(PATCH_SIZES_PX, (D, D // 2, D // 4), strict=True):
         macs += NUM_TOKENS * (3 * p * p * hidden + hidden * d)
     per_block = t * (3 * d * inner + inner * D + 2 * D * cfg.mlp_dim) + 2 * t * t * inner
     macs += cfg.depth * per_block + D * cfg.n_genes
@@ -266,4 +271,3 @@ def describe(cfg: M2ORTConfig) -> dict:
         "gflops_per_spot": round(flops / 1e9, 2),
         "in_paper": cfg.variant in PAPER_VARIANTS,
     }
-

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from .slide import MPP_RANGE
+from m2ort_fast.slide import MPP_RANGE
 
 # More heatmaps than this is a mistake, not a wish (one PNG each, ~0.4 s apiece).
 MAX_HEATMAPS = 64
@@ -15,16 +15,22 @@ MAX_HEATMAPS = 64
 def number(kind, low: float, high: float | None = None, low_inclusive: bool = False, what: str = ""):
     """An argparse type: ``kind`` (int or float) in (low, high] (or [low, high] when
     ``low_inclusive``), finite; anything else is a one-line usage error at parse time."""
+
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'a whole number' if kind is int else 'a number'}"
+            ) from None
         too_low = value < low if low_inclusive else value <= low
         if not math.isfinite(value) or too_low or (high is not None and value > high):
-            bound = f"{'at least' if low_inclusive else 'more than'} {low:g}" + (f" and at most {high:g}" if high else "")
+            bound = f"{'at least' if low_inclusive else 'more than'} {low:g}" + (
+                f" and at most {high:g}" if high else ""
+            )
             raise argparse.ArgumentTypeError(f"{text} is out of range: {what or 'it'} must be {bound}")
         return value
+
     return parse
 
 

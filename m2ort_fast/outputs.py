@@ -19,14 +19,15 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .errors import M2ORTError, OutputError, exception_detail
+from m2ort_fast.errors import M2ORTError, OutputError, exception_detail
 
 DEFAULT_HEATMAP_COUNT = 4
 LOWRES_MAX_SIDE_PX = 600  # the image stored in the .h5ad, as Space Ranger's "lowres"
@@ -42,18 +43,12 @@ class SlideOutputs:
     heatmaps: list[Path]
 
 
-def pick_heatmap_genes(predictions: np.ndarray, genes: list[str], requested: list[str] | None,
-                       count: int = DEFAULT_HEATMAP_COUNT) -> list[str]:
-    """The genes asked for (unknown names are an error), else the ``count`` genes whose
-    predictions vary most across the slide's spots."""
-    if requested:
-        unknown = [g for g in requested if g not in genes]
-        if unknown:
-            raise M2ORTError(f"genes not in the model's panel: {', '.join(unknown[:5])}")
-        return list(requested)
-    if predictions.shape[0] < 2:
-        return list(genes[:count])
-    return genes_by_variance(predictions.var(axis=0, dtype=np.float64), genes, count)
+def check_heatmap_genes(genes: Sequence[str], requested: Sequence[str]) -> list[str]:
+    """The genes asked for heatmaps; a name not in the model's panel is an error."""
+    unknown = [g for g in requested if g not in genes]
+    if unknown:
+        raise M2ORTError(f"genes not in the model's panel: {', '.join(unknown[:5])}")
+    return list(requested)
 
 
 def genes_by_variance(variance: np.ndarray, genes: Sequence[str], count: int) -> list[str]:
@@ -62,9 +57,17 @@ def genes_by_variance(variance: np.ndarray, genes: Sequence[str], count: int) ->
     return [genes[i] for i in order[:count]]
 
 
-def build_anndata(predictions: np.ndarray, genes: list[str], spot_ids: list[str], centers_px: np.ndarray,
-                  obs_columns: pd.DataFrame | None, uns: dict, thumbnail: np.ndarray | None = None,
-                  thumbnail_downsample: float | None = None, spot_diameter_px: float | None = None):
+def build_anndata(
+    predictions: np.ndarray,
+    genes: list[str],
+    spot_ids: list[str],
+    centers_px: np.ndarray,
+    obs_columns: pd.DataFrame | None,
+    uns: dict,
+    thumbnail: np.ndarray | None = None,
+    thumbnail_downsample: float | None = None,
+    spot_diameter_px: float | None = None,
+):
     """AnnData with X = predictions (n_spots, n_genes), obsm["spatial"] in level-0 px (x, y).
 
     ``uns["spatial"]`` follows the scanpy/squidpy layout (a low-resolution image and its scale
@@ -101,7 +104,9 @@ def _shrink(image: np.ndarray, downsample: float, max_side_px: int) -> tuple[np.
     from PIL import Image
 
     size = (max(1, round(image.shape[1] / factor)), max(1, round(image.shape[0] / factor)))
-    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR)), float(downsample) * image.shape[1] / size[0]
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)), float(downsample) * image.shape[
+        1
+    ] / size[0]
 
 
 def _jsonable(value):
@@ -117,9 +122,17 @@ def _jsonable(value):
     return str(value)
 
 
-def write_heatmap(path: Path, gene: str, values: np.ndarray, centers_px: np.ndarray, thumbnail: np.ndarray,
-                  downsample: float, spot_diameter_px: float, title_suffix: str = "",
-                  value_label: str = "predicted log1p CPM") -> None:
+def write_heatmap(
+    path: Path,
+    gene: str,
+    values: np.ndarray,
+    centers_px: np.ndarray,
+    thumbnail: np.ndarray,
+    downsample: float,
+    spot_diameter_px: float,
+    title_suffix: str = "",
+    value_label: str = "predicted log1p CPM",
+) -> None:
     """One PNG: the predicted value of ``gene`` at every spot, drawn as discs over the thumbnail."""
     import matplotlib
 
@@ -133,8 +146,7 @@ def write_heatmap(path: Path, gene: str, values: np.ndarray, centers_px: np.ndar
     # scatter sizes are in points^2: convert the spot's diameter from thumbnail px to points
     axes_width_pt = ax.get_window_extent().width * 72.0 / fig.dpi
     diameter_pt = max(spot_diameter_px / downsample * axes_width_pt / max(w, 1), 2.0)
-    scatter = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=diameter_pt**2, cmap="viridis", alpha=0.85,
-                         edgecolors="none")
+    scatter = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=diameter_pt**2, cmap="viridis", alpha=0.85, edgecolors="none")
     fig.colorbar(scatter, ax=ax, fraction=0.035, pad=0.02, label=value_label)
     ax.set_title(f"{gene}{title_suffix}")
     ax.set_axis_off()
@@ -143,27 +155,9 @@ def write_heatmap(path: Path, gene: str, values: np.ndarray, centers_px: np.ndar
     plt.close(fig)
 
 
-def write_slide_outputs(staged: "StagedOutput", adata, *, write_csv: bool = True,
-                        heatmap_genes: list[str] = (), thumbnail: np.ndarray | None = None,
-                        thumbnail_downsample: float = 1.0, spot_diameter_px: float = 0.0) -> SlideOutputs:
-    """Write ``<stem>.h5ad``, ``<stem>.csv`` and ``<stem>_heatmaps/<gene>.png`` into the staging
-    folder, then rename them into place, the ``.h5ad`` last."""
-    stem, folder = staged.stem, staged.folder
-    with output_errors(folder):
-        adata.write_h5ad(folder / f"{stem}.h5ad")
-        if write_csv:
-            write_csv_rows(folder / f"{stem}.csv", adata.X, adata.obs_names, list(adata.var_names),
-                           adata.obsm["spatial"])
-        if heatmap_genes and thumbnail is not None:
-            columns = [adata.var_names.get_loc(gene) for gene in heatmap_genes]
-            suffix = heatmap_title_suffix(stem, trained=bool(adata.uns.get("m2ort_fast", {}).get("trained", True)))
-            write_heatmaps(folder / f"{stem}_heatmaps", list(heatmap_genes), np.asarray(adata.X[:, columns]),
-                           adata.obsm["spatial"], thumbnail, thumbnail_downsample, spot_diameter_px, suffix)
-        return staged.publish(list(heatmap_genes))
-
-
-def write_csv_rows(path: Path, values: np.ndarray, spot_ids, genes: list[str], centers_px: np.ndarray,
-                   append: bool = False) -> None:
+def write_csv_rows(
+    path: Path, values: np.ndarray, spot_ids, genes: list[str], centers_px: np.ndarray, append: bool = False
+) -> None:
     """The CSV: spot_id, x_px, y_px, then one column per gene; ``append`` adds rows (chunked writes)."""
     table = pd.DataFrame(values, index=pd.Index(spot_ids, name="spot_id"), columns=genes)
     table.insert(0, "y_px", centers_px[:, 1])
@@ -171,13 +165,29 @@ def write_csv_rows(path: Path, values: np.ndarray, spot_ids, genes: list[str], c
     table.to_csv(path, mode="a" if append else "w", header=not append, index_label="spot_id", float_format="%.6g")
 
 
-def write_heatmaps(folder: Path, genes: list[str], values: np.ndarray, centers_px: np.ndarray,
-                   thumbnail: np.ndarray, downsample: float, spot_diameter_px: float, title_suffix: str) -> None:
+def write_heatmaps(
+    folder: Path,
+    genes: list[str],
+    values: np.ndarray,
+    centers_px: np.ndarray,
+    thumbnail: np.ndarray,
+    downsample: float,
+    spot_diameter_px: float,
+    title_suffix: str,
+) -> None:
     """One PNG per gene into ``folder`` (created); ``values`` (N, len(genes))."""
     folder.mkdir()
     for k, gene in enumerate(genes):
-        write_heatmap(folder / f"{_safe_name(gene)}.png", gene, values[:, k], centers_px, thumbnail, downsample,
-                      spot_diameter_px, title_suffix=title_suffix)
+        write_heatmap(
+            folder / f"{_safe_name(gene)}.png",
+            gene,
+            values[:, k],
+            centers_px,
+            thumbnail,
+            downsample,
+            spot_diameter_px,
+            title_suffix=title_suffix,
+        )
 
 
 def publish_staged(staging: Path, out_dir: Path, stem: str, heatmap_genes: list[str]) -> SlideOutputs:
@@ -316,9 +326,11 @@ class StagedOutput:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise OutputError(f"another m2ort-fast run is writing {self.stem}'s outputs here (its staging "
-                                  f"folder {self.folder.name} is locked); wait for it, or use another --out",
-                                  self.out_dir) from None
+                raise OutputError(
+                    f"another m2ort-fast run is writing {self.stem}'s outputs here (its staging "
+                    f"folder {self.folder.name} is locked); wait for it, or use another --out",
+                    self.out_dir,
+                ) from None
             try:  # the run that held it may have finished and removed the folder meanwhile
                 if os.fstat(fd).st_ino == os.stat(self.folder / "lock").st_ino:
                     return fd
@@ -380,7 +392,7 @@ class ChunkedH5adWriter:
     flushed and the mask of written rows saved (``written.npy``, replaced atomically), so a run
     killed outright leaves rows that the next run with the same settings keeps (``written``).
     ``finish`` writes the CSV and heatmaps from the file in row chunks and publishes everything,
-    the ``.h5ad`` last (as :func:`write_slide_outputs`).
+    the ``.h5ad`` last. Both engines write through it: the naive one in a single batch.
     """
 
     ROWS_PER_CHUNK = 4096
@@ -393,7 +405,7 @@ class ChunkedH5adWriter:
         self.ids = [str(name) for name in skeleton.obs_names]
         self.h5ad = staged.folder / f"{self.stem}.h5ad"
         self.progress_path = staged.folder / "written.npy"
-        self.file = None
+        self.file: Any = None  # the open h5py.File
         with output_errors(staged.folder):
             if not (staged.resumed and self._reopen()):
                 self._create(skeleton)
@@ -408,8 +420,12 @@ class ChunkedH5adWriter:
         del self.file["X"], self.file["var"]
         write_elem(self.file, "var", pd.DataFrame(index=pd.Index(self.genes, name="gene")))
         chunk_rows = max(1, min(self.n_spots, max(1, 2**20 // (4 * max(len(self.genes), 1)))))
-        self.X = self.file.create_dataset("X", (self.n_spots, len(self.genes)), dtype=np.float32,
-                                          chunks=(chunk_rows, max(len(self.genes), 1)) if self.n_spots else None)
+        self.X = self.file.create_dataset(
+            "X",
+            (self.n_spots, len(self.genes)),
+            dtype=np.float32,
+            chunks=(chunk_rows, max(len(self.genes), 1)) if self.n_spots else None,
+        )
         self.X.attrs["encoding-type"] = "array"
         self.X.attrs["encoding-version"] = "0.2.0"
         self.written = np.zeros(self.n_spots, dtype=bool)
@@ -422,8 +438,11 @@ class ChunkedH5adWriter:
             written = np.load(self.progress_path)
             self.file = h5py.File(self.h5ad, "r+")
             self.X = self.file["X"]
-            if self.X.shape != (self.n_spots, len(self.genes)) or written.shape != (self.n_spots,) \
-                    or written.dtype != bool:
+            if (
+                self.X.shape != (self.n_spots, len(self.genes))
+                or written.shape != (self.n_spots,)
+                or written.dtype != bool
+            ):
                 raise ValueError("shape")
         except Exception:  # a file cut mid-write, a mask from another run...: redo the slide
             with contextlib.suppress(Exception):
@@ -446,26 +465,32 @@ class ChunkedH5adWriter:
 
     def _row_chunks(self):
         for start in range(0, self.n_spots, self.ROWS_PER_CHUNK):
-            yield start, self.X[start:start + self.ROWS_PER_CHUNK]
+            yield start, self.X[start : start + self.ROWS_PER_CHUNK]
 
     def gene_variance(self) -> np.ndarray:
         """Per-gene variance of the written predictions, float64, two passes over row chunks."""
         n = max(self.n_spots, 1)
-        mean = sum((rows.sum(axis=0, dtype=np.float64) for _, rows in self._row_chunks()),
-                   np.zeros(len(self.genes)))
+        mean = sum((rows.sum(axis=0, dtype=np.float64) for _, rows in self._row_chunks()), np.zeros(len(self.genes)))
         mean /= n
-        squares = sum((((rows - mean) ** 2).sum(axis=0) for _, rows in self._row_chunks()),
-                      np.zeros(len(self.genes)))
+        squares = sum((((rows - mean) ** 2).sum(axis=0) for _, rows in self._row_chunks()), np.zeros(len(self.genes)))
         return squares / n
 
-    def finish(self, *, write_csv: bool, heatmap_genes: Sequence[str] | None, n_heatmaps: int,
-               thumbnail: np.ndarray | None, thumbnail_downsample: float, spot_diameter_px: float,
-               title_suffix: str) -> SlideOutputs:
+    def finish(
+        self,
+        *,
+        write_csv: bool,
+        heatmap_genes: Sequence[str] | None,
+        n_heatmaps: int,
+        thumbnail: np.ndarray | None,
+        thumbnail_downsample: float,
+        spot_diameter_px: float,
+        title_suffix: str,
+    ) -> SlideOutputs:
         if not self.written.all():
             raise RuntimeError(f"{int((~self.written).sum())} spots have no prediction")
         with output_errors(self.staged.folder):
             if heatmap_genes:
-                genes = pick_heatmap_genes(np.zeros((0, len(self.genes))), self.genes, list(heatmap_genes))
+                genes = check_heatmap_genes(self.genes, heatmap_genes)
             else:
                 genes = genes_by_variance(self.gene_variance(), self.genes, n_heatmaps)
             columns = [self.genes.index(g) for g in genes]
@@ -473,15 +498,29 @@ class ChunkedH5adWriter:
             centers = self.file["obsm"]["spatial"][:]
             csv_path = self.staged.folder / f"{self.stem}.csv"
             for start, rows in self._row_chunks():
-                heat_values[start:start + len(rows)] = rows[:, columns]
+                heat_values[start : start + len(rows)] = rows[:, columns]
                 if write_csv:
-                    write_csv_rows(csv_path, rows, self.ids[start:start + len(rows)], self.genes,
-                                   centers[start:start + len(rows)], append=start > 0)
+                    write_csv_rows(
+                        csv_path,
+                        rows,
+                        self.ids[start : start + len(rows)],
+                        self.genes,
+                        centers[start : start + len(rows)],
+                        append=start > 0,
+                    )
             self.file.close()
             self.progress_path.unlink(missing_ok=True)
             if genes and thumbnail is not None:
-                write_heatmaps(self.staged.folder / f"{self.stem}_heatmaps", genes, heat_values, centers, thumbnail,
-                               thumbnail_downsample, spot_diameter_px, title_suffix)
+                write_heatmaps(
+                    self.staged.folder / f"{self.stem}_heatmaps",
+                    genes,
+                    heat_values,
+                    centers,
+                    thumbnail,
+                    thumbnail_downsample,
+                    spot_diameter_px,
+                    title_suffix,
+                )
         return self.staged.publish(genes)
 
     def abort(self) -> None:
@@ -490,4 +529,3 @@ class ChunkedH5adWriter:
             if self.file is not None:
                 self.file.close()
         self.staged.discard()
-

@@ -18,27 +18,37 @@ import hashlib
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from . import _core
-from .backends import make_backend
-from .checkpoint import ModelCard, file_sha256, load_checkpoint
-from .errors import M2ORTError, SpotsError
-from .outputs import (ChunkedH5adWriter, SlideOutputs, StagedOutput, build_anndata, check_out_dir,
-                      heatmap_title_suffix, pick_heatmap_genes, run_key, write_slide_outputs)
-from .profiling import StageTimer
-from .slide import Slide, open_slide, read_spot_patches, require_mpp
-from .spots import Spots, check_spots_inside, grid_spots, load_spots
-from .stream import DEFAULT_MAX_MEMORY_MB, plan_slide_reads, run_stream
-from .tissue import tissue_mask
+from m2ort_fast import _core
+from m2ort_fast.backends import make_backend
+from m2ort_fast.checkpoint import ModelCard, file_sha256, load_checkpoint
+from m2ort_fast.crop import read_spot_patches
+from m2ort_fast.errors import M2ORTError, SpotsError
+from m2ort_fast.outputs import (
+    ChunkedH5adWriter,
+    SlideOutputs,
+    StagedOutput,
+    build_anndata,
+    check_heatmap_genes,
+    check_out_dir,
+    heatmap_title_suffix,
+    run_key,
+)
+from m2ort_fast.profiling import StageTimer
+from m2ort_fast.slide import Slide, open_slide, require_mpp
+from m2ort_fast.spots import Spots, check_spots_inside, grid_spots, load_spots
+from m2ort_fast.stream import DEFAULT_MAX_MEMORY_MB, plan_slide_reads, run_stream
+from m2ort_fast.tissue import tissue_mask
 
-log = logging.getLogger("m2ort_fast")
+log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_SLIDE = ASSETS / "demo_slide.tiff"
@@ -70,13 +80,16 @@ class SlideResult:
         return self.error is None
 
 
-def normalize_levels(levels: list[np.ndarray], card: ModelCard, rows=None, num_threads: int = 0) -> list[torch.Tensor]:
+def normalize_levels(
+    levels: list[np.ndarray], card: ModelCard, rows: np.ndarray | slice | None = None, num_threads: int = 0
+) -> list[torch.Tensor]:
     """uint8 (N, S, S, 3) per level -> float32 (N, 3, S, S) tensors, normalised as the card says."""
     out = []
     for level in levels:
         batch = np.ascontiguousarray(level if rows is None else level[rows])
-        out.append(torch.from_numpy(_core.assemble_batch(batch, card.pixel_mean, card.pixel_std,
-                                                         num_threads=num_threads)))
+        out.append(
+            torch.from_numpy(_core.assemble_batch(batch, card.pixel_mean, card.pixel_std, num_threads=num_threads))
+        )
     return out
 
 
@@ -89,11 +102,21 @@ class Predictor:
     give the same predictions. ``max_memory_mb``: the streamed engine's bound on decoded pixels.
     """
 
-    def __init__(self, checkpoint: str | os.PathLike | None = None, *, backend: str = "torch",
-                 device: str = "auto", precision: str = "fp32", batch_size: int = 64,
-                 level_source: str | None = None, num_threads: int = 0, progress: bool = True,
-                 backend_options: dict | None = None, streamed: bool = True,
-                 max_memory_mb: float = DEFAULT_MAX_MEMORY_MB):
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike | None = None,
+        *,
+        backend: str = "torch",
+        device: str = "auto",
+        precision: str = "fp32",
+        batch_size: int = 64,
+        level_source: str | None = None,
+        num_threads: int = 0,
+        progress: bool = True,
+        backend_options: dict | None = None,
+        streamed: bool = True,
+        max_memory_mb: float = DEFAULT_MAX_MEMORY_MB,
+    ):
         if batch_size < 1:
             raise M2ORTError(f"batch size must be at least 1, got {batch_size}")
         if not max_memory_mb > 0:
@@ -119,8 +142,9 @@ class Predictor:
     def genes(self) -> list[str]:
         return self.card.genes
 
-    def predict_centers(self, slide: Slide, centers_px: np.ndarray, timer: StageTimer | None = None,
-                        desc: str | None = None) -> np.ndarray:
+    def predict_centers(
+        self, slide: Slide, centers_px: np.ndarray, timer: StageTimer | None = None, desc: str | None = None
+    ) -> np.ndarray:
         """Predictions (N, n_genes) float32 for spot centres (N, 2) in level-0 px of ``slide``."""
         timer = timer or StageTimer()
         n = len(centers_px)
@@ -133,8 +157,13 @@ class Predictor:
         for start in starts:
             stop = min(start + self.batch_size, n)
             with timer.stage("read"):
-                patches = read_spot_patches(slide, centers_px[start:stop], self.card.level_mpp,
-                                            self.card.patch_sizes_px, level_source=self.level_source)
+                patches = read_spot_patches(
+                    slide,
+                    centers_px[start:stop],
+                    self.card.level_mpp,
+                    self.card.patch_sizes_px,
+                    level_source=self.level_source,
+                )
             with timer.stage("assemble"):
                 levels = normalize_levels(patches, self.card, num_threads=self.num_threads)
             with timer.stage("model"):
@@ -148,16 +177,31 @@ class Predictor:
         finite = np.isfinite(predictions)
         if not finite.all():
             bad = int((~finite.all(axis=1)).sum())
-            raise M2ORTError(f"the model gave non-finite predictions (NaN or inf) for {bad} of {len(predictions)} "
-                             f"spots of a batch of {slide.path.name} (backend {self.backend_name}, precision "
-                             f"{self.precision}): the checkpoint's weights or this precision are broken; "
-                             f"nothing was written", self.checkpoint)
+            raise M2ORTError(
+                f"the model gave non-finite predictions (NaN or inf) for {bad} of {len(predictions)} "
+                f"spots of a batch of {slide.path.name} (backend {self.backend_name}, precision "
+                f"{self.precision}): the checkpoint's weights or this precision are broken; "
+                f"nothing was written",
+                self.checkpoint,
+            )
 
-    def predict_slide(self, slide_path: str | os.PathLike, *, spots: str | os.PathLike | Spots | None = None,
-                      spot_format: str = "auto", spacing_um: float | None = None, mpp: float | None = None,
-                      out_dir: str | os.PathLike = "m2ort-fast-out", heatmap_genes: Sequence[str] | None = None,
-                      n_heatmaps: int = 4, write_csv: bool = True, reader: str = "auto",
-                      stem: str | None = None, streamed: bool | None = None, overwrite: bool = True) -> SlideResult:
+    def predict_slide(
+        self,
+        slide_path: str | os.PathLike,
+        *,
+        spots: str | os.PathLike | Spots | None = None,
+        spot_format: str = "auto",
+        spacing_um: float | None = None,
+        mpp: float | None = None,
+        out_dir: str | os.PathLike = "m2ort-fast-out",
+        heatmap_genes: Sequence[str] | None = None,
+        n_heatmaps: int = 4,
+        write_csv: bool = True,
+        reader: str = "auto",
+        stem: str | None = None,
+        streamed: bool | None = None,
+        overwrite: bool = True,
+    ) -> SlideResult:
         """Predict every spot of one slide and write ``<stem>.h5ad``, ``.csv`` and heatmaps.
 
         Spots: a spot file (Visium, legacy ST, CSV of centres), a :class:`Spots`, or None for a
@@ -166,35 +210,61 @@ class Predictor:
         ``.h5ad`` exists (checked again once the output is locked, so a run that finished meanwhile
         is not replaced).
         """
-        opened = self._open_slide(slide_path, spots=spots, spot_format=spot_format, spacing_um=spacing_um,
-                                  mpp=mpp, reader=reader)
-        return self._predict_opened(opened, out_dir=out_dir, heatmap_genes=heatmap_genes, n_heatmaps=n_heatmaps,
-                                    write_csv=write_csv, stem=stem, spacing_um=spacing_um, streamed=streamed,
-                                    overwrite=overwrite)
+        opened = self._open_slide(
+            slide_path, spots=spots, spot_format=spot_format, spacing_um=spacing_um, mpp=mpp, reader=reader
+        )
+        return self._predict_opened(
+            opened,
+            out_dir=out_dir,
+            heatmap_genes=heatmap_genes,
+            n_heatmaps=n_heatmaps,
+            write_csv=write_csv,
+            stem=stem,
+            spacing_um=spacing_um,
+            streamed=streamed,
+            overwrite=overwrite,
+        )
 
-    def _open_slide(self, slide_path, *, spots=None, spot_format="auto", spacing_um=None, mpp=None,
-                    reader="auto") -> "_OpenedSlide":
+    def _open_slide(
+        self,
+        slide_path: str | os.PathLike,
+        *,
+        spots: str | os.PathLike | Spots | None = None,
+        spot_format: str = "auto",
+        spacing_um: float | None = None,
+        mpp: float | None = None,
+        reader: str = "auto",
+    ) -> _OpenedSlide:
         """The ``open`` stage: slide, spots, thumbnail and tissue (run ahead for the next slide)."""
         timer = StageTimer()
         slide_path = Path(slide_path)
         with timer.stage("open"):
             # the streamed engine's memory bound also refuses flat images too large to decode whole
-            slide = open_slide(slide_path, mpp=mpp, reader=reader,
-                               max_decoded_mb=self.max_memory_mb if self.streamed else None)
+            slide = open_slide(
+                slide_path, mpp=mpp, reader=reader, max_decoded_mb=self.max_memory_mb if self.streamed else None
+            )
         try:
             with timer.stage("open"):
                 if spots is not None and not isinstance(spots, Spots):
                     spots = load_spots(spots, format=spot_format)
                 if spots is not None and slide.mpp is None and spots.mpp_from_pitch:
                     slide.set_mpp(spots.mpp_from_pitch, "spot-table")
-                    log.info("%s: no mpp in the slide; %.4f um/px derived from the array pitch of %s",
-                             slide_path.name, spots.mpp_from_pitch, spots.path.name if spots.path else "the spot table")
+                    log.info(
+                        "%s: no mpp in the slide; %.4f um/px derived from the array pitch of %s",
+                        slide_path.name,
+                        spots.mpp_from_pitch,
+                        spots.path.name if spots.path else "the spot table",
+                    )
                 slide_mpp = require_mpp(slide)
                 thumbnail, downsample = slide.thumbnail(THUMBNAIL_MAX_SIDE_PX)
                 mask = tissue_mask(thumbnail)
                 if spots is None:
-                    spots = grid_spots(slide, spacing_um=VISIUM_PITCH_UM if spacing_um is None else spacing_um,
-                                       spot_diameter_um=VISIUM_SPOT_DIAMETER_UM, mask=mask)
+                    spots = grid_spots(
+                        slide,
+                        spacing_um=VISIUM_PITCH_UM if spacing_um is None else spacing_um,
+                        spot_diameter_um=VISIUM_SPOT_DIAMETER_UM,
+                        mask=mask,
+                    )
                 else:
                     width_px, height_px = slide.level_dimensions[0]
                     check_spots_inside(spots, width_px, height_px, slide_path)
@@ -205,12 +275,29 @@ class Predictor:
             raise
         return _OpenedSlide(slide_path, slide, spots, thumbnail, downsample, slide_mpp, timer)
 
-    def _predict_opened(self, opened: "_OpenedSlide", *, out_dir, heatmap_genes, n_heatmaps, write_csv, stem,
-                        spacing_um, streamed, overwrite: bool = True) -> SlideResult:
+    def _predict_opened(
+        self,
+        opened: _OpenedSlide,
+        *,
+        out_dir: str | os.PathLike,
+        heatmap_genes: Sequence[str] | None,
+        n_heatmaps: int,
+        write_csv: bool,
+        stem: str | None,
+        spacing_um: float | None,
+        streamed: bool | None,
+        overwrite: bool = True,
+    ) -> SlideResult:
         started = time.perf_counter()
         streamed = self.streamed if streamed is None else streamed
         slide, spots, thumbnail, downsample, slide_mpp, timer = (
-            opened.slide, opened.spots, opened.thumbnail, opened.downsample, opened.slide_mpp, opened.timer)
+            opened.slide,
+            opened.spots,
+            opened.thumbnail,
+            opened.downsample,
+            opened.slide_mpp,
+            opened.timer,
+        )
         result = SlideResult(slide=opened.path)
         stem = stem or opened.path.stem
         with slide:
@@ -223,23 +310,30 @@ class Predictor:
                 log.info("%s: %s exists, skipped (overwrite to redo it)", opened.path.name, staged.h5ad.name)
                 return SlideResult(slide=opened.path, skipped=True)
             try:
-                if streamed:
-                    result.outputs, result.engine = self._predict_streamed(
-                        slide, spots, centers, uns, timer, staged=staged, heatmap_genes=heatmap_genes,
-                        n_heatmaps=n_heatmaps, write_csv=write_csv, thumbnail=thumbnail, downsample=downsample,
-                        spot_diameter_px=spot_diameter_px)
-                else:
-                    predictions = self.predict_centers(slide, centers, timer)
+                with timer.stage("write"):
+                    writer = self._open_writer(
+                        staged, spots, centers, uns, heatmap_genes, thumbnail, downsample, spot_diameter_px
+                    )
+                try:
+                    if streamed:
+                        result.engine = self._predict_streamed(slide, centers, timer, writer)
+                    else:
+                        predictions = self.predict_centers(slide, centers, timer)
+                        with timer.stage("write"):
+                            writer.write(np.arange(len(centers)), predictions)
                     with timer.stage("write"):
-                        adata = build_anndata(predictions, self.card.genes, spots.ids, centers, spots.columns, uns,
-                                              thumbnail=thumbnail, thumbnail_downsample=downsample,
-                                              spot_diameter_px=spot_diameter_px)
-                        genes = pick_heatmap_genes(predictions, self.card.genes, list(heatmap_genes or []),
-                                                   n_heatmaps)
-                        result.outputs = write_slide_outputs(
-                            staged, adata, write_csv=write_csv,
-                            heatmap_genes=genes if n_heatmaps or heatmap_genes else [], thumbnail=thumbnail,
-                            thumbnail_downsample=downsample, spot_diameter_px=spot_diameter_px)
+                        result.outputs = writer.finish(
+                            write_csv=write_csv,
+                            heatmap_genes=heatmap_genes,
+                            n_heatmaps=n_heatmaps,
+                            thumbnail=thumbnail,
+                            thumbnail_downsample=downsample,
+                            spot_diameter_px=spot_diameter_px,
+                            title_suffix=heatmap_title_suffix(staged.stem, self.card.trained),
+                        )
+                except BaseException:
+                    writer.abort()
+                    raise
             finally:
                 staged.discard()  # published or not, the staging folder goes (a no-op once published)
             result.n_spots = len(centers)
@@ -251,78 +345,117 @@ class Predictor:
     def _run_key(self, slide: Slide, spots: Spots, centers: np.ndarray, streamed: bool) -> str:
         """What decides a slide's predictions: a left-over staging folder is resumed only when it
         was made with the same key (same checkpoint, slide file, spots and run settings)."""
-        from . import __version__
+        from m2ort_fast import __version__
 
         stat = slide.path.stat()
-        return run_key({
-            "version": __version__, "checkpoint_sha256": self.checkpoint_sha256,
-            "slide": [str(slide.path.resolve()), stat.st_size, stat.st_mtime_ns, slide.mpp, slide.reader_name],
-            "centers_sha256": hashlib.sha256(np.ascontiguousarray(centers).tobytes()).hexdigest(),
-            "ids_sha256": hashlib.sha256("\n".join(map(str, spots.ids)).encode()).hexdigest(),
-            "backend": self.backend_name, "device": str(self.backend.device), "precision": self.precision,
-            "level_source": self.level_source, "streamed": streamed,
-        })
+        return run_key(
+            {
+                "version": __version__,
+                "checkpoint_sha256": self.checkpoint_sha256,
+                "slide": [str(slide.path.resolve()), stat.st_size, stat.st_mtime_ns, slide.mpp, slide.reader_name],
+                "centers_sha256": hashlib.sha256(np.ascontiguousarray(centers).tobytes()).hexdigest(),
+                "ids_sha256": hashlib.sha256("\n".join(map(str, spots.ids)).encode()).hexdigest(),
+                "backend": self.backend_name,
+                "device": str(self.backend.device),
+                "precision": self.precision,
+                "level_source": self.level_source,
+                "streamed": streamed,
+            }
+        )
 
-    def _predict_streamed(self, slide: Slide, spots: Spots, centers: np.ndarray, uns: dict, timer: StageTimer, *,
-                          staged: StagedOutput, heatmap_genes, n_heatmaps, write_csv, thumbnail, downsample,
-                          spot_diameter_px):
-        """Predictions streamed from the read plan straight into the ``.h5ad`` (bounded memory).
-        A staging folder left by a killed run with the same settings is continued: only the spots
-        it had not written are read and predicted."""
+    def _open_writer(
+        self,
+        staged: StagedOutput,
+        spots: Spots,
+        centers: np.ndarray,
+        uns: dict,
+        heatmap_genes: Sequence[str] | None,
+        thumbnail: np.ndarray,
+        downsample: float,
+        spot_diameter_px: float,
+    ) -> ChunkedH5adWriter:
+        """The slide's one writer (both engines): obs, obsm and uns written now, X as predictions come.
+        A staging folder left by a killed run with the same settings is continued."""
         if heatmap_genes:
-            pick_heatmap_genes(np.zeros((0, len(self.card.genes))), self.card.genes, list(heatmap_genes))  # check names
-        with timer.stage("write"):
-            skeleton = build_anndata(np.empty((len(centers), 0), dtype=np.float32), [], spots.ids, centers,
-                                     spots.columns, uns, thumbnail=thumbnail, thumbnail_downsample=downsample,
-                                     spot_diameter_px=spot_diameter_px)
-            writer = ChunkedH5adWriter(staged, skeleton, self.card.genes)
-            del skeleton
+            check_heatmap_genes(self.card.genes, heatmap_genes)  # before any spot is read
+        skeleton = build_anndata(
+            np.empty((len(centers), 0), dtype=np.float32),
+            [],
+            spots.ids,
+            centers,
+            spots.columns,
+            uns,
+            thumbnail=thumbnail,
+            thumbnail_downsample=downsample,
+            spot_diameter_px=spot_diameter_px,
+        )
+        return ChunkedH5adWriter(staged, skeleton, self.card.genes)
+
+    def _predict_streamed(
+        self, slide: Slide, centers: np.ndarray, timer: StageTimer, writer: ChunkedH5adWriter
+    ) -> dict:
+        """Predictions streamed from the read plan straight into ``writer`` (bounded memory); only
+        the spots a resumed staging folder has not written yet are read and predicted."""
+        todo = np.flatnonzero(~writer.written)
+        if len(todo) < len(centers):
+            log.info(
+                "%s: resuming an interrupted run: %d of %d spots were already predicted",
+                slide.path.name,
+                len(centers) - len(todo),
+                len(centers),
+            )
+        resumed_spots = int(len(centers) - len(todo))
+        if not len(todo):
+            return {"spots": len(centers), "resumed_spots": resumed_spots}
+        with timer.stage("plan"):
+            plan = plan_slide_reads(
+                slide,
+                centers[todo],
+                self.card.level_mpp,
+                self.card.patch_sizes_px,
+                level_source=self.level_source,
+                max_memory_mb=self.max_memory_mb,
+            )
+
+        def write_batch(rows: np.ndarray, predictions: np.ndarray) -> None:
+            self.check_finite(predictions, slide)
+            writer.write(todo[rows], predictions)
+
+        bar = None
+        if self.progress and len(todo) > self.batch_size:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(todo), desc=slide.path.name, unit="spot", leave=False)
         try:
-            todo = np.flatnonzero(~writer.written)
-            if len(todo) < len(centers):
-                log.info("%s: resuming an interrupted run: %d of %d spots were already predicted",
-                         slide.path.name, len(centers) - len(todo), len(centers))
-            stats: dict = {"spots": len(centers), "resumed_spots": int(len(centers) - len(todo))}
-            if len(todo):
-                with timer.stage("plan"):
-                    plan = plan_slide_reads(slide, centers[todo], self.card.level_mpp, self.card.patch_sizes_px,
-                                            level_source=self.level_source, max_memory_mb=self.max_memory_mb)
-
-                def write_batch(rows: np.ndarray, predictions: np.ndarray) -> None:
-                    self.check_finite(predictions, slide)
-                    writer.write(todo[rows], predictions)
-
-                bar = None
-                if self.progress and len(todo) > self.batch_size:
-                    from tqdm.auto import tqdm
-
-                    bar = tqdm(total=len(todo), desc=slide.path.name, unit="spot", leave=False)
-                try:
-                    run_stream(slide, plan, self.backend, self.card.pixel_mean, self.card.pixel_std, write_batch,
-                               batch_size=self.batch_size, timer=timer, num_threads=self.num_threads,
-                               progress=bar.update if bar else None)
-                finally:
-                    if bar is not None:
-                        bar.close()
-                stats = {**plan.stats(), "resumed_spots": stats["resumed_spots"]}
-            with timer.stage("write"):
-                outputs = writer.finish(write_csv=write_csv, heatmap_genes=heatmap_genes, n_heatmaps=n_heatmaps,
-                                        thumbnail=thumbnail, thumbnail_downsample=downsample,
-                                        spot_diameter_px=spot_diameter_px,
-                                        title_suffix=heatmap_title_suffix(staged.stem, self.card.trained))
-        except BaseException:
-            writer.abort()
-            raise
-        return outputs, stats
+            run_stream(
+                slide,
+                plan,
+                self.backend,
+                self.card.pixel_mean,
+                self.card.pixel_std,
+                write_batch,
+                batch_size=self.batch_size,
+                timer=timer,
+                num_threads=self.num_threads,
+                progress=bar.update if bar else None,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        return {**plan.stats(), "resumed_spots": resumed_spots}
 
     def _warn_on_upsampling(self, slide_path: Path, slide_mpp: float) -> None:
         needed = self.card.level_mpp[0]
         if slide_mpp > needed * 1.25:
-            log.warning("%s: slide resolution %.3f um/px is coarser than the model's %.3f um/px; "
-                        "level-1 patches are upsampled", slide_path.name, slide_mpp, needed)
+            log.warning(
+                "%s: slide resolution %.3f um/px is coarser than the model's %.3f um/px; level-1 patches are upsampled",
+                slide_path.name,
+                slide_mpp,
+                needed,
+            )
 
-    def _run_metadata(self, slide: Slide, spots: Spots, **params) -> dict:
-        from . import __version__
+    def _run_metadata(self, slide: Slide, spots: Spots, **params: Any) -> dict:
+        from m2ort_fast import __version__
 
         card: ModelCard = self.card
         return {
@@ -372,15 +505,23 @@ def _check_spots_on_tissue(spots: Spots, mask: np.ndarray, downsample: float, sl
     on_tissue = mask[xy[:, 1], xy[:, 0]]
     if on_tissue.mean() < MIN_SPOTS_ON_TISSUE_FRACTION:
         where = spots.path or "spot table"
-        raise SpotsError(f"only {int(on_tissue.sum())} of {len(on_tissue)} spots lie on the tissue of "
-                         f"{slide_path.name}: spots outside the tissue (spot table for another slide or scale?)",
-                         where)
+        raise SpotsError(
+            f"only {int(on_tissue.sum())} of {len(on_tissue)} spots lie on the tissue of "
+            f"{slide_path.name}: spots outside the tissue (spot table for another slide or scale?)",
+            where,
+        )
 
 
-def predict_slides(slides: Iterable[str | os.PathLike], *, model: str | os.PathLike | Predictor | None = None,
-                   out_dir: str | os.PathLike = "m2ort-fast-out",
-                   spots: Sequence[str | os.PathLike | Spots | None] | None = None,
-                   stop_on_error: bool = False, overwrite: bool = True, **options) -> list[SlideResult]:
+def predict_slides(
+    slides: Iterable[str | os.PathLike],
+    *,
+    model: str | os.PathLike | Predictor | None = None,
+    out_dir: str | os.PathLike = "m2ort-fast-out",
+    spots: Sequence[str | os.PathLike | Spots | None] | None = None,
+    stop_on_error: bool = False,
+    overwrite: bool = True,
+    **options: Any,
+) -> list[SlideResult]:
     """Predict many slides with one loaded model.
 
     ``model``: a checkpoint path, a ready :class:`Predictor`, or None for the default model.
@@ -393,18 +534,30 @@ def predict_slides(slides: Iterable[str | os.PathLike], *, model: str | os.PathL
     A slide that fails is reported in its result's ``error`` and the batch goes on. The next
     slide is opened (slide, spots, thumbnail, tissue) while the current one is predicted.
     """
-    slides = [Path(s) for s in slides]
-    spots = list(spots) if spots is not None else [None] * len(slides)
-    if len(spots) != len(slides):
-        raise M2ORTError(f"{len(spots)} spot files given for {len(slides)} slides")
+    slide_paths = [Path(s) for s in slides]
+    spots = list(spots) if spots is not None else [None] * len(slide_paths)
+    if len(spots) != len(slide_paths):
+        raise M2ORTError(f"{len(spots)} spot files given for {len(slide_paths)} slides")
     out_dir = check_out_dir(out_dir)  # before the model loads: one line, at once
-    stems = [options.get("stem") or path.stem for path in slides]
+    stems = [options.get("stem") or path.stem for path in slide_paths]
     repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
     if repeated:
-        raise M2ORTError(f"several slides would write {repeated[0]}.h5ad into {out_dir}: slides need distinct "
-                         f"file names (or run them into different --out folders)")
-    predictor_keys = {"backend", "device", "precision", "batch_size", "level_source", "num_threads",
-                      "progress", "backend_options", "streamed", "max_memory_mb"}
+        raise M2ORTError(
+            f"several slides would write {repeated[0]}.h5ad into {out_dir}: slides need distinct "
+            f"file names (or run them into different --out folders)"
+        )
+    predictor_keys = {
+        "backend",
+        "device",
+        "precision",
+        "batch_size",
+        "level_source",
+        "num_threads",
+        "progress",
+        "backend_options",
+        "streamed",
+        "max_memory_mb",
+    }
     if isinstance(model, Predictor):
         predictor = model
     else:
@@ -414,13 +567,18 @@ def predict_slides(slides: Iterable[str | os.PathLike], *, model: str | os.PathL
     open_options = {k: v for k, v in slide_options.items() if k in open_keys}
     run_options = {k: v for k, v in slide_options.items() if k not in open_keys}
     run_options.setdefault("spacing_um", slide_options.get("spacing_um"))
-    for key, default in (("heatmap_genes", None), ("n_heatmaps", 4), ("write_csv", True), ("stem", None),
-                         ("streamed", None)):
+    for key, default in (
+        ("heatmap_genes", None),
+        ("n_heatmaps", 4),
+        ("write_csv", True),
+        ("stem", None),
+        ("streamed", None),
+    ):
         run_options.setdefault(key, default)
 
     todo = []
     results: dict[int, SlideResult] = {}
-    for i, slide_path in enumerate(slides):
+    for i, slide_path in enumerate(slide_paths):
         stem = run_options["stem"] or slide_path.stem
         if not overwrite and (out_dir / f"{stem}.h5ad").exists():
             log.info("%s: %s.h5ad exists, skipped (overwrite to redo it)", slide_path.name, stem)
@@ -428,8 +586,8 @@ def predict_slides(slides: Iterable[str | os.PathLike], *, model: str | os.PathL
         else:
             todo.append(i)
 
-    def open_one(i):
-        return predictor._open_slide(slides[i], spots=spots[i], **open_options)
+    def open_one(i: int) -> _OpenedSlide:
+        return predictor._open_slide(slide_paths[i], spots=spots[i], **open_options)
 
     created_out_dir = not out_dir.exists()
     try:
@@ -437,17 +595,19 @@ def predict_slides(slides: Iterable[str | os.PathLike], *, model: str | os.PathL
             pending = opener.submit(open_one, todo[0]) if todo else None
             for k, i in enumerate(todo):
                 future = pending
+                assert future is not None  # submitted for todo[0], then for each next slide
                 pending = opener.submit(open_one, todo[k + 1]) if k + 1 < len(todo) else None
                 try:
-                    results[i] = predictor._predict_opened(future.result(), out_dir=out_dir, overwrite=overwrite,
-                                                           **run_options)
+                    results[i] = predictor._predict_opened(
+                        future.result(), out_dir=out_dir, overwrite=overwrite, **run_options
+                    )
                 except M2ORTError as exc:
                     if stop_on_error:
                         if pending is not None:
                             _close_when_opened(pending)
                         raise
                     log.error("%s", exc)
-                    results[i] = SlideResult(slide=slides[i], error=str(exc))
+                    results[i] = SlideResult(slide=slide_paths[i], error=str(exc))
                 except BaseException:
                     if pending is not None:
                         _close_when_opened(pending)
@@ -456,10 +616,10 @@ def predict_slides(slides: Iterable[str | os.PathLike], *, model: str | os.PathL
         if created_out_dir:  # a run that wrote nothing leaves no empty folder behind
             with contextlib.suppress(OSError):
                 out_dir.rmdir()
-    return [results[i] for i in range(len(slides))]
+    return [results[i] for i in range(len(slide_paths))]
 
 
-def _close_when_opened(future) -> None:
+def _close_when_opened(future: Future) -> None:
     try:
         future.result().slide.close()
     except BaseException:

@@ -38,7 +38,7 @@ class StageTimer:
                 self.seconds[name] += time.perf_counter() - start
                 self.calls[name] += 1
 
-    def merge(self, other: "StageTimer") -> None:
+    def merge(self, other: StageTimer) -> None:
         for name, seconds in other.seconds.items():
             self.seconds[name] += seconds
             self.calls[name] += other.calls[name]

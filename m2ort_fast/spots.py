@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import SpotsError
+from m2ort_fast.errors import SpotsError
 
 VISIUM_PITCH_UM = 100.0  # centre to centre; same-row neighbours differ by 2 in array_col
 VISIUM_SPOT_DIAMETER_UM = 55.0
@@ -93,8 +93,11 @@ def _find_visium_positions(folder: Path) -> Path:
         for name in VISIUM_POSITION_FILES:
             if (sub / name).is_file():
                 return sub / name
-    raise SpotsError(f"folder holds no {' or '.join(VISIUM_POSITION_FILES)} (expected a Visium spatial/ or "
-                     f"Space Ranger outs/ folder)", folder)
+    raise SpotsError(
+        f"folder holds no {' or '.join(VISIUM_POSITION_FILES)} (expected a Visium spatial/ or "
+        f"Space Ranger outs/ folder)",
+        folder,
+    )
 
 
 def _detect_format(path: Path) -> str:
@@ -154,8 +157,12 @@ def _header(names, path: Path) -> pd.Index:
 def _require_columns(table: pd.DataFrame, needed, path: Path, what: str) -> None:
     missing = [c for c in needed if c not in table.columns]
     if missing:
-        found = ", ".join(map(str, table.columns[:12])) + (", ..." if len(table.columns) > 12 else "")
-        raise SpotsError(f"missing column(s) {', '.join(missing)} for a {what} (found: {found})", path)
+        raise _missing_columns(table, missing, path, what)
+
+
+def _missing_columns(table: pd.DataFrame, missing, path: Path, what: str) -> SpotsError:
+    found = ", ".join(map(str, table.columns[:12])) + (", ..." if len(table.columns) > 12 else "")
+    return SpotsError(f"missing column(s) {', '.join(missing)} for a {what} (found: {found})", path)
 
 
 def _numeric(table: pd.DataFrame, column: str, path: Path) -> np.ndarray:
@@ -164,8 +171,11 @@ def _numeric(table: pd.DataFrame, column: str, path: Path) -> np.ndarray:
     bad = ~np.isfinite(values)
     if bad.any():
         i = int(np.argmax(bad))
-        raise SpotsError(f"no numeric coordinate in column {column!r} at data row {i + 1} "
-                         f"({table[column].iloc[i]!r}; {int(bad.sum())} such rows)", path)
+        raise SpotsError(
+            f"no numeric coordinate in column {column!r} at data row {i + 1} "
+            f"({table[column].iloc[i]!r}; {int(bad.sum())} such rows)",
+            path,
+        )
     return values
 
 
@@ -173,8 +183,11 @@ def _check_ids(ids: list[str], path: Path) -> None:
     counts = pd.Series(ids).value_counts()
     duplicated = counts[counts > 1]
     if len(duplicated):
-        raise SpotsError(f"duplicate spot ids: {duplicated.index[0]!r} appears {int(duplicated.iloc[0])} times "
-                         f"({len(duplicated)} ids repeated)", path)
+        raise SpotsError(
+            f"duplicate spot ids: {duplicated.index[0]!r} appears {int(duplicated.iloc[0])} times "
+            f"({len(duplicated)} ids repeated)",
+            path,
+        )
 
 
 def _make_spots(ids, centers_px, source, columns: pd.DataFrame, mpp, diameter_um, path) -> Spots:
@@ -182,8 +195,15 @@ def _make_spots(ids, centers_px, source, columns: pd.DataFrame, mpp, diameter_um
     _check_ids(ids, path)
     columns = columns.reset_index(drop=True)
     columns.index = pd.Index(ids, name="spot_id")
-    return Spots(ids=ids, centers_px=np.ascontiguousarray(centers_px, dtype=np.float64), source=source,
-                 columns=columns, mpp_from_pitch=mpp, spot_diameter_um=diameter_um, path=path)
+    return Spots(
+        ids=ids,
+        centers_px=np.ascontiguousarray(centers_px, dtype=np.float64),
+        source=source,
+        columns=columns,
+        mpp_from_pitch=mpp,
+        spot_diameter_um=diameter_um,
+        path=path,
+    )
 
 
 def _load_visium(path: Path) -> Spots:
@@ -195,8 +215,11 @@ def _load_visium(path: Path) -> Spots:
     elif raw.shape[1] == len(VISIUM_COLUMNS):
         raw.columns = VISIUM_COLUMNS
     else:
-        raise SpotsError(f"a headerless Visium positions file needs {len(VISIUM_COLUMNS)} columns "
-                         f"({', '.join(VISIUM_COLUMNS)}), found {raw.shape[1]}", path)
+        raise SpotsError(
+            f"a headerless Visium positions file needs {len(VISIUM_COLUMNS)} columns "
+            f"({', '.join(VISIUM_COLUMNS)}), found {raw.shape[1]}",
+            path,
+        )
     _require_columns(raw, VISIUM_COLUMNS, path, "Visium positions file")
     if raw.empty:
         raise SpotsError("no spots in the Visium positions file", path)
@@ -204,14 +227,17 @@ def _load_visium(path: Path) -> Spots:
     # Space Ranger names the image axes by row/column: the x centre is pxl_COL, the y centre pxl_ROW.
     centers = np.stack([_numeric(raw, "pxl_col_in_fullres", path), _numeric(raw, "pxl_row_in_fullres", path)], 1)
     # Fit on every spot (under tissue or not): more spots, better pitch.
-    mpp = _mpp_from_array_fit(np.stack([array_col, array_row], 1), centers,
-                              step_um=(VISIUM_PITCH_UM / 2, VISIUM_PITCH_UM * math.sqrt(3) / 2))
+    mpp = _mpp_from_array_fit(
+        np.stack([array_col, array_row], 1), centers, step_um=(VISIUM_PITCH_UM / 2, VISIUM_PITCH_UM * math.sqrt(3) / 2)
+    )
     if mpp is None:
         mpp = _mpp_from_scalefactors(path.parent / "scalefactors_json.json")
     keep = _numeric(raw, "in_tissue", path) == 1
     if not keep.any():
         raise SpotsError(f"none of the {len(raw)} spots is under tissue (in_tissue == 1)", path)
-    columns = pd.DataFrame({"array_row": array_row[keep].astype(np.int64), "array_col": array_col[keep].astype(np.int64)})
+    columns = pd.DataFrame(
+        {"array_row": array_row[keep].astype(np.int64), "array_col": array_col[keep].astype(np.int64)}
+    )
     barcodes = raw["barcode"].str.strip()[keep].tolist()
     return _make_spots(barcodes, centers[keep], "visium", columns, mpp, VISIUM_SPOT_DIAMETER_UM, path)
 
@@ -244,7 +270,7 @@ def _load_st(path: Path) -> Spots:
     else:
         fit_xy = np.stack([array_x, array_y], 1)
     mpp = _mpp_from_array_fit(fit_xy, centers, step_um=(ST_STEP_UM, ST_STEP_UM))
-    ids = [f"{int(x)}x{int(y)}" for x, y in zip(array_x, array_y)]
+    ids = [f"{int(x)}x{int(y)}" for x, y in zip(array_x, array_y, strict=True)]
     columns = pd.DataFrame({"x": array_x.astype(np.int64), "y": array_y.astype(np.int64)})
     for c in ("new_x", "new_y"):
         if c in table.columns:
@@ -255,10 +281,12 @@ def _load_st(path: Path) -> Spots:
 def _load_csv(path: Path) -> Spots:
     table = _read_table(path)
     by_lower = {c.lower(): c for c in table.columns}
-    pair = next(((by_lower[x], by_lower[y]) for x, y in CSV_COORDINATE_COLUMNS if x in by_lower and y in by_lower), None)
+    pair = next(
+        ((by_lower[x], by_lower[y]) for x, y in CSV_COORDINATE_COLUMNS if x in by_lower and y in by_lower), None
+    )
     if pair is None:
         options = " or ".join(f"{x},{y}" for x, y in CSV_COORDINATE_COLUMNS)
-        _require_columns(table, [f"{options} (level-0 px)"], path, "CSV of spot centres")
+        raise _missing_columns(table, [f"{options} (level-0 px)"], path, "CSV of spot centres")
     id_column = next((by_lower[c] for c in CSV_ID_COLUMNS if c in by_lower), None)
     if id_column is None and table.columns[0] in ("", "Unnamed: 0"):  # a pandas index written by to_csv
         id_column = table.columns[0]
@@ -303,8 +331,13 @@ def _mpp_from_array_fit(array_xy: np.ndarray, pixel_xy: np.ndarray, step_um: tup
 # ----------------------------------------------------------------------------------- grid
 
 
-def grid_spots(slide, *, spacing_um: float = VISIUM_PITCH_UM, spot_diameter_um: float = VISIUM_SPOT_DIAMETER_UM,
-               mask: np.ndarray | None = None) -> Spots:
+def grid_spots(
+    slide,
+    *,
+    spacing_um: float = VISIUM_PITCH_UM,
+    spot_diameter_um: float = VISIUM_SPOT_DIAMETER_UM,
+    mask: np.ndarray | None = None,
+) -> Spots:
     """Visium-like spots over the tissue: a hexagonal lattice, ``spacing_um`` centre to centre.
 
     slide: needs ``mpp``, ``level_dimensions[0]`` (width, height), ``path``, and
@@ -318,10 +351,11 @@ def grid_spots(slide, *, spacing_um: float = VISIUM_PITCH_UM, spot_diameter_um: 
     if mpp is None or not math.isfinite(mpp) or mpp <= 0:
         raise SpotsError("no mpp: pass --mpp (the slide records no pixel size, needed to place grid spots)", slide_path)
     if not (spacing_um > 0 and spot_diameter_um > 0):
-        raise SpotsError(f"grid spacing ({spacing_um} um) and spot diameter ({spot_diameter_um} um) must be > 0",
-                         slide_path)
+        raise SpotsError(
+            f"grid spacing ({spacing_um} um) and spot diameter ({spot_diameter_um} um) must be > 0", slide_path
+        )
     if mask is None:
-        from .tissue import tissue_mask
+        from m2ort_fast.tissue import tissue_mask
 
         thumbnail, _ = slide.thumbnail(GRID_THUMBNAIL_MAX_SIDE_PX)
         mask = tissue_mask(thumbnail)
@@ -346,8 +380,10 @@ def grid_spots(slide, *, spacing_um: float = VISIUM_PITCH_UM, spot_diameter_um: 
     rows = np.arange(max(0, math.floor(y_lo / row_pitch_px - 0.5)), math.ceil(y_hi / row_pitch_px) + 1)
     half_cols = np.arange(max(0, math.floor(2 * x_lo / spacing_px) - 2), math.ceil(2 * x_hi / spacing_px) + 1)
     if len(rows) * len(half_cols) / 2 > MAX_GRID_SPOTS:
-        raise SpotsError(f"grid spacing {spacing_um} um is too small for this slide "
-                         f"(~{len(rows) * len(half_cols) // 2} spots)", slide_path)
+        raise SpotsError(
+            f"grid spacing {spacing_um} um is too small for this slide (~{len(rows) * len(half_cols) // 2} spots)",
+            slide_path,
+        )
     array_row, array_col = (a.ravel() for a in np.meshgrid(rows, half_cols, indexing="ij"))
     on_lattice = (array_row + array_col) % 2 == 0  # Visium: array_col has the parity of array_row
     array_row, array_col = array_row[on_lattice], array_col[on_lattice]
@@ -359,13 +395,17 @@ def grid_spots(slide, *, spacing_um: float = VISIUM_PITCH_UM, spot_diameter_um: 
     mask_c = np.minimum((x / scale_x).astype(np.int64), mask.shape[1] - 1)
     on_tissue = mask[mask_r, mask_c]
     if not on_tissue.any():
-        raise SpotsError(f"no grid spot falls on the tissue found in {slide_path} (spacing {spacing_um} um): "
-                         f"the tissue is smaller than the grid", slide_path)
+        raise SpotsError(
+            f"no grid spot falls on the tissue found in {slide_path} (spacing {spacing_um} um): "
+            f"the tissue is smaller than the grid",
+            slide_path,
+        )
     array_row, array_col = array_row[on_tissue], array_col[on_tissue]
-    ids = [f"r{r}_c{c}" for r, c in zip(array_row.tolist(), array_col.tolist())]
+    ids = [f"r{r}_c{c}" for r, c in zip(array_row.tolist(), array_col.tolist(), strict=True)]
     columns = pd.DataFrame({"array_row": array_row, "array_col": array_col})
-    return _make_spots(ids, np.stack([x[on_tissue], y[on_tissue]], 1), "grid", columns, None,
-                       float(spot_diameter_um), None)
+    return _make_spots(
+        ids, np.stack([x[on_tissue], y[on_tissue]], 1), "grid", columns, None, float(spot_diameter_um), None
+    )
 
 
 # ----------------------------------------------------------------------------------- checks
@@ -374,11 +414,14 @@ def grid_spots(slide, *, spacing_um: float = VISIUM_PITCH_UM, spot_diameter_um: 
 def check_spots_inside(spots: Spots, width_px: int, height_px: int, slide_path) -> None:
     """SpotsError naming the spot file and the slide when any spot centre lies outside the slide."""
     centers = np.asarray(spots.centers_px, dtype=np.float64)
-    outside = ((centers[:, 0] < 0) | (centers[:, 0] >= width_px) | (centers[:, 1] < 0) | (centers[:, 1] >= height_px))
+    outside = (centers[:, 0] < 0) | (centers[:, 0] >= width_px) | (centers[:, 1] < 0) | (centers[:, 1] >= height_px)
     if outside.any():
         i = int(np.argmax(outside))
         where = spots.path if spots.path is not None else f"{spots.source} spots"
-        raise SpotsError(f"{int(outside.sum())} of {len(centers)} spot centres lie outside the slide {slide_path} "
-                         f"({width_px} x {height_px} px), e.g. spot {spots.ids[i]!r} at "
-                         f"({centers[i, 0]:.0f}, {centers[i, 1]:.0f}) px: a spot table for another slide, "
-                         f"or for another resolution of it?", where)
+        raise SpotsError(
+            f"{int(outside.sum())} of {len(centers)} spot centres lie outside the slide {slide_path} "
+            f"({width_px} x {height_px} px), e.g. spot {spots.ids[i]!r} at "
+            f"({centers[i, 0]:.0f}, {centers[i, 1]:.0f}) px: a spot table for another slide, "
+            f"or for another resolution of it?",
+            where,
+        )

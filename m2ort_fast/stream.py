@@ -4,13 +4,14 @@
     run_stream(slide, plan, backend, mean, std, on_batch=lambda spots, predictions: ...)
 
 Whole-slide inference is bound by decoding, not by the model. The naive path
-(:func:`m2ort_fast.slide.read_spot_patches`) reads one square per spot per model input, so
+(:func:`m2ort_fast.crop.read_spot_patches`) reads one square per spot per model input, so
 neighbouring spots decode the same tiles again and again. Here:
 
 1. ``plan_slide_reads``: the C++ read plan (``_core.plan_reads``, csrc/read_plan.hpp) orders the
    spots in row-major bands and says, step by step, which tile-aligned rows of which pyramid
    levels to decode and which rows to drop; each tile is decoded once (per stripe, where the
-   memory budget forces vertical stripes) and held only while spots still need it.
+   memory budget forces vertical stripes) and held only while spots still need it. Tiles are
+   the file's own (``Slide.level_tile_sizes_px``, from the reader's parse).
 2. ``run_stream``: threads joined by bounded queues, each stage an NVTX range of its name:
    ``read`` (decode the planned rows: ``Slide.read_level_region``) -> ``crop`` + ``resize`` +
    ``assemble`` (patches cut from the decoded windows by ``_core.crop_patches``, resized where
@@ -19,7 +20,7 @@ neighbouring spots decode the same tiles again and again. Here:
    :class:`ChunkedH5adWriter`, rows straight into the ``.h5ad``).
 
 The patches equal the naive path's bit for bit: the same squares (both take them from
-``slide.spot_squares``), the same decoded pixels (white outside the slide), and the same resize
+``crop.spot_squares``), the same decoded pixels (white outside the slide), and the same resize
 arithmetic on the same pixels (``_core.resize_patches`` is Pillow's, which the naive path calls,
 with the weights computed once per batch and the patches split over threads).
 """
@@ -30,56 +31,26 @@ import contextlib
 import logging
 import queue
 import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 
-from . import _core
-from .errors import M2ORTError
-from .profiling import StageTimer
-from .slide import Slide, SpotSquares, check_model_inputs, spot_squares, tiff_tile_shape
+from m2ort_fast import _core
+from m2ort_fast.crop import SpotSquares, check_model_inputs, spot_squares
+from m2ort_fast.errors import M2ORTError
+from m2ort_fast.profiling import StageTimer
+from m2ort_fast.slide import Slide
 
-log = logging.getLogger("m2ort_fast")
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MEMORY_MB = 1024
-DEFAULT_TILE_PX = 256  # the tile grid assumed where the file does not say (flat images, unknown formats)
 STEP_SPOTS = 256  # most spots per plan step
 QUEUE_DEPTH = 2  # items in flight between two stages
 
 
 # --------------------------------------------------------------------------------------------
 # Geometry and plan
-
-
-def level_tile_sizes(slide: Slide) -> list[tuple[int, int]]:
-    """(tile_width_px, tile_height_px) of each pyramid level: from the TIFF's tags (a stripped
-    level's "tile" is a full-width strip), OpenSlide's properties for other formats, else
-    DEFAULT_TILE_PX (flat images are in memory: any grid will do)."""
-    sizes = [(DEFAULT_TILE_PX, DEFAULT_TILE_PX)] * slide.level_count
-    if slide.reader_name == "flat":
-        return sizes
-    try:
-        import tifffile
-
-        with tifffile.TiffFile(slide.path) as tif:
-            by_shape = {}
-            for series in tif.series:
-                for level in series.levels:
-                    page = level.keyframe
-                    by_shape.setdefault((page.imagewidth, page.imagelength), tiff_tile_shape(page))
-        return [by_shape.get(dims, size) for dims, size in zip(slide.level_dimensions, sizes)]
-    except Exception:  # not a TIFF: ask OpenSlide
-        pass
-    try:
-        import openslide
-
-        with contextlib.closing(openslide.OpenSlide(str(slide.path))) as osr:
-            props = osr.properties
-            return [(int(props.get(f"openslide.level[{i}].tile-width", size[0])),
-                     int(props.get(f"openslide.level[{i}].tile-height", size[1]))) for i, size in enumerate(sizes)]
-    except Exception:
-        return sizes
 
 
 @dataclass
@@ -113,7 +84,7 @@ class ReadPlan:
 
     def step_spots(self, step: int) -> np.ndarray:
         """Indices (into the centres) of the spots whose patches are ready after ``step``."""
-        return self.order[self.step_offsets[step]:self.step_offsets[step + 1]]
+        return self.order[self.step_offsets[step] : self.step_offsets[step + 1]]
 
     def step_reads(self, step: int) -> list[tuple[int, int, int, int, int]]:
         """What to decode before ``step``: (source index, x0, y0, width, height) in level px."""
@@ -127,17 +98,29 @@ class ReadPlan:
 
     def stats(self) -> dict:
         n = max(self.n_spots, 1)
-        return {"spots": self.n_spots, "steps": self.n_steps, "stripes": len(self.stripe_rows),
-                "tiles_decoded": self.tiles_decoded, "tiles_needed": self.tiles_needed,
-                "tiles_decoded_per_spot": round(self.tiles_decoded / n, 4),
-                "naive_tiles_per_spot": round(self.naive_tile_reads / n, 4),
-                "plan_peak_mb": round(self.peak_bytes / 2**20, 1)}
+        return {
+            "spots": self.n_spots,
+            "steps": self.n_steps,
+            "stripes": len(self.stripe_rows),
+            "tiles_decoded": self.tiles_decoded,
+            "tiles_needed": self.tiles_needed,
+            "tiles_decoded_per_spot": round(self.tiles_decoded / n, 4),
+            "naive_tiles_per_spot": round(self.naive_tile_reads / n, 4),
+            "plan_peak_mb": round(self.peak_bytes / 2**20, 1),
+        }
 
 
-def plan_slide_reads(slide: Slide, centers_px: np.ndarray, level_mpp: Sequence[float],
-                     sizes_px: Sequence[int] = (224, 112, 56), *, level_source: str = "pyramid",
-                     max_memory_mb: float = DEFAULT_MAX_MEMORY_MB, step_spots: int = STEP_SPOTS,
-                     reads_in_flight: int = QUEUE_DEPTH + 1) -> ReadPlan:
+def plan_slide_reads(
+    slide: Slide,
+    centers_px: np.ndarray,
+    level_mpp: Sequence[float],
+    sizes_px: Sequence[int] = (224, 112, 56),
+    *,
+    level_source: str = "pyramid",
+    max_memory_mb: float = DEFAULT_MAX_MEMORY_MB,
+    step_spots: int = STEP_SPOTS,
+    reads_in_flight: int = QUEUE_DEPTH + 1,
+) -> ReadPlan:
     """Plan the streamed reads of the model inputs of spots ``centers_px`` ((N, 2) level-0 px).
 
     ``max_memory_mb`` bounds the decoded pixels the engine holds (windows plus ``reads_in_flight``
@@ -147,13 +130,19 @@ def plan_slide_reads(slide: Slide, centers_px: np.ndarray, level_mpp: Sequence[f
     read_inputs = range(len(sizes_px)) if level_source == "pyramid" else range(1)
     squares = [spot_squares(slide, centers_px, level_mpp[i], sizes_px[i]) for i in read_inputs]
     sources = sorted({s.level for s in squares})
-    tiles = level_tile_sizes(slide)
+    tiles = slide.level_tile_sizes_px
     source_specs = [(*slide.level_dimensions[level], *tiles[level]) for level in sources]
     inputs = [(sources.index(s.level), s) for s in squares]
     patch_sets = [(source, s.read_px, s.top_left_px) for source, s in inputs]
     try:
-        raw = _core.plan_reads(centers_px, source_specs, patch_sets, max_bytes=int(max_memory_mb * 2**20),
-                               max_step_spots=step_spots, reads_in_flight=reads_in_flight)
+        raw = _core.plan_reads(
+            centers_px,
+            source_specs,
+            patch_sets,
+            max_bytes=int(max_memory_mb * 2**20),
+            max_step_spots=step_spots,
+            reads_in_flight=reads_in_flight,
+        )
     except RuntimeError as exc:
         raise M2ORTError(f"{slide.path.name}: {exc} (raise --max-memory-mb)") from None
     derived_sizes = [int(size) for size in sizes_px[1:]] if level_source == "resize" else []
@@ -188,13 +177,13 @@ class _Window:
             raise AssertionError(f"read plan out of order: appending row {first_row} after {self.top + self.live}")
         n = len(rows)
         if self.start + self.live + n > len(self.buffer):
-            self.buffer[:self.live] = self.buffer[self.start:self.start + self.live]
+            self.buffer[: self.live] = self.buffer[self.start : self.start + self.live]
             self.start = 0
-        self.buffer[self.start + self.live:self.start + self.live + n] = rows
+        self.buffer[self.start + self.live : self.start + self.live + n] = rows
         self.live += n
 
     def region(self) -> np.ndarray:
-        return self.buffer[self.start:self.start + self.live]
+        return self.buffer[self.start : self.start + self.live]
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,11 +233,17 @@ class StreamStats:
     plan: dict = field(default_factory=dict)
 
 
-def iter_streamed_patches(slide: Slide, plan: ReadPlan, *, timer: StageTimer | None = None,
-                          num_threads: int = 0, reads: Callable | None = None):
+def iter_streamed_patches(
+    slide: Slide,
+    plan: ReadPlan,
+    *,
+    timer: StageTimer | None = None,
+    num_threads: int = 0,
+    reads: Iterable[list[tuple[int, int, np.ndarray]]] | None = None,
+):
     """Yield (spot indices (n,), [patches (n, S_l, S_l, 3) uint8 per model input]) step by step,
     cropped from windows of decoded rows and resized by ``_core.resize_patches`` (bit for bit
-    :func:`m2ort_fast.slide.resize_patches`, on ``num_threads`` threads, 0: one per core).
+    :func:`m2ort_fast.crop.resize_patches`, on ``num_threads`` threads, 0: one per core).
     ``reads``: an iterable of each step's decoded rows (the pipeline's reader thread); None reads
     them here."""
     timer = timer or StageTimer()
@@ -260,8 +255,10 @@ def iter_streamed_patches(slide: Slide, plan: ReadPlan, *, timer: StageTimer | N
         stripe = int(plan.step_stripe[step])
         with timer.stage("crop"):
             if stripe != current_stripe:
-                windows = [_Window(int(rows), int(x1 - x0)) for rows, (x0, x1)
-                           in zip(plan.stripe_rows[stripe], plan.stripe_columns[stripe])]
+                windows = [
+                    _Window(int(rows), int(x1 - x0))
+                    for rows, (x0, x1) in zip(plan.stripe_rows[stripe], plan.stripe_columns[stripe], strict=True)
+                ]
                 current_stripe = stripe
             for source, window in enumerate(windows):
                 window.drop_above(int(plan.step_rows[step, source, 0]))
@@ -275,15 +272,17 @@ def iter_streamed_patches(slide: Slide, plan: ReadPlan, *, timer: StageTimer | N
                     x0 = plan.stripe_columns[stripe, source, 0]
                     origins = squares.top_left_px[spots] - np.array([x0, windows[source].top], dtype=np.int64)
                     crops[source, squares.read_px] = _core.crop_patches(
-                        windows[source].region(), origins, squares.read_px, num_threads=num_threads)
+                        windows[source].region(), origins, squares.read_px, num_threads=num_threads
+                    )
             patches = [crops[source, squares.read_px] for source, squares in plan.inputs]
         with timer.stage("resize"):
             for i, (_, squares) in enumerate(plan.inputs):
                 if squares.read_px != squares.size_px:
                     patches[i] = _core.resize_patches(patches[i], squares.size_px, num_threads=num_threads)
             if plan.derived_sizes:
-                patches += [_core.resize_patches(patches[0], size, num_threads=num_threads)
-                            for size in plan.derived_sizes]
+                patches += [
+                    _core.resize_patches(patches[0], size, num_threads=num_threads) for size in plan.derived_sizes
+                ]
         yield spots, patches
 
 
@@ -296,10 +295,19 @@ def read_step(slide: Slide, plan: ReadPlan, step: int, timer: StageTimer) -> lis
     return out
 
 
-def run_stream(slide: Slide, plan: ReadPlan, backend, mean: Sequence[float], std: Sequence[float],
-               on_batch: Callable[[np.ndarray, np.ndarray], None], *, batch_size: int = 64,
-               timer: StageTimer | None = None, num_threads: int = 0,
-               progress: Callable[[int], None] | None = None) -> StreamStats:
+def run_stream(
+    slide: Slide,
+    plan: ReadPlan,
+    backend,
+    mean: Sequence[float],
+    std: Sequence[float],
+    on_batch: Callable[[np.ndarray, np.ndarray], None],
+    *,
+    batch_size: int = 64,
+    timer: StageTimer | None = None,
+    num_threads: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> StreamStats:
     """Predict every planned spot; ``on_batch(spot indices (B,), predictions (B, G) float32)``
     runs on the writer thread, in plan order. Stages run on their own threads (read, assemble,
     write; the model on the calling thread) joined by bounded queues; an exception in any stage
@@ -323,6 +331,7 @@ def run_stream(slide: Slide, plan: ReadPlan, backend, mean: Sequence[float], std
             except BaseException as exc:  # handed to the caller's thread
                 errors.append(exc)
                 failed.set()
+
         return body
 
     def reader():
@@ -353,9 +362,14 @@ def run_stream(slide: Slide, plan: ReadPlan, backend, mean: Sequence[float], std
                 while filled < n:
                     piece_spots, piece = pending[0]
                     take = min(n - filled, len(piece_spots))
-                    for patches, buffer in zip(piece, buffers):
-                        _core.assemble_batch(patches[:take], mean, std, out=buffer.numpy()[filled:filled + take],
-                                             num_threads=num_threads)
+                    for patches, buffer in zip(piece, buffers, strict=True):
+                        _core.assemble_batch(
+                            patches[:take],
+                            mean,
+                            std,
+                            out=buffer.numpy()[filled : filled + take],
+                            num_threads=num_threads,
+                        )
                     spots.append(piece_spots[:take])
                     if take == len(piece_spots):
                         pending.pop(0)
@@ -365,8 +379,9 @@ def run_stream(slide: Slide, plan: ReadPlan, backend, mean: Sequence[float], std
                 n_pending -= n
             batch_q.put((np.concatenate(spots), buffers, n))
 
-        for spots, patches in iter_streamed_patches(slide, plan, timer=timer, num_threads=num_threads,
-                                                    reads=iter(decoded_q)):
+        for spots, patches in iter_streamed_patches(
+            slide, plan, timer=timer, num_threads=num_threads, reads=iter(decoded_q)
+        ):
             if len(spots):
                 pending.append((spots, patches))
                 n_pending += len(spots)
@@ -382,8 +397,10 @@ def run_stream(slide: Slide, plan: ReadPlan, backend, mean: Sequence[float], std
                 on_batch(spots, predictions)
         stats.spots = plan.n_spots
 
-    threads = [threading.Thread(target=guarded(fn), name=f"m2ort-{fn.__name__}", daemon=True)
-               for fn in (reader, assembler, writer)]
+    threads = [
+        threading.Thread(target=guarded(fn), name=f"m2ort-{fn.__name__}", daemon=True)
+        for fn in (reader, assembler, writer)
+    ]
     for thread in threads:
         thread.start()
     # The model runs here, on its own CUDA stream on a GPU (untested: no GPU in this project's CI),

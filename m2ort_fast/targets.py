@@ -19,8 +19,10 @@ import scipy.sparse as sp
 
 DEFAULT_PANEL_SIZE = 250
 DEFAULT_TOP_K = 1000
-PANEL_RULE = ("genes in the top {top_k} by variance of their counts across spots in every training slide "
-              "(intersection), {n_genes} sampled with seed {seed}")
+PANEL_RULE = (
+    "genes in the top {top_k} by variance of their counts across spots in every training slide "
+    "(intersection), {n_genes} sampled with seed {seed}"
+)
 
 
 def _dense(counts) -> np.ndarray:
@@ -59,8 +61,9 @@ class GenePanel:
     candidates: int  # size of the intersection the panel was sampled from
 
 
-def select_gene_panel(samples, n_genes: int = DEFAULT_PANEL_SIZE, top_k: int = DEFAULT_TOP_K,
-                      seed: int = 0) -> GenePanel:
+def select_gene_panel(
+    samples, n_genes: int = DEFAULT_PANEL_SIZE, top_k: int = DEFAULT_TOP_K, seed: int = 0
+) -> GenePanel:
     """The paper's gene panel over training samples (objects with ``.counts`` (N, G), ``.genes``).
 
     Genes are ranked by variance per slide; the intersection of each slide's top ``top_k`` is
@@ -70,33 +73,27 @@ def select_gene_panel(samples, n_genes: int = DEFAULT_PANEL_SIZE, top_k: int = D
     samples = list(samples)
     if not samples:
         raise ValueError("no training samples to choose a gene panel from")
-    rankings = []
-    common = None
+    rankings: list[list[str]] = []
     for sample in samples:
         variances = gene_variances(sample.counts)
         order = np.argsort(-variances, kind="stable")
         rankings.append([sample.genes[i] for i in order if variances[i] > 0])
-        names = set(sample.genes)
-        common = names if common is None else common & names
+    common = set.intersection(*(set(sample.genes) for sample in samples))
     k = int(top_k)
     while True:
-        candidates = None
-        for ranked in rankings:
-            top = set(ranked[:k])
-            candidates = top if candidates is None else candidates & top
-        candidates &= common
+        candidates = set.intersection(*(set(ranked[:k]) for ranked in rankings)) & common
         longest = max(len(r) for r in rankings)
         if len(candidates) >= n_genes or k >= longest:
             break
         k *= 2
-    candidates = sorted(candidates)
-    if len(candidates) < n_genes:
-        raise ValueError(f"only {len(candidates)} genes vary in every training slide; cannot pick {n_genes}")
+    ordered = sorted(candidates)
+    if len(ordered) < n_genes:
+        raise ValueError(f"only {len(ordered)} genes vary in every training slide; cannot pick {n_genes}")
     rng = np.random.default_rng(seed)
-    picked = np.sort(rng.choice(len(candidates), size=n_genes, replace=False))
-    genes = [candidates[i] for i in picked]
+    picked = np.sort(rng.choice(len(ordered), size=n_genes, replace=False))
+    genes = [ordered[i] for i in picked]
     rule = PANEL_RULE.format(top_k=k, n_genes=n_genes, seed=seed)
-    return GenePanel(genes=genes, rule=rule, top_k=k, candidates=len(candidates))
+    return GenePanel(genes=genes, rule=rule, top_k=k, candidates=len(ordered))
 
 
 @dataclasses.dataclass
@@ -143,8 +140,11 @@ def split_slides(names: list[str], seed: int = 0, fractions=(0.6, 0.1, 0.3)) -> 
     n_train = max(1, n - n_test - n_val)
     n_val = min(n_val, n - n_train)
     n_test = n - n_train - n_val
-    return {"train": shuffled[:n_train], "val": shuffled[n_train:n_train + n_val],
-            "test": shuffled[n_train + n_val:]}
+    return {
+        "train": shuffled[:n_train],
+        "val": shuffled[n_train : n_train + n_val],
+        "test": shuffled[n_train + n_val :],
+    }
 
 
 def leave_one_out_folds(names: list[str]) -> list[dict[str, list[str]]]:

@@ -2,7 +2,7 @@
 
     m2ort-fast train --config configs/her2st_small.toml [--epochs N] [--variant V] [--test-sections C2] ...
 
-Recipe (``M2ORT_SPEC.md`` "Targets and training"): targets are log1p CPM of the gene panel's total
+Recipe (``docs/model.md`` "Targets and training"): targets are log1p CPM of the gene panel's total
 (:mod:`m2ort_fast.targets`); loss MSE; Adam, lr 1e-4, no weight decay; batch 96; model kept at the
 best validation PCC (per spot, the paper's); augmentation by horizontal / vertical flips and a
 rotation by a random angle with white fill, the same transform on all three levels. bf16 autocast
@@ -50,9 +50,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import metrics as M
-from .errors import M2ORTError
-from .options import device_name, non_negative_float, non_negative_int, positive_float, positive_int
+from m2ort_fast import metrics as M
+from m2ort_fast.errors import M2ORTError
+from m2ort_fast.options import device_name, non_negative_float, non_negative_int, positive_float, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,11 @@ class TrainConfig:
     num_threads: int = 0  # torch CPU threads; 0: torch's default
 
     @classmethod
-    def from_file(cls, path) -> "TrainConfig":
-        import tomllib
+    def from_file(cls, path) -> TrainConfig:
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # Python 3.10: the same parser, as a package (a dependency there)
+            import tomli as tomllib
 
         path = Path(path)
         try:
@@ -122,6 +125,7 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------------
 # Data
 
+
 @dataclasses.dataclass
 class SpotSet:
     """Spots ready for training: uint8 patches per level (N, S, S, 3), targets (N, G), origins."""
@@ -131,13 +135,16 @@ class SpotSet:
     section: list[str]
 
     @classmethod
-    def concat(cls, parts: list["SpotSet"], n_genes: int, sizes) -> "SpotSet":
+    def concat(cls, parts: list[SpotSet], n_genes: int, sizes) -> SpotSet:
         if not parts:
             return cls([np.zeros((0, s, s, 3), np.uint8) for s in sizes], np.zeros((0, n_genes), np.float32), [])
-        return cls([np.concatenate([p.levels[i] for p in parts]) for i in range(len(sizes))],
-                   np.concatenate([p.targets for p in parts]), sum((p.section for p in parts), []))
+        return cls(
+            [np.concatenate([p.levels[i] for p in parts]) for i in range(len(sizes))],
+            np.concatenate([p.targets for p in parts]),
+            sum((p.section for p in parts), []),
+        )
 
-    def take(self, mask: np.ndarray) -> "SpotSet":
+    def take(self, mask: np.ndarray) -> SpotSet:
         rows = np.flatnonzero(mask)
         return SpotSet([lv[rows] for lv in self.levels], self.targets[rows], [self.section[i] for i in rows])
 
@@ -148,12 +155,13 @@ class SpotSet:
 def _sample_mpp(sample) -> float:
     if sample.mpp:
         return float(sample.mpp)
-    from .slide import open_slide
+    from m2ort_fast.slide import open_slide
 
     slide = open_slide(sample.slide_path)
     if slide.mpp is None:
-        raise M2ORTError("neither the slide nor the spot table gives a pixel size; set mpp in the config",
-                         sample.slide_path)
+        raise M2ORTError(
+            "neither the slide nor the spot table gives a pixel size; set mpp in the config", sample.slide_path
+        )
     return float(slide.mpp)
 
 
@@ -166,7 +174,7 @@ def _thin(sample, max_spots: int):
 
 
 def resolve_split(cfg: TrainConfig, names: list[str]) -> dict[str, list[str]]:
-    from .targets import split_slides
+    from m2ort_fast.targets import split_slides
 
     unknown = [n for n in cfg.test_sections + cfg.val_sections if n not in names]
     if unknown:
@@ -179,16 +187,19 @@ def resolve_split(cfg: TrainConfig, names: list[str]) -> dict[str, list[str]]:
     train = [n for n in names if n not in held]
     if not train:
         raise M2ORTError("no training section left after the validation and test sections")
-    return {"train": train, "val": [n for n in names if n in cfg.val_sections],
-            "test": [n for n in names if n in cfg.test_sections]}
+    return {
+        "train": train,
+        "val": [n for n in names if n in cfg.val_sections],
+        "test": [n for n in names if n in cfg.test_sections],
+    }
 
 
 def prepare_data(cfg: TrainConfig, genes: list[str] | None = None, mpp: float | None = None, progress: bool = True):
     """Read the sections, choose the gene panel and mpp (unless given, e.g. on resume), build the
     targets and the cached patches. Returns (sets {"train","val","test"}, info dict)."""
-    from .datasets import read_sample
-    from .patch_cache import PatchCache
-    from .targets import expression_targets, holdout_spots, select_gene_panel
+    from m2ort_fast.datasets import read_sample
+    from m2ort_fast.patch_cache import PatchCache
+    from m2ort_fast.targets import expression_targets, holdout_spots, select_gene_panel
 
     paths = cfg.section_paths()
     if not paths:
@@ -205,7 +216,7 @@ def prepare_data(cfg: TrainConfig, genes: list[str] | None = None, mpp: float | 
         genes, panel_rule = panel.genes, panel.rule
     if mpp is None:
         mpp = cfg.mpp or float(np.mean([_sample_mpp(s) for s in train_samples]))
-    from .checkpoint import ModelCard
+    from m2ort_fast.checkpoint import ModelCard
 
     card = ModelCard.for_variant(cfg.variant, genes, mpp)
     cache = PatchCache(cfg.cache_dir or None)
@@ -216,15 +227,32 @@ def prepare_data(cfg: TrainConfig, genes: list[str] | None = None, mpp: float | 
         for name in split[role]:
             sample = samples[name]
             targets = expression_targets(sample.counts, sample.genes, genes)
-            levels = cache.patches(sample.slide_path, sample.centers_px, card.level_mpp, slide_mpp=sample.mpp,
-                                   mpp_source=sample.mpp_source, sizes_px=card.patch_sizes_px,
-                                   level_source=cfg.level_source, progress=progress)
+            levels = cache.patches(
+                sample.slide_path,
+                sample.centers_px,
+                card.level_mpp,
+                slide_mpp=sample.mpp,
+                mpp_source=sample.mpp_source,
+                sizes_px=card.patch_sizes_px,
+                level_source=cfg.level_source,
+                progress=progress,
+            )
             rows = np.flatnonzero(targets.keep)
             parts[role].append(SpotSet([np.asarray(lv[rows]) for lv in levels], targets.values, [name] * len(rows)))
-            data_info.append({"section": name, "role": role, "slide": sample.slide_path.name, "format": sample.format,
-                              "n_spots": int(len(rows)), "n_dropped_zero_panel_total": int((~targets.keep).sum()),
-                              "n_panel_genes_missing": len(targets.missing_genes), "mpp": sample.mpp,
-                              "mpp_source": sample.mpp_source, "notes": sample.notes})
+            data_info.append(
+                {
+                    "section": name,
+                    "role": role,
+                    "slide": sample.slide_path.name,
+                    "format": sample.format,
+                    "n_spots": int(len(rows)),
+                    "n_dropped_zero_panel_total": int((~targets.keep).sum()),
+                    "n_panel_genes_missing": len(targets.missing_genes),
+                    "mpp": sample.mpp,
+                    "mpp_source": sample.mpp_source,
+                    "notes": sample.notes,
+                }
+            )
     sizes = card.patch_sizes_px
     sets = {role: SpotSet.concat(parts[role], len(genes), sizes) for role in parts}
     val_source = "sections " + ", ".join(split["val"]) if split["val"] else None
@@ -232,14 +260,22 @@ def prepare_data(cfg: TrainConfig, genes: list[str] | None = None, mpp: float | 
         held = holdout_spots(len(sets["train"]), cfg.val_spot_fraction, cfg.seed)
         sets["val"], sets["train"] = sets["train"].take(held), sets["train"].take(~held)
         val_source = f"{cfg.val_spot_fraction:.0%} of the training sections' spots (seed {cfg.seed})"
-    info = {"genes": genes, "panel_rule": panel_rule, "mpp": mpp, "split": split, "val_source": val_source,
-            "data": data_info, "data_seconds": time.perf_counter() - t0,
-            "cache_dir": str(cache.root)}
+    info = {
+        "genes": genes,
+        "panel_rule": panel_rule,
+        "mpp": mpp,
+        "split": split,
+        "val_source": val_source,
+        "data": data_info,
+        "data_seconds": time.perf_counter() - t0,
+        "cache_dir": str(cache.root),
+    }
     return sets, info
 
 
 # ----------------------------------------------------------------------------------------------
 # Augmentation
+
 
 def augment(levels: list[torch.Tensor], generator: torch.Generator, white: torch.Tensor) -> list[torch.Tensor]:
     """Random h/v flips and rotation by a random angle (white fill), the same per spot on all levels.
@@ -290,7 +326,9 @@ def hed_to_rgb(hed: torch.Tensor) -> torch.Tensor:
     return torch.exp(od * math.log(_OD_EPS)).clamp(0.0, 1.0)
 
 
-def hed_jitter(rgb: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
+def hed_jitter(
+    rgb: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, gain: torch.Tensor | None = None
+) -> torch.Tensor:
     """``hed_to_rgb(rgb_to_hed(rgb) * scale + shift)`` per spot, fused: (B, 3, H, W) RGB in [0, 1],
     (B, 3) stain scales and shifts -> (B, 3, H, W) RGB in [0, 1].
 
@@ -347,6 +385,7 @@ def color_augment(levels: list[torch.Tensor], generator: torch.Generator, pixel_
 
 # ----------------------------------------------------------------------------------------------
 # Loss and target standardisation
+
 
 def pcc_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """1 - mean over genes of the Pearson correlation across the batch's spots: (B, G), (B, G) -> ().
@@ -406,6 +445,7 @@ def fold_standardization(model, mean, std):
 # ----------------------------------------------------------------------------------------------
 # Training
 
+
 def _atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     torch.save(obj, tmp)
@@ -427,15 +467,39 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
+def _loss_description(cfg: TrainConfig) -> str:
+    """The training loss in words, for the checkpoint's provenance."""
+    loss = "MSE"
+    if cfg.pcc_loss_weight > 0:
+        loss += (
+            f" + {cfg.pcc_loss_weight:g} * (1 - mean over genes of the Pearson correlation across the batch's spots)"
+        )
+    return loss + (" on per-gene standardised targets" if cfg.standardize_targets else " on log1p CPM")
+
+
+def _augmentation_description(cfg: TrainConfig) -> str:
+    """The augmentations in words, for the checkpoint's provenance."""
+    parts = []
+    if cfg.color_augment:
+        parts.append(
+            f"HED jitter (Ruifrok-Johnston; stain scale U({1 - HED_SCALE:g}, {1 + HED_SCALE:g}), shift "
+            f"U(-{HED_SHIFT:g}, {HED_SHIFT:g})) + brightness U({1 - BRIGHTNESS:g}, {1 + BRIGHTNESS:g}) / "
+            f"contrast U({1 - CONTRAST:g}, {1 + CONTRAST:g}), same on the three levels"
+        )
+    if cfg.augment:
+        parts.append("h/v flips + rotation by a random angle (white fill), same on the three levels")
+    return ", ".join(parts) or "none"
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, command: str | None = None) -> dict:
     """Run (or resume) training; returns the summary (also written to ``out/summary.json``)."""
     from tqdm import tqdm
 
-    from .checkpoint import ModelCard, save_checkpoint
-    from .backends import resolve_device
-    from .evaluate import predict_levels
-    from .model import VARIANTS, M2ORT, set_fused_attention
-    from .predict import normalize_levels
+    from m2ort_fast.checkpoint import ModelCard, save_checkpoint
+    from m2ort_fast.device import resolve_device
+    from m2ort_fast.evaluate import predict_levels
+    from m2ort_fast.model import M2ORT, VARIANTS, set_fused_attention
+    from m2ort_fast.predict import normalize_levels
 
     if cfg.variant not in VARIANTS:
         raise M2ORTError(f"unknown variant {cfg.variant!r}; known: {', '.join(VARIANTS)}")
@@ -458,10 +522,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, comm
             raise M2ORTError(f"nothing to resume: no {RESUME_FILE}", out)
         state = torch.load(resume_path, map_location="cpu", weights_only=False)
         saved_cfg = TrainConfig(**state["config"])
-        cfg = dataclasses.replace(saved_cfg, epochs=cfg.epochs, out=cfg.out, device=cfg.device,
-                                  cache_dir=cfg.cache_dir, num_threads=cfg.num_threads)
-    sets, info = prepare_data(cfg, genes=state["genes"] if state else None, mpp=state["mpp"] if state else None,
-                              progress=progress)
+        cfg = dataclasses.replace(
+            saved_cfg,
+            epochs=cfg.epochs,
+            out=cfg.out,
+            device=cfg.device,
+            cache_dir=cfg.cache_dir,
+            num_threads=cfg.num_threads,
+        )
+    sets, info = prepare_data(
+        cfg, genes=state["genes"] if state else None, mpp=state["mpp"] if state else None, progress=progress
+    )
     if state:
         info["panel_rule"] = state["panel_rule"]
     genes = info["genes"]
@@ -469,6 +540,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, comm
     if len(train_set) == 0:
         raise M2ORTError("no training spots (all spots have a zero total over the gene panel?)")
     train_mean = train_set.targets.mean(axis=0)
+    target_mean: np.ndarray | None
+    target_std: np.ndarray | None
     if cfg.standardize_targets:
         target_mean, target_std = target_scaling(train_set.targets)
         train_targets = (train_set.targets - target_mean) / target_std
@@ -491,6 +564,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, comm
         if cfg.standardize_targets:
             return fold_standardization(model, target_mean, target_std)
         return model
+
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history: list[dict] = []
@@ -500,37 +574,32 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, comm
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best, history = state["epoch"], state["best"], state["history"]
 
-    card = ModelCard.for_variant(cfg.variant, genes, info["mpp"], trained=True,
-                                 model_id=cfg.model_id or f"m2ort-{cfg.variant}")
+    card = ModelCard.for_variant(
+        cfg.variant, genes, info["mpp"], trained=True, model_id=cfg.model_id or f"m2ort-{cfg.variant}"
+    )
     provenance = {
         "data": info["data"],
         "split": {**info["split"], "validation": info["val_source"]},
         "gene_panel_rule": info["panel_rule"],
-        "target_transform": "counts over the panel -> CPM of the spot's panel total -> log1p; spots with panel total 0 dropped",
+        "target_transform": (
+            "counts over the panel -> CPM of the spot's panel total -> log1p; spots with panel total 0 dropped"
+        ),
         "level_source": cfg.level_source,
         "mpp_rule": f"config mpp {cfg.mpp}" if cfg.mpp else "mean of the training sections' mpp (spot-table pitch)",
         "config": dataclasses.asdict(cfg),
         "command": command or "m2ort_fast.train.train(...)",
         "train_mean_expression": [round(float(v), 5) for v in train_mean],
-        "loss": "MSE" + (f" + {cfg.pcc_loss_weight:g} * (1 - mean over genes of the Pearson correlation across "
-                         "the batch's spots)" if cfg.pcc_loss_weight > 0 else "")
-                + (" on per-gene standardised targets" if cfg.standardize_targets else " on log1p CPM"),
-        "augmentation": ", ".join(
-            ([("HED jitter (Ruifrok-Johnston; stain scale U(%g, %g), shift U(-%g, %g)) + brightness U(%g, %g) / "
-               "contrast U(%g, %g), same on the three levels")
-              % (1 - HED_SCALE, 1 + HED_SCALE, HED_SHIFT, HED_SHIFT, 1 - BRIGHTNESS, 1 + BRIGHTNESS,
-                 1 - CONTRAST, 1 + CONTRAST)] if cfg.color_augment else [])
-            + (["h/v flips + rotation by a random angle (white fill), same on the three levels"] if cfg.augment else [])
-        ) or "none",
+        "loss": _loss_description(cfg),
+        "augmentation": _augmentation_description(cfg),
         "selection": f"best validation {cfg.select_metric}",
         "torch": torch.__version__,
     }
-    if cfg.standardize_targets:
+    if target_mean is not None and target_std is not None:  # cfg.standardize_targets
         provenance["target_standardization"] = {
             "rule": "targets standardised per gene with the training spots' mean and std (population; std 1 "
-                    "where below 1e-6) for training; the de-standardisation y = std * (W x + b) + mean is folded "
-                    "into the head (W' = diag(std) W, b' = std * b + mean) in every checkpoint, so the "
-                    "checkpoint predicts log1p CPM",
+            "where below 1e-6) for training; the de-standardisation y = std * (W x + b) + mean is folded "
+            "into the head (W' = diag(std) W, b' = std * b + mean) in every checkpoint, so the "
+            "checkpoint predicts log1p CPM",
             "folded_into_head": True,
             "mean": [round(float(v), 6) for v in target_mean],
             "std": [round(float(v), 6) for v in target_std],
@@ -542,8 +611,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, comm
         """Metrics of ``scored_model`` (predicting log1p CPM) on ``spot_set``."""
         if len(spot_set) == 0:
             return None
-        pred = predict_levels(scored_model, card, spot_set.levels, batch_size=cfg.eval_batch_size,
-                              device=device, progress=progress, desc=desc)
+        pred = predict_levels(
+            scored_model,
+            card,
+            spot_set.levels,
+            batch_size=cfg.eval_batch_size,
+            device=device,
+            progress=progress,
+            desc=desc,
+        )
         return M.summarize(pred, spot_set.targets)
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -556,7 +632,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, comm
         batches = range(0, n_train, cfg.batch_size)
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False, disable=not progress)
         for start in bar:
-            rows = np.sort(order[start:start + cfg.batch_size])
+            rows = np.sort(order[start : start + cfg.batch_size])
             inputs = normalize_levels(train_set.levels, card, rows)
             if cfg.color_augment:
                 inputs = color_augment(inputs, generator, card.pixel_mean, card.pixel_std)
@@ -576,36 +652,66 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, comm
         train_seconds = time.perf_counter() - t0
         saved_model = inference_model()
         val = score(saved_model, val_set, "validate")
-        row = {"epoch": epoch + 1, "train_loss": total / seen, "train_seconds": round(train_seconds, 3),
-               "epoch_seconds": round(time.perf_counter() - t0, 3)}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": total / seen,
+            "train_seconds": round(train_seconds, 3),
+            "epoch_seconds": round(time.perf_counter() - t0, 3),
+        }
         if val:
             row.update({f"val_{k}": v for k, v in val.items() if not k.startswith("n_")})
         history.append(row)
-        card.provenance = {**provenance, "epoch": epoch + 1, "metrics": {"validation": val, "history_tail": history[-3:]}}
+        card.provenance = {
+            **provenance,
+            "epoch": epoch + 1,
+            "metrics": {"validation": val, "history_tail": history[-3:]},
+        }
         save_checkpoint(out / "last.safetensors", saved_model, card)
         current = val[cfg.select_metric] if val else -row["train_loss"]
         improved = np.isfinite(current) and current > best
         if improved or not (out / "best.safetensors").is_file():
             best = max(best, current) if np.isfinite(current) else best
             save_checkpoint(out / "best.safetensors", saved_model, card)
-        _atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                            "best": best, "history": history, "genes": genes, "mpp": info["mpp"],
-                            "panel_rule": info["panel_rule"], "config": dataclasses.asdict(cfg),
-                            "torch_rng": torch.get_rng_state()}, resume_path)
+        _atomic_torch_save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1,
+                "best": best,
+                "history": history,
+                "genes": genes,
+                "mpp": info["mpp"],
+                "panel_rule": info["panel_rule"],
+                "config": dataclasses.asdict(cfg),
+                "torch_rng": torch.get_rng_state(),
+            },
+            resume_path,
+        )
         _write_history(out, history)
         log.info("epoch %d: %s", epoch + 1, row)
         if progress:
             shown = f"val PCC/spot {val['pcc_spot_mean']:.4f} PCC/gene {val['pcc_gene_mean']:.4f}" if val else ""
-            print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} {shown} "
-                  f"({row['epoch_seconds']:.1f} s)", file=sys.stderr)
+            print(
+                f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} {shown} "
+                f"({row['epoch_seconds']:.1f} s)",
+                file=sys.stderr,
+            )
 
     # Final test of the best model: the report a reader compares with the mean baseline.
-    from .checkpoint import load_checkpoint
+    from m2ort_fast.checkpoint import load_checkpoint
 
-    summary = {"out": str(out), "epochs": cfg.epochs, "best_" + cfg.select_metric: best,
-               "split": info["split"], "validation": info["val_source"], "n_train_spots": n_train,
-               "n_val_spots": len(val_set), "n_test_spots": len(test_set), "history": history,
-               "data_seconds": round(info["data_seconds"], 2)}
+    summary = {
+        "out": str(out),
+        "epochs": cfg.epochs,
+        "best_" + cfg.select_metric: best,
+        "split": info["split"],
+        "validation": info["val_source"],
+        "n_train_spots": n_train,
+        "n_val_spots": len(val_set),
+        "n_test_spots": len(test_set),
+        "history": history,
+        "data_seconds": round(info["data_seconds"], 2),
+    }
     if (out / "best.safetensors").is_file():
         best_model, best_card = load_checkpoint(out / "best.safetensors", device=device)
         test_metrics, baseline_metrics = {}, {}
@@ -616,8 +722,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, comm
         summary["test"] = test_metrics
         summary["test_mean_baseline"] = baseline_metrics
         if test_metrics:
-            best_card.provenance["metrics"] = {**best_card.provenance.get("metrics", {}), "test": test_metrics,
-                                               "test_mean_baseline": baseline_metrics}
+            best_card.provenance["metrics"] = {
+                **best_card.provenance.get("metrics", {}),
+                "test": test_metrics,
+                "test_mean_baseline": baseline_metrics,
+            }
             save_checkpoint(out / "best.safetensors", best_model, best_card)
     tmp = out / ".summary.json.partial"
     tmp.write_text(json.dumps(summary, indent=1, default=float))
@@ -628,19 +737,33 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, comm
 # ----------------------------------------------------------------------------------------------
 # CLI
 
+
 def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def config_from_args(args) -> TrainConfig:
     cfg = TrainConfig.from_file(args.config) if args.config else TrainConfig()
-    overrides = {"epochs": args.epochs, "variant": args.variant, "lr": args.lr, "batch_size": args.batch_size,
-                 "out": args.out, "seed": args.seed, "val_sections": args.val_sections,
-                 "test_sections": args.test_sections, "sections": args.sections, "cache_dir": args.cache_dir,
-                 "device": args.device, "max_spots_per_section": args.max_spots, "split": args.split,
-                 "num_threads": args.threads, "standardize_targets": args.standardize_targets,
-                 "pcc_loss_weight": args.pcc_loss_weight, "color_augment": args.color_augment,
-                 "select_metric": args.select_metric}
+    overrides = {
+        "epochs": args.epochs,
+        "variant": args.variant,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "out": args.out,
+        "seed": args.seed,
+        "val_sections": args.val_sections,
+        "test_sections": args.test_sections,
+        "sections": args.sections,
+        "cache_dir": args.cache_dir,
+        "device": args.device,
+        "max_spots_per_section": args.max_spots,
+        "split": args.split,
+        "num_threads": args.threads,
+        "standardize_targets": args.standardize_targets,
+        "pcc_loss_weight": args.pcc_loss_weight,
+        "color_augment": args.color_augment,
+        "select_metric": args.select_metric,
+    }
     for key, value in overrides.items():
         if value is not None:
             setattr(cfg, key, value)
@@ -657,40 +780,72 @@ def run_train(args) -> int:
     print(f"best validation {cfg.select_metric}: {summary[best_key]:.4f}; checkpoints in {summary['out']}")
     for name, metrics in (summary.get("test") or {}).items():
         base = summary["test_mean_baseline"][name]
-        print(f"test {name}: PCC/spot {metrics['pcc_spot_mean']:.4f} (baseline {base['pcc_spot_mean']:.4f}), "
-              f"RMSE/spot {metrics['rmse_spot_mean']:.4f} (baseline {base['rmse_spot_mean']:.4f}), "
-              f"PCC/gene {metrics['pcc_gene_mean']:.4f} (baseline undefined: constant)")
+        print(
+            f"test {name}: PCC/spot {metrics['pcc_spot_mean']:.4f} (baseline {base['pcc_spot_mean']:.4f}), "
+            f"RMSE/spot {metrics['rmse_spot_mean']:.4f} (baseline {base['rmse_spot_mean']:.4f}), "
+            f"PCC/gene {metrics['pcc_gene_mean']:.4f} (baseline undefined: constant)"
+        )
     return 0
 
 
 def add_subcommands(subparsers) -> None:
     p = subparsers.add_parser("train", help="train M2ORT on spatial-transcriptomics sections (config file + overrides)")
     p.add_argument("--config", default=None, help="TOML config (e.g. configs/her2st_small.toml)")
-    p.add_argument("--sections", type=_names, default=None, help="comma-separated section folders (overrides the config)")
+    p.add_argument(
+        "--sections", type=_names, default=None, help="comma-separated section folders (overrides the config)"
+    )
     p.add_argument("--data-root", default=None, help="folder the section names are relative to")
-    p.add_argument("--test-sections", type=_names, default=None, help="comma-separated section names held out for testing")
-    p.add_argument("--val-sections", type=_names, default=None,
-                   help="comma-separated validation sections (none: a share of the training spots)")
-    p.add_argument("--split", choices=["explicit", "random"], default=None,
-                   help="random: the spec's 60/10/30 split by slide with --seed")
+    p.add_argument(
+        "--test-sections", type=_names, default=None, help="comma-separated section names held out for testing"
+    )
+    p.add_argument(
+        "--val-sections",
+        type=_names,
+        default=None,
+        help="comma-separated validation sections (none: a share of the training spots)",
+    )
+    p.add_argument(
+        "--split",
+        choices=["explicit", "random"],
+        default=None,
+        help="random: the spec's 60/10/30 split by slide with --seed",
+    )
     p.add_argument("--variant", default=None, help="tiny, small, base or large")
     p.add_argument("--epochs", type=positive_int, default=None)
     p.add_argument("--lr", type=positive_float, default=None)
     p.add_argument("--batch-size", type=positive_int, default=None)
     p.add_argument("--seed", type=non_negative_int, default=None)
-    p.add_argument("--max-spots", type=positive_int, default=None, help="use at most this many spots per section (quick tests)")
+    p.add_argument(
+        "--max-spots", type=positive_int, default=None, help="use at most this many spots per section (quick tests)"
+    )
     p.add_argument("--out", default=None, help="run folder (checkpoints, metrics, resume file)")
     p.add_argument("--cache-dir", default=None, help="patch cache folder (default ~/.cache/m2ort-fast/patches)")
     p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:N or auto")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-    p.add_argument("--standardize-targets", action=argparse.BooleanOptionalAction, default=None,
-                   help="train on per-gene standardised targets (folded into the head in checkpoints)")
-    p.add_argument("--pcc-loss-weight", type=non_negative_float, default=None,
-                   help="add W * (1 - mean per-gene PCC over the batch's spots) to the MSE loss (default 0)")
-    p.add_argument("--color-augment", action=argparse.BooleanOptionalAction, default=None,
-                   help="HED stain + brightness/contrast jitter, the same on the three levels")
-    p.add_argument("--select-metric", choices=SELECT_METRICS, default=None,
-                   help="validation metric the best checkpoint is chosen by (default pcc_spot_mean)")
+    p.add_argument(
+        "--standardize-targets",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train on per-gene standardised targets (folded into the head in checkpoints)",
+    )
+    p.add_argument(
+        "--pcc-loss-weight",
+        type=non_negative_float,
+        default=None,
+        help="add W * (1 - mean per-gene PCC over the batch's spots) to the MSE loss (default 0)",
+    )
+    p.add_argument(
+        "--color-augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="HED stain + brightness/contrast jitter, the same on the three levels",
+    )
+    p.add_argument(
+        "--select-metric",
+        choices=SELECT_METRICS,
+        default=None,
+        help="validation metric the best checkpoint is chosen by (default pcc_spot_mean)",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its resume.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_train)

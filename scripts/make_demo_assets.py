@@ -34,8 +34,12 @@ def densest_crop(centers_px: np.ndarray, crop_px: int, width_px: int, height_px:
     best, best_xy = -1, (0, 0)
     for x0 in range(0, width_px - crop_px + 1, 64):
         for y0 in range(0, height_px - crop_px + 1, 64):
-            inside = ((centers_px[:, 0] >= x0) & (centers_px[:, 0] < x0 + crop_px)
-                      & (centers_px[:, 1] >= y0) & (centers_px[:, 1] < y0 + crop_px)).sum()
+            inside = (
+                (centers_px[:, 0] >= x0)
+                & (centers_px[:, 0] < x0 + crop_px)
+                & (centers_px[:, 1] >= y0)
+                & (centers_px[:, 1] < y0 + crop_px)
+            ).sum()
             if inside > best:
                 best, best_xy = inside, (x0, y0)
     return best_xy
@@ -62,8 +66,12 @@ def main() -> None:
         x0, y0 = densest_crop(centers, args.crop_px, width_px, height_px)
         crop = slide.read_region(x0, y0, 0, args.crop_px, args.crop_px)
     write_pyramid(crop, ASSETS / "demo_slide.tiff", mpp=mpp, layout="svs", quality=args.quality)
-    inside = ((table["pixel_x"] >= x0) & (table["pixel_x"] < x0 + args.crop_px)
-              & (table["pixel_y"] >= y0) & (table["pixel_y"] < y0 + args.crop_px))
+    inside = (
+        (table["pixel_x"] >= x0)
+        & (table["pixel_x"] < x0 + args.crop_px)
+        & (table["pixel_y"] >= y0)
+        & (table["pixel_y"] < y0 + args.crop_px)
+    )
     crop_table = table[inside].copy()
     crop_table["pixel_x"] -= x0
     crop_table["pixel_y"] -= y0

@@ -29,11 +29,15 @@ def main(runs: str, variant: str, out: str) -> None:
         section = report["sections"][0]
         folds[held_out] = {
             "model": {k: section["metrics"][k] for k in REPORTED},
-            "mean_baseline": {k: section["baseline_metrics"][k] for k in REPORTED if k.startswith(("pcc_spot", "rmse", "mae"))},
+            "mean_baseline": {
+                k: section["baseline_metrics"][k] for k in REPORTED if k.startswith(("pcc_spot", "rmse", "mae"))
+            },
         }
     card.provenance["held_out_leave_one_section_out"] = folds
-    card.provenance["protocol"] = (f"scripts/train_her2st.sh {variant} <epochs>: four folds, each trained on three "
-                                   "sections and evaluated on the fourth; this model: trained on all four")
+    card.provenance["protocol"] = (
+        f"scripts/train_her2st.sh {variant} <epochs>: four folds, each trained on three "
+        "sections and evaluated on the fourth; this model: trained on all four"
+    )
     card.model_id = f"m2ort-her2st-{variant}"
     save_checkpoint(out, model, card)
     print(json.dumps(folds, indent=1))

@@ -1,56 +1,17 @@
-"""Shared fixtures: the real data in ../shared/data (skipped, with the reason, where absent)."""
+"""Shared fixtures. Where the real data lives: ``real_data.py``; which readers are installed: ``readers.py``."""
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("M2ORT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
-HER2ST = SHARED_DATA / "her2st"
-HER2ST_SECTIONS = ("C2", "C3", "C4", "C5")
-
-
-_READER_MODULES = {"cucim": "cucim", "tiffslide": "tiffslide", "openslide": "openslide", "flat": "PIL"}
-
-
-def _reader_missing(reader: str) -> str | None:
-    """Why ``reader``'s library cannot be imported here, or None when it can."""
-    try:
-        importlib.import_module(_READER_MODULES[reader])
-    except ImportError as exc:
-        return f"the {reader} reader is not installed here ({exc})"
-    return None
-
-
-def reader_installed(reader: str) -> bool:
-    return _reader_missing(reader) is None
-
-
-def installed_readers(*readers: str) -> list:
-    """``readers`` as pytest parameters, those whose library is not installed skipped with the
-    reason (cuCIM has no wheels for some platforms; the README calls it optional)."""
-    return [reader if _reader_missing(reader) is None
-            else pytest.param(reader, marks=pytest.mark.skip(reason=_reader_missing(reader)))
-            for reader in readers]
-
-
-def her2st_section(name: str) -> Path:
-    """Folder of one real HER2+ section; skips the test where the shared data is absent."""
-    folder = HER2ST / name
-    if not folder.is_dir():
-        pytest.skip(f"real data not found at {folder} (the repo's ../shared/data is absent on this machine)")
-    return folder
+from real_data import HER2ST, her2st_section, require
 
 
 @pytest.fixture
 def her2st_dir() -> Path:
-    if not HER2ST.is_dir():
-        pytest.skip(f"real data not found at {HER2ST} (the repo's ../shared/data is absent on this machine)")
-    return HER2ST
+    return require(HER2ST)
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +31,8 @@ def her2st_c2_pyramids(tmp_path_factory) -> dict:
     import numpy as np
 
     from m2ort_fast.convert import write_pyramid
-    from m2ort_fast.slide import open_slide, read_spot_patches
+    from m2ort_fast.crop import read_spot_patches
+    from m2ort_fast.slide import open_slide
     from m2ort_fast.spots import load_spots
 
     folder = her2st_section("C2")
@@ -80,8 +42,10 @@ def her2st_c2_pyramids(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("her2st_c2")
     centers_px = np.asarray(spots.centers_px, dtype=np.float64)
     with open_slide(jpeg, mpp=mpp) as flat:
-        paths = {layout: write_pyramid(flat.image, out / f"C2_{layout}.tiff", mpp=mpp, layout=layout)
-                 for layout in ("svs", "generic")}
+        paths = {
+            layout: write_pyramid(flat.image, out / f"C2_{layout}.tiff", mpp=mpp, layout=layout)
+            for layout in ("svs", "generic")
+        }
         # what the preview code feeds the model: crops of the original JPEG, levels 2-3 resized
         preview = read_spot_patches(flat, centers_px, (mpp, 2 * mpp, 4 * mpp), level_source="resize")
     return {"jpeg": jpeg, **paths, "mpp": float(mpp), "centers_px": centers_px, "preview_patches": preview}

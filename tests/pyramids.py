@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from real_data import HER2ST
 
-from conftest import HER2ST
 from m2ort_fast.convert import write_pyramid
 
 TEST_MPP = 0.5
@@ -39,7 +39,7 @@ def tissue_pixels(size_px: int = 2048, real: bool = True) -> np.ndarray:
             pixels = np.asarray(image.convert("RGB"))
         if min(pixels.shape[:2]) >= size_px:
             top, left = (pixels.shape[0] - size_px) // 2, (pixels.shape[1] - size_px) // 2
-            return np.ascontiguousarray(pixels[top:top + size_px, left:left + size_px])
+            return np.ascontiguousarray(pixels[top : top + size_px, left : left + size_px])
     return synthetic_tissue(size_px)
 
 
@@ -77,14 +77,22 @@ def synthetic_tissue(size_px: int = 2048, seed: int = 0) -> np.ndarray:
     stroma = np.array([230, 150, 190], dtype=np.int16) + rng.integers(-20, 20, (size_px, size_px, 3), dtype=np.int16)
     image[tissue] = np.clip(stroma[tissue], 0, 255).astype(np.uint8)
     ys, xs = rng.integers(0, size_px - 8, (2, size_px * size_px // 400))
-    for y, x in zip(ys, xs):
+    for y, x in zip(ys, xs, strict=True):
         if tissue[y, x]:
-            image[y:y + 6, x:x + 6] = (90, 50, 140)
+            image[y : y + 6, x : x + 6] = (90, 50, 140)
     return image
 
 
-def write_test_pyramid(path: Path, layout: str = "svs", *, size_px: int = 2048, mpp: float | None = TEST_MPP,
-                       tile_px: int = 256, quality: int = 90, real: bool = True) -> Path:
+def write_test_pyramid(
+    path: Path,
+    layout: str = "svs",
+    *,
+    size_px: int = 2048,
+    mpp: float | None = TEST_MPP,
+    tile_px: int = 256,
+    quality: int = 90,
+    real: bool = True,
+) -> Path:
     """Write a JPEG-tiled pyramid of tissue_pixels(size_px) at ``path``.
 
     layout: "svs" (Aperio-like, levels 1, 4, 16), "generic" (levels 1, 2, 4) or "subifd"
@@ -93,17 +101,23 @@ def write_test_pyramid(path: Path, layout: str = "svs", *, size_px: int = 2048, 
     image = tissue_pixels(size_px, real)
     if layout == "subifd":
         return _write_subifd_pyramid(Path(path), image, mpp, tile_px, quality)
-    return write_pyramid(image, path, mpp=mpp, tile_px=tile_px, quality=quality, layout=layout,
-                         downsamples=LAYOUT_DOWNSAMPLES[layout])
+    return write_pyramid(
+        image, path, mpp=mpp, tile_px=tile_px, quality=quality, layout=layout, downsamples=LAYOUT_DOWNSAMPLES[layout]
+    )
 
 
 def _write_subifd_pyramid(path: Path, image: np.ndarray, mpp, tile_px: int, quality: int) -> Path:
     import tifffile
 
-    from m2ort_fast.slide import resize_rgb
+    from m2ort_fast.crop import resize_rgb
 
-    options = dict(tile=(tile_px, tile_px), compression="jpeg", compressionargs={"level": quality},
-                   photometric="rgb", metadata=None)
+    options = dict(
+        tile=(tile_px, tile_px),
+        compression="jpeg",
+        compressionargs={"level": quality},
+        photometric="rgb",
+        metadata=None,
+    )
     downsamples = LAYOUT_DOWNSAMPLES["subifd"]
     h, w = image.shape[:2]
     with tifffile.TiffWriter(path) as tiff:

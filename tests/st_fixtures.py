@@ -27,7 +27,9 @@ def write_st_section(folder: Path, name: str = "S1", grid: int = 4, n_genes: int
             purple = rng.uniform(0, 1)
             r0, c0 = int(cy - 112), int(cx - 112)
             patch = np.stack([200 - 120 * purple, 120 + 40 * (1 - purple), 200 - 30 * purple], -1)
-            image[r0:r0 + 224, c0:c0 + 224] = (patch + rng.normal(0, 12, (224, 224, 3))).clip(0, 255).astype(np.uint8)
+            image[r0 : r0 + 224, c0 : c0 + 224] = (
+                (patch + rng.normal(0, 12, (224, 224, 3))).clip(0, 255).astype(np.uint8)
+            )
             rows.append(f"{x}\t{y}\t{x:.3f}\t{y:.3f}\t{cx:.2f}\t{cy:.2f}\t1")
             lam = np.full(n_genes, 3.0)
             lam[:10] = 1 + 30 * purple

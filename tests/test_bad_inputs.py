@@ -19,15 +19,16 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from pyramids import tissue_pixels, write_test_pyramid
+from readers import installed_readers
 
-from conftest import installed_readers
 from m2ort_fast import outputs as outputs_module
 from m2ort_fast import slide as slide_module
 from m2ort_fast.checkpoint import load_checkpoint
 from m2ort_fast.cli import main
 from m2ort_fast.outputs import StagedOutput
 from m2ort_fast.predict import DEFAULT_CHECKPOINT, DEMO_SLIDE, DEMO_SPOTS
-from pyramids import tissue_pixels, write_test_pyramid
+from m2ort_fast.slide import _flat as flat_module
 
 PYTHON = sys.executable
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def assert_no_output(out_dir: Path):
 def tile_ranges(path: Path, level: int = 0) -> list[tuple[int, int]]:
     with tifffile.TiffFile(path) as tif:
         page = tif.series[0].levels[level].keyframe
-        return list(zip(page.dataoffsets, page.databytecounts))
+        return list(zip(page.dataoffsets, page.databytecounts, strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,7 @@ def demo_copy(tmp_path: Path, name: str = "slide.tiff") -> Path:
 
 # ---- damaged tile data: an error naming the tile, never pixels made up by a decoder -----------
 
+
 def overwrite_tile_data(path: Path) -> Path:
     """The issue's case: 300 KB of the demo's tile data overwritten in place (same size)."""
     data = bytearray(path.read_bytes())
@@ -89,7 +91,7 @@ def end_tiles_early(path: Path, tiles=range(10, 20)) -> Path:
     returns those pixels without a word."""
     data = bytearray(path.read_bytes())
     for offset, count in [tile_ranges(path)[i] for i in tiles]:
-        data[offset + count // 2:offset + count // 2 + 2] = b"\xff\xd9"
+        data[offset + count // 2 : offset + count // 2 + 2] = b"\xff\xd9"
     path.write_bytes(bytes(data))
     return path
 
@@ -99,8 +101,9 @@ def end_tiles_early(path: Path, tiles=range(10, 20)) -> Path:
 def test_damaged_tiles_are_an_error_on_every_reader(capfd, tmp_path, damage, reader):
     slide = damage(demo_copy(tmp_path))
     out = tmp_path / "out"
-    code, stdout, err = run_cli(capfd, "predict", slide, "--spots", DEMO_SPOTS, "--reader", reader, "--out", out,
-                                "--quiet", "--heatmaps", "0")
+    code, stdout, err = run_cli(
+        capfd, "predict", slide, "--spots", DEMO_SPOTS, "--reader", reader, "--out", out, "--quiet", "--heatmaps", "0"
+    )
     assert_one_line_error(code, stdout, err, slide, "corrupt JPEG data in level 0, tile")
     assert "ERROR" not in stdout, "a decoder's messages reached stdout"
     assert_no_output(out)
@@ -112,14 +115,27 @@ def test_damaged_tiles_are_found_by_both_engines_and_the_thumbnail(tmp_path, pyr
 
     damaged = end_tiles_early(demo_copy(tmp_path))
     for engine in ("naive", "streamed"):
-        code = main(["predict", str(damaged), "--spots", str(DEMO_SPOTS), "--engine", engine, "--quiet",
-                     "--out", str(tmp_path / engine), "--heatmaps", "0"])
+        code = main(
+            [
+                "predict",
+                str(damaged),
+                "--spots",
+                str(DEMO_SPOTS),
+                "--engine",
+                engine,
+                "--quiet",
+                "--out",
+                str(tmp_path / engine),
+                "--heatmaps",
+                "0",
+            ]
+        )
         assert code == 2 and not (tmp_path / engine).exists()
     # the coarsest level is what the thumbnail reads: damage there is found as well
     coarse = tmp_path / "coarse.svs"
     data = bytearray(pyramid.read_bytes())
     offset, count = tile_ranges(pyramid, level=2)[0]
-    data[offset + count // 2:offset + count // 2 + 2] = b"\xff\xd9"
+    data[offset + count // 2 : offset + count // 2 + 2] = b"\xff\xd9"
     coarse.write_bytes(bytes(data))
     with open_slide(coarse) as slide, pytest.raises(SlideError, match="level 2, tile 0"):
         slide.thumbnail(64)  # read from level 2 (64 px)
@@ -147,7 +163,7 @@ def test_damaged_flat_tiff_and_jpeg(capfd, tmp_path):
     jpeg = tmp_path / "flat.jpg"
     Image.fromarray(pixels).save(jpeg, quality=90)
     data = bytearray(jpeg.read_bytes())
-    data[len(data) // 2:len(data) // 2 + 2] = b"\xff\xd9"
+    data[len(data) // 2 : len(data) // 2 + 2] = b"\xff\xd9"
     jpeg.write_bytes(bytes(data))
     for path in (flat_tiff, jpeg):
         code, out, err = run_cli(capfd, "predict", path, "--mpp", "0.5", "--out", tmp_path / "o", "--quiet")
@@ -157,20 +173,21 @@ def test_damaged_flat_tiff_and_jpeg(capfd, tmp_path):
 
 def test_huge_header_on_a_tiny_jpeg_is_refused_at_once(capfd, tmp_path, monkeypatch):
     """The issue's 632-byte JPEG whose header claims 30000 x 30000 px: 36 s and 12.6 GB before."""
-    monkeypatch.setattr(slide_module, "available_memory_bytes", lambda: 64 * 2**30)  # any machine: 64 GiB free
+    monkeypatch.setattr(flat_module, "available_memory_bytes", lambda: 64 * 2**30)  # any machine: 64 GiB free
     small = tmp_path / "small.jpg"
     Image.fromarray(tissue_pixels(64, real=False)).save(small, quality=90)
     data = bytearray(small.read_bytes())
     sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = struct.pack(">HH", 30000, 30000)
+    data[sof + 5 : sof + 9] = struct.pack(">HH", 30000, 30000)
     bomb = tmp_path / "bomb.jpg"
     bomb.write_bytes(bytes(data[:632]))
     started = time.perf_counter()
     code, out, err = run_cli(capfd, "predict", bomb, "--mpp", "0.5", "--out", tmp_path / "o", "--quiet")
     assert_one_line_error(code, out, err, bomb, "2575 MB, over the memory bound")  # by its claimed size
     # with room for its claimed size, the data check (a strict 1/8-scale decode) refuses it
-    code, out, err = run_cli(capfd, "predict", bomb, "--mpp", "0.5", "--out", tmp_path / "o", "--quiet",
-                             "--max-memory-mb", "100000")
+    code, out, err = run_cli(
+        capfd, "predict", bomb, "--mpp", "0.5", "--out", tmp_path / "o", "--quiet", "--max-memory-mb", "100000"
+    )
     assert_one_line_error(code, out, err, bomb, "Premature end of JPEG file")
     assert time.perf_counter() - started < 30
     assert_no_output(tmp_path / "o")
@@ -179,9 +196,9 @@ def test_huge_header_on_a_tiny_jpeg_is_refused_at_once(capfd, tmp_path, monkeypa
 def test_flat_image_larger_than_memory_is_refused_before_decoding(capfd, tmp_path, monkeypatch):
     path = tmp_path / "big.png"
     Image.fromarray(tissue_pixels(512, real=False)).save(path)
-    monkeypatch.setattr(slide_module, "available_memory_bytes", lambda: 1_000_000)
+    monkeypatch.setattr(flat_module, "available_memory_bytes", lambda: 1_000_000)
     decoded = []
-    monkeypatch.setattr(slide_module, "_pil_to_rgb", lambda image: decoded.append(1))
+    monkeypatch.setattr(flat_module, "_pil_to_rgb", lambda image: decoded.append(1))
     code, out, err = run_cli(capfd, "predict", path, "--mpp", "0.5", "--out", tmp_path / "o", "--quiet")
     assert_one_line_error(code, out, err, path, "GiB of memory is available")
     assert decoded == [], "decoded before the check"
@@ -190,11 +207,26 @@ def test_flat_image_larger_than_memory_is_refused_before_decoding(capfd, tmp_pat
 def test_flat_image_over_the_memory_bound_is_refused(capfd, tmp_path):
     path = tmp_path / "section.png"
     Image.fromarray(tissue_pixels(1024, real=False)).save(path)  # 3 MB of pixels
-    code, out, err = run_cli(capfd, "predict", path, "--mpp", "0.5", "--max-memory-mb", "2", "--out",
-                             tmp_path / "o", "--quiet")
+    code, out, err = run_cli(
+        capfd, "predict", path, "--mpp", "0.5", "--max-memory-mb", "2", "--out", tmp_path / "o", "--quiet"
+    )
     assert_one_line_error(code, out, err, path, "--max-memory-mb", "m2ort-fast convert")
-    code, out, err = run_cli(capfd, "predict", path, "--mpp", "0.5", "--max-memory-mb", "64", "--out",
-                             tmp_path / "o", "--quiet", "--heatmaps", "0", "--spacing-um", "100")
+    code, out, err = run_cli(
+        capfd,
+        "predict",
+        path,
+        "--mpp",
+        "0.5",
+        "--max-memory-mb",
+        "64",
+        "--out",
+        tmp_path / "o",
+        "--quiet",
+        "--heatmaps",
+        "0",
+        "--spacing-um",
+        "100",
+    )
     assert code == 0, err
 
 
@@ -216,6 +248,7 @@ def test_grayscale_pyramid_is_refused_by_name(capfd, tmp_path):
 
 
 # ---- broken models: refused at load, or their predictions refused before they are written ------
+
 
 def _save_with(tmp_path: Path, name: str, change) -> Path:
     from safetensors import safe_open
@@ -247,19 +280,38 @@ def test_non_finite_predictions_are_never_written(capfd, tmp_path, engine):
 
     path = _save_with(tmp_path, "overflow.safetensors", overflow)
     load_checkpoint(path)  # finite: accepted at load
-    code, out, err = run_cli(capfd, "predict", "--checkpoint", path, "--engine", engine, "--out", tmp_path / "o",
-                             "--quiet")
+    code, out, err = run_cli(
+        capfd, "predict", "--checkpoint", path, "--engine", engine, "--out", tmp_path / "o", "--quiet"
+    )
     assert_one_line_error(code, out, err, path, "non-finite predictions")
     assert_no_output(tmp_path / "o")
 
 
 # ---- options: checked when the command line is parsed -----------------------------------------
 
-@pytest.mark.parametrize("option", [
-    ["--spacing-um", "0"], ["--spacing-um", "-5"], ["--spacing-um", "nan"], ["--max-memory-mb", "0"],
-    ["--max-memory-mb", "-1"], ["--heatmaps", "-1"], ["--heatmaps", "1000"], ["--mpp", "1e-9"], ["--mpp", "0"],
-    ["--mpp", "inf"], ["--mpp", "abc"], ["--device", "tpu"], ["--device", "cuda:x"], ["--batch-size", "0"],
-    ["--batch-size", "2.5"], ["--reader", "magic"], ["--precision", "fp8"]])
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--spacing-um", "0"],
+        ["--spacing-um", "-5"],
+        ["--spacing-um", "nan"],
+        ["--max-memory-mb", "0"],
+        ["--max-memory-mb", "-1"],
+        ["--heatmaps", "-1"],
+        ["--heatmaps", "1000"],
+        ["--mpp", "1e-9"],
+        ["--mpp", "0"],
+        ["--mpp", "inf"],
+        ["--mpp", "abc"],
+        ["--device", "tpu"],
+        ["--device", "cuda:x"],
+        ["--batch-size", "0"],
+        ["--batch-size", "2.5"],
+        ["--reader", "magic"],
+        ["--precision", "fp8"],
+    ],
+)
 def test_bad_options_are_one_usage_line(capfd, tmp_path, option):
     out = tmp_path / "o"
     with pytest.raises(SystemExit) as exc_info:
@@ -270,10 +322,15 @@ def test_bad_options_are_one_usage_line(capfd, tmp_path, option):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("command", [["convert", "a.jpg", "b.tiff", "--quality", "0"],
-                                     ["convert", "a.jpg", "b.tiff", "--mpp", "-1"],
-                                     ["train", "--config", "x.toml", "--epochs", "0"],
-                                     ["info", "--model", "tiny", "--genes", "0"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["convert", "a.jpg", "b.tiff", "--quality", "0"],
+        ["convert", "a.jpg", "b.tiff", "--mpp", "-1"],
+        ["train", "--config", "x.toml", "--epochs", "0"],
+        ["info", "--model", "tiny", "--genes", "0"],
+    ],
+)
 def test_bad_options_of_other_commands(capfd, command):
     with pytest.raises(SystemExit) as exc_info:
         main(command)
@@ -299,6 +356,7 @@ def test_zero_spacing_is_not_the_default_in_python(tmp_path):
 
 
 # ---- outputs: one line naming the path for every OS error; no debris ---------------------------
+
 
 def test_out_naming_a_file(capfd, tmp_path):
     target = tmp_path / "results.txt"
@@ -328,6 +386,7 @@ def test_disk_full_while_writing(capfd, tmp_path, monkeypatch):
 
 def test_disk_full_reported_by_a_library_in_its_own_way(capfd, tmp_path, monkeypatch):
     """PIL's PNG writer once answered a full disk with "'_idat' object has no attribute 'fileno'"."""
+
     def odd(*args, **kwargs):
         raise AttributeError("'_idat' object has no attribute 'fileno'")
 
@@ -355,8 +414,9 @@ def small_mount(tmp_path):
         point.mkdir()
         if os.geteuid() != 0:
             pytest.skip("mounting a small tmpfs needs root")
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True,
-                              text=True)
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True, text=True
+        )
         if proc.returncode:
             pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
         mounted.append(point)
@@ -389,12 +449,18 @@ def test_file_size_limit_is_a_one_line_error(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
 
     out = tmp_path / "o"
-    proc = subprocess.run([PYTHON, "-m", "m2ort_fast.cli", "predict", "--out", str(out), "--quiet"],
-                          capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    proc = subprocess.run(
+        [PYTHON, "-m", "m2ort_fast.cli", "predict", "--out", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if "error:" in line][0].endswith(
-        "cannot write: file too large for this filesystem or the process's file size limit")
+        "cannot write: file too large for this filesystem or the process's file size limit"
+    )
     assert_no_output(out)
 
 
@@ -482,9 +548,14 @@ def test_sigterm_removes_staging_and_says_so(tmp_path):
         "def slow(self, *a, **k):\n"
         "    print('model running', flush=True); import time; time.sleep(60)\n"
         "predict.Predictor.predict_centers = slow\n"
-        "sys.exit(cli.main(sys.argv[1:]))\n")
-    proc = subprocess.Popen([PYTHON, "-c", script, "predict", "--engine", "naive", "--out", str(out), "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        "sys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    proc = subprocess.Popen(
+        [PYTHON, "-c", script, "predict", "--engine", "naive", "--out", str(out), "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "model running"
     assert (out / ".demo_slide.partial").is_dir()
     proc.send_signal(signal.SIGTERM)
@@ -500,8 +571,7 @@ def test_killed_dense_run_resumes_from_its_finished_rows(tmp_path):
     from m2ort_fast import Predictor
 
     out = tmp_path / "o"
-    proc = subprocess.run([PYTHON, "-c", RUN_SCRIPT, str(out), "3"], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([PYTHON, "-c", RUN_SCRIPT, str(out), "3"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     staging = out / ".demo_slide.partial"
     written = np.load(staging / "written.npy")  # the batches the writer thread had finished
@@ -535,8 +605,7 @@ def test_killed_run_with_other_settings_starts_afresh(tmp_path):
     from m2ort_fast import Predictor
 
     out = tmp_path / "o"
-    proc = subprocess.run([PYTHON, "-c", RUN_SCRIPT, str(out), "2"], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([PYTHON, "-c", RUN_SCRIPT, str(out), "2"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     result = Predictor(progress=False).predict_slide(DEMO_SLIDE, out_dir=out, spacing_um=50, n_heatmaps=0)
     assert result.engine["resumed_spots"] == 0
@@ -547,11 +616,13 @@ def test_failed_evaluate_leaves_no_output_folder(capfd, tmp_path):
     empty = tmp_path / "not_a_section"
     empty.mkdir()
     out = tmp_path / "report"
-    code, stdout, err = run_cli(capfd, "evaluate", "--checkpoint", DEFAULT_CHECKPOINT, "--no-ridge", "--quiet",
-                                "--out", out, empty)
+    code, stdout, err = run_cli(
+        capfd, "evaluate", "--checkpoint", DEFAULT_CHECKPOINT, "--no-ridge", "--quiet", "--out", out, empty
+    )
     assert_one_line_error(code, stdout, err, "not_a_section")
     assert not out.exists()
     (tmp_path / "f.txt").write_text("x")
-    code, stdout, err = run_cli(capfd, "evaluate", "--checkpoint", DEFAULT_CHECKPOINT, "--out", tmp_path / "f.txt",
-                                "--quiet", empty)
+    code, stdout, err = run_cli(
+        capfd, "evaluate", "--checkpoint", DEFAULT_CHECKPOINT, "--out", tmp_path / "f.txt", "--quiet", empty
+    )
     assert_one_line_error(code, stdout, err, "f.txt", "not a folder")

@@ -13,7 +13,7 @@ def _levels(patch_by_level):
 
 def _named(features: np.ndarray, level: int) -> dict:
     width = len(FEATURES_PER_LEVEL)
-    return dict(zip(FEATURES_PER_LEVEL, features[0, level * width:(level + 1) * width]))
+    return dict(zip(FEATURES_PER_LEVEL, features[0, level * width : (level + 1) * width], strict=True))
 
 
 def test_features_of_uniform_patches():
@@ -35,7 +35,7 @@ def test_features_of_uniform_patches():
 def test_features_of_a_half_black_half_white_patch():
     size = 8
     patch = np.zeros((size, size, 3))
-    patch[:, size // 2:] = 255  # vertical edge in the middle
+    patch[:, size // 2 :] = 255  # vertical edge in the middle
     f = _named(spot_image_features(_levels([patch, patch, patch])), 2)
     assert f["mean_r"] == pytest.approx(127.5) and f["std_g"] == pytest.approx(127.5)
     assert f["white_fraction"] == pytest.approx(0.5)
@@ -49,7 +49,7 @@ def test_features_are_per_spot_and_chunk_independent():
     rng = np.random.default_rng(0)
     levels = [rng.integers(0, 256, (150, s, s, 3), dtype=np.uint8) for s in (24, 12, 6)]
     all_at_once = spot_image_features(levels)
-    one_by_one = np.concatenate([spot_image_features([lv[i:i + 1] for lv in levels]) for i in range(150)])
+    one_by_one = np.concatenate([spot_image_features([lv[i : i + 1] for lv in levels]) for i in range(150)])
     np.testing.assert_allclose(all_at_once, one_by_one)
     with pytest.raises(ValueError):
         spot_image_features([levels[0], levels[1][:10], levels[2]])

@@ -8,13 +8,13 @@ import sys
 
 import numpy as np
 import pytest
+from pyramids import write_test_pyramid
+from real_data import her2st_section
 
-from conftest import her2st_section
 from m2ort_fast.checkpoint import ModelCard, save_checkpoint
 from m2ort_fast.cli import main
 from m2ort_fast.model import build_model
 from m2ort_fast.predict import DEMO_SLIDE, DEMO_SPOTS
-from pyramids import write_test_pyramid
 
 
 def run_cli(capsys, *argv):
@@ -49,8 +49,9 @@ def test_console_script_runs_the_demo(tmp_path):
     exe = shutil.which("m2ort-fast")
     if exe is None:
         pytest.skip("the m2ort-fast console script is not on PATH (package not pip-installed)")
-    proc = subprocess.run([exe, "predict", "--quiet", "--out", str(tmp_path)], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [exe, "predict", "--quiet", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "demo_slide.h5ad").is_file()
 
@@ -60,18 +61,22 @@ def test_convert_then_predict(capsys, tmp_path):
     image = next(section.glob("*.jpg"))
     table = next(section.glob("*_selection.tsv"))
     # Without an mpp the flat JPEG can still be predicted: the spot table's pitch gives it.
-    code, out, err = run_cli(capsys, "predict", image, "--spots", table, "--out", tmp_path, "--quiet", "--heatmaps", "0")
+    code, out, err = run_cli(
+        capsys, "predict", image, "--spots", table, "--out", tmp_path, "--quiet", "--heatmaps", "0"
+    )
     assert code == 0, err
     assert "spot-table" in out
     code, _, err = run_cli(capsys, "convert", image, tmp_path / "c5.tiff", "--mpp", "0.6885")
     assert code == 0, err
-    code, out, err = run_cli(capsys, "predict", tmp_path / "c5.tiff", "--spots", table, "--out", tmp_path / "p",
-                             "--quiet", "--heatmaps", "0")
+    code, out, err = run_cli(
+        capsys, "predict", tmp_path / "c5.tiff", "--spots", table, "--out", tmp_path / "p", "--quiet", "--heatmaps", "0"
+    )
     assert code == 0, err
     assert "(metadata)" in out
 
 
 # ---- bad input: one line naming the file and the problem -------------------------------------
+
 
 def test_not_a_slide(capsys, tmp_path):
     path = tmp_path / "notes.svs"
@@ -94,7 +99,9 @@ def test_no_mpp_asks_for_mpp(capsys, tmp_path):
     path = write_test_pyramid(tmp_path / "nompp.tiff", layout="generic", size_px=1024, mpp=None)
     code, _, err = run_cli(capsys, "predict", path, "--out", tmp_path / "o", "--quiet")
     assert_one_line_error(code, err, path, "--mpp")
-    code, _, err = run_cli(capsys, "predict", path, "--mpp", "0.5", "--out", tmp_path / "o", "--quiet", "--heatmaps", "0")
+    code, _, err = run_cli(
+        capsys, "predict", path, "--mpp", "0.5", "--out", tmp_path / "o", "--quiet", "--heatmaps", "0"
+    )
     assert code == 0, err
 
 
@@ -129,10 +136,12 @@ def test_empty_tissue(capsys, tmp_path):
 
 def test_checkpoint_for_another_gene_panel_or_broken(capsys, tmp_path):
     other = tmp_path / "other.safetensors"
-    save_checkpoint(other, build_model("tiny", n_genes=3, seed=0),
-                    ModelCard.for_variant("tiny", ["A", "B", "C"], mpp=0.69))
-    code, _, err = run_cli(capsys, "predict", "--checkpoint", other, "--genes", "ERBB2", "--out", tmp_path / "o",
-                           "--quiet")
+    save_checkpoint(
+        other, build_model("tiny", n_genes=3, seed=0), ModelCard.for_variant("tiny", ["A", "B", "C"], mpp=0.69)
+    )
+    code, _, err = run_cli(
+        capsys, "predict", "--checkpoint", other, "--genes", "ERBB2", "--out", tmp_path / "o", "--quiet"
+    )
     assert_one_line_error(code, err, "ERBB2", "panel")
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x00" * 64)
@@ -143,12 +152,23 @@ def test_checkpoint_for_another_gene_panel_or_broken(capsys, tmp_path):
 def test_missing_slide_and_unknown_backend(capsys, tmp_path):
     code, _, err = run_cli(capsys, "predict", tmp_path / "nope.svs", "--out", tmp_path / "o", "--quiet")
     assert_one_line_error(code, err, "nope.svs")
-    code, _, err = run_cli(capsys, "predict", DEMO_SLIDE, "--spots", DEMO_SPOTS, "--backend", "warp-drive",
-                           "--out", tmp_path / "o", "--quiet")
+    code, _, err = run_cli(
+        capsys,
+        "predict",
+        DEMO_SLIDE,
+        "--spots",
+        DEMO_SPOTS,
+        "--backend",
+        "warp-drive",
+        "--out",
+        tmp_path / "o",
+        "--quiet",
+    )
     assert_one_line_error(code, err, "warp-drive")
 
 
 def test_python_module_entry_point():
-    proc = subprocess.run([sys.executable, "-m", "m2ort_fast.cli", "info", "--model", "tiny"], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "m2ort_fast.cli", "info", "--model", "tiny"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and "tiny" in proc.stdout

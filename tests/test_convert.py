@@ -10,20 +10,22 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from pyramids import assert_within_jpeg_error, tissue_pixels
+from readers import reader_installed
 
 from m2ort_fast.convert import add_subcommands, convert_to_pyramid, pyramid_downsamples, write_pyramid
+from m2ort_fast.crop import resize_rgb
 from m2ort_fast.errors import M2ORTError, SlideError
-from m2ort_fast.slide import open_slide, resize_rgb
-from conftest import reader_installed
-from pyramids import assert_within_jpeg_error, tissue_pixels
+from m2ort_fast.slide import open_slide
 
 # The readers of pyramidal TIFFs installed here (cuCIM is optional).
 PYRAMID_READERS = tuple(r for r in ("cucim", "openslide", "tiffslide") if reader_installed(r))
 AUTO_READER = next(r for r in ("cucim", "tiffslide", "openslide") if reader_installed(r))  # open_slide's order
 
 
-@pytest.mark.parametrize("layout, vendor, downsamples", [("svs", "aperio", [1, 4, 16]),
-                                                          ("generic", "generic-tiff", [1, 2, 4, 8])])
+@pytest.mark.parametrize(
+    "layout, vendor, downsamples", [("svs", "aperio", [1, 4, 16]), ("generic", "generic-tiff", [1, 2, 4, 8])]
+)
 def test_write_pyramid_readable_everywhere(tmp_path, layout, vendor, downsamples):
     image = tissue_pixels(1000)  # not a multiple of the tile size: partial edge tiles
     path = write_pyramid(image, tmp_path / f"out.{layout}.tiff", mpp=0.5, layout=layout, tile_px=128, quality=90)
@@ -81,8 +83,9 @@ def test_convert_cli(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_subcommands(parser.add_subparsers(dest="command"))
     dst = tmp_path / "image.tiff"
-    args = parser.parse_args(["convert", str(src), str(dst), "--mpp", "0.5", "--tile-px", "64",
-                              "--quality", "80", "--layout", "generic"])
+    args = parser.parse_args(
+        ["convert", str(src), str(dst), "--mpp", "0.5", "--tile-px", "64", "--quality", "80", "--layout", "generic"]
+    )
     assert args.func(args) == 0
     assert "image.tiff: 4 levels" in capsys.readouterr().out
     with open_slide(dst, reader="openslide") as slide:

@@ -3,6 +3,7 @@ against the package's reference resize (Pillow)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from m2ort_fast import _core
-from m2ort_fast.slide import resize_patches
+from m2ort_fast.crop import resize_patches
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -30,7 +31,7 @@ def numpy_crop(region: np.ndarray, origins_xy: np.ndarray, size_px: int) -> np.n
     height, width = region.shape[:2]
     for i, (x, y) in enumerate(origins_xy):
         if -size_px < x < width and -size_px < y < height:  # else wholly outside: stays white
-            out[i] = padded[y + size_px: y + 2 * size_px, x + size_px: x + 2 * size_px]
+            out[i] = padded[y + size_px : y + 2 * size_px, x + size_px : x + 2 * size_px]
     return out
 
 
@@ -70,18 +71,30 @@ def test_assemble_batch_covers_all_byte_values():
 def test_crop_patches_matches_numpy_inside_and_outside(rng, num_threads):
     region = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
     size = 9
-    origins = np.array([
-        [0, 0], [44, 28], [20, 10],      # wholly inside, touching both far edges
-        [-4, 3], [50, -2], [-8, -8],     # partly outside left/top/right/corner
-        [52, 36], [-9, 0], [53, 0],      # one pixel inside; wholly outside left and right
-        [0, 37], [0, -9], [10**12, -10**12],  # wholly outside bottom/top; far away
-    ], dtype=np.int64)
+    origins = np.array(
+        [
+            [0, 0],
+            [44, 28],
+            [20, 10],  # wholly inside, touching both far edges
+            [-4, 3],
+            [50, -2],
+            [-8, -8],  # partly outside left/top/right/corner
+            [52, 36],
+            [-9, 0],
+            [53, 0],  # one pixel inside; wholly outside left and right
+            [0, 37],
+            [0, -9],
+            [10**12, -(10**12)],  # wholly outside bottom/top; far away
+        ],
+        dtype=np.int64,
+    )
     got = _core.crop_patches(region, origins, size, num_threads=num_threads)
     assert got.shape == (len(origins), size, size, 3) and got.dtype == np.uint8
     np.testing.assert_array_equal(got[:-1], numpy_crop(region, origins[:-1], size))
     assert (got[-1] == 255).all()
     assert (got[-2] == 255).all() and (got[7] == 255).all()
-    assert got[6, 0, 0].tolist() == region[36, 52].tolist() and (got[6, 1:] == 255).all() and (got[6, 0, 1:] == 255).all()
+    assert got[6, 0, 0].tolist() == region[36, 52].tolist()
+    assert (got[6, 1:] == 255).all() and (got[6, 0, 1:] == 255).all()
 
 
 def test_crop_patches_odd_size_single_patch_and_out(rng):
@@ -112,8 +125,22 @@ def test_crop_then_assemble_pipeline(rng):
 # (input side, output side): the model's 2x and 4x shrinks, shrinks by non-integer factors (a
 # slide whose mpp differs from the model's), enlarging, unchanged, a window of taps longer than
 # the input, single pixels.
-RESIZE_CASES = [(224, 112), (224, 56), (448, 224), (309, 224), (225, 112), (333, 56), (61, 29), (56, 112),
-                (13, 20), (100, 100), (7, 3), (3, 2), (2, 1), (1, 4)]
+RESIZE_CASES = [
+    (224, 112),
+    (224, 56),
+    (448, 224),
+    (309, 224),
+    (225, 112),
+    (333, 56),
+    (61, 29),
+    (56, 112),
+    (13, 20),
+    (100, 100),
+    (7, 3),
+    (3, 2),
+    (2, 1),
+    (1, 4),
+]
 
 
 @pytest.mark.parametrize("side, size", RESIZE_CASES)
@@ -127,8 +154,8 @@ def test_resize_patches_equals_the_reference_bit_for_bit(rng, side, size):
 
 
 def test_resize_patches_on_slide_pixels_threads_and_out(rng):
-    from m2ort_fast.slide import open_slide
     from m2ort_fast.predict import DEMO_SLIDE
+    from m2ort_fast.slide import open_slide
 
     with open_slide(DEMO_SLIDE) as slide:
         region = slide.read_region(0, 0, 0, 1024, 1024)
@@ -194,8 +221,9 @@ def test_assemble_batch_rejects_read_only_and_aliased_out():
         _core.assemble_batch(patches, MEAN, STD, out=out)
     shared = np.zeros(2 * 3 * 8 * 8 * 4, np.uint8)
     with pytest.raises(ValueError, match="out must not share memory with the input"):
-        _core.assemble_batch(shared[: 2 * 8 * 8 * 3].reshape(2, 8, 8, 3), MEAN, STD,
-                             out=shared.view(np.float32).reshape(2, 3, 8, 8))
+        _core.assemble_batch(
+            shared[: 2 * 8 * 8 * 3].reshape(2, 8, 8, 3), MEAN, STD, out=shared.view(np.float32).reshape(2, 3, 8, 8)
+        )
 
 
 CROP_ERRORS = [
@@ -252,9 +280,28 @@ def test_assemble_batch_releases_the_gil():
             if end - start > 4 * margin_s and any(start + margin_s < t < end - margin_s for t in ticks):
                 break
         else:
-            pytest.fail(f"no Python progress during any of {len(windows)} calls "
-                        f"(durations {[round(e - s, 4) for s, e in windows]} s): is the GIL released?")
+            pytest.fail(
+                f"no Python progress during any of {len(windows)} calls "
+                f"(durations {[round(e - s, 4) for s, e in windows]} s): is the GIL released?"
+            )
     finally:
         stop.set()
         thread.join()
         sys.setswitchinterval(old_interval)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity mask on this platform")
+def test_default_threads_follow_the_cpu_affinity_mask(rng):
+    """num_threads=0 sizes the kernels' threads by the CPUs this process may run on (a container's
+    share), not by the host's core count."""
+    allowed = os.sched_getaffinity(0)
+    assert _core.available_cpus() == len(allowed)
+    os.sched_setaffinity(0, {min(allowed)})  # this thread only; the kernels' threads start from it
+    try:
+        assert _core.available_cpus() == 1
+        patches = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+        np.testing.assert_allclose(
+            _core.assemble_batch(patches, MEAN, STD), numpy_assemble(patches, MEAN, STD), rtol=0, atol=1e-6
+        )
+    finally:
+        os.sched_setaffinity(0, allowed)

@@ -6,8 +6,8 @@ import h5py
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from real_data import her2st_section
 
-from conftest import her2st_section
 from m2ort_fast.datasets import read_10x_h5, read_sample
 from m2ort_fast.errors import M2ORTError
 
@@ -73,8 +73,9 @@ def test_visium_space_ranger_folder(tmp_path):
         code = barcodes[i] if i < 6 else "TTTT0000-1"
         rows.append(f"{code},{0 if i == 0 else 1},{r},{c},{1000 + r * 173.2:.1f},{2000 + c * 100.0:.1f}")
     (spatial / "tissue_positions.csv").write_text("\n".join(rows) + "\n")
-    (spatial / "scalefactors_json.json").write_text(json.dumps({"spot_diameter_fullres": 110.0,
-                                                              "tissue_hires_scalef": 0.1}))
+    (spatial / "scalefactors_json.json").write_text(
+        json.dumps({"spot_diameter_fullres": 110.0, "tissue_hires_scalef": 0.1})
+    )
     _write_image(spatial / "tissue_hires_image.png")
     _write_image(tmp_path / "slide.tif", (256, 256))
 
@@ -102,11 +103,14 @@ def test_hest_sample_folder(tmp_path):
     adata.var_names = ["G1", "G2", "G3", "G4"]
     centers = rng.uniform(100, 900, size=(5, 2))
     adata.obsm["spatial"] = centers
-    (tmp_path / "st").mkdir(); (tmp_path / "wsis").mkdir(); (tmp_path / "metadata").mkdir()
+    (tmp_path / "st").mkdir()
+    (tmp_path / "wsis").mkdir()
+    (tmp_path / "metadata").mkdir()
     adata.write_h5ad(tmp_path / "st" / "TENX99.h5ad")
     _write_image(tmp_path / "wsis" / "TENX99.tif", (1024, 1024))
-    (tmp_path / "metadata" / "TENX99.json").write_text(json.dumps({"pixel_size_um_estimated": 0.2738,
-                                                                   "pixel_size_um_embedded": 0.25}))
+    (tmp_path / "metadata" / "TENX99.json").write_text(
+        json.dumps({"pixel_size_um_estimated": 0.2738, "pixel_size_um_embedded": 0.25})
+    )
     sample = read_sample(tmp_path)
     assert sample.format == "hest" and sample.name == "TENX99"
     assert sample.slide_path == tmp_path / "wsis" / "TENX99.tif"

@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from real_data import HER2ST, her2st_section
+from st_fixtures import write_st_section
 
-from conftest import HER2ST, her2st_section
 from m2ort_fast.checkpoint import ModelCard, save_checkpoint
 from m2ort_fast.errors import CheckpointError
 from m2ort_fast.evaluate import add_subcommands, evaluate_sections
 from m2ort_fast.model import M2ORT, VARIANTS
-from st_fixtures import write_st_section
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +24,21 @@ def section(tmp_path_factory):
     return write_st_section(tmp_path_factory.mktemp("synthetic") / "S2", grid=5, seed=3)
 
 
-NEW_KEYS = ("pcc_gene_beyond_pc1_mean", "var_share_pc1_pred", "var_share_pc1to5_pred", "var_share_pc1_true",
-            "var_share_pc1to5_true", "n_genes_beyond_pc1_pcc_undefined")
+NEW_KEYS = (
+    "pcc_gene_beyond_pc1_mean",
+    "var_share_pc1_pred",
+    "var_share_pc1to5_pred",
+    "var_share_pc1_true",
+    "var_share_pc1to5_true",
+    "n_genes_beyond_pc1_pcc_undefined",
+)
 
 
 def _write_checkpoint(path, section, **provenance):
     """An untrained tiny model whose panel has two genes the section lacks, and a stored baseline."""
-    from m2ort_fast.datasets import read_sample
-
     import torch
+
+    from m2ort_fast.datasets import read_sample
 
     sample = read_sample(section)
     totals = np.asarray(sample.counts.sum(axis=0)).ravel()
@@ -42,8 +48,9 @@ def _write_checkpoint(path, section, **provenance):
     baseline = np.linspace(5, 9, len(genes)).round(3).tolist()
     with torch.no_grad():
         model.head.bias.copy_(torch.tensor(baseline))
-    card = ModelCard.for_variant("tiny", genes, 0.7, provenance={"train_mean_expression": baseline,
-                                                                 "level_source": "resize", **provenance})
+    card = ModelCard.for_variant(
+        "tiny", genes, 0.7, provenance={"train_mean_expression": baseline, "level_source": "resize", **provenance}
+    )
     save_checkpoint(path, model, card)
     return path
 
@@ -65,8 +72,21 @@ def _evaluate_cli(checkpoint, section, out, cache_dir) -> dict:
 
     parser = argparse.ArgumentParser()
     add_subcommands(parser.add_subparsers())
-    args = parser.parse_args(["evaluate", "--checkpoint", str(checkpoint), str(section), "--out", str(out),
-                              "--cache-dir", str(cache_dir), "--device", "cpu", "--quiet"])
+    args = parser.parse_args(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(checkpoint),
+            str(section),
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(cache_dir),
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+    )
     assert args.func(args) == 0
     return json.loads((out / "report.json").read_text())
 
@@ -105,8 +125,15 @@ def test_evaluate_section_folder_as_it_is(section, checkpoint, cache_dir, tmp_pa
     assert (out / f"{name}.json").is_file()
 
     # recomputing the mean baseline from given sections replaces the stored one
-    again = evaluate_sections(checkpoint, [section], baseline_sections=[section], cache_dir=cache_dir,
-                              device="cpu", progress=False, plot_genes=0)
+    again = evaluate_sections(
+        checkpoint,
+        [section],
+        baseline_sections=[section],
+        cache_dir=cache_dir,
+        device="cpu",
+        progress=False,
+        plot_genes=0,
+    )
     base = again["sections"][0]["baseline_metrics"]
     assert again["baseline"].startswith("computed from")
     # the mean of the section itself is the best constant: lower RMSE than the stored one
@@ -131,9 +158,12 @@ def test_evaluate_ridge_from_the_checkpoints_training_sections(cache_dir, tmp_pa
     held = her2st_section("C5")
     for name in ("C2", "C3", "C4"):
         her2st_section(name)
-    ckpt = _write_checkpoint(tmp_path / "fold.safetensors", held,
-                             split={"train": ["C2", "C3", "C4"], "val": [], "test": ["C5"]},
-                             config={"data_root": str(HER2ST)})
+    ckpt = _write_checkpoint(
+        tmp_path / "fold.safetensors",
+        held,
+        split={"train": ["C2", "C3", "C4"], "val": [], "test": ["C5"]},
+        config={"data_root": str(HER2ST)},
+    )
     out = tmp_path / "report"
     report = _evaluate_cli(ckpt, held, out, cache_dir)
     ridge = report["ridge_baseline"]

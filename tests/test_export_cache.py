@@ -11,7 +11,13 @@ import torch
 from m2ort_fast.checkpoint import ModelCard
 from m2ort_fast.errors import M2ORTError
 from m2ort_fast.export.cache import (
-    CACHE_ENV, ArtifactKey, cache_root, cached_artifact, device_name, parse_batch_profile, weights_sha256,
+    CACHE_ENV,
+    ArtifactKey,
+    cache_root,
+    cached_artifact,
+    device_name,
+    parse_batch_profile,
+    weights_sha256,
 )
 from m2ort_fast.model import build_model
 
@@ -26,10 +32,17 @@ def test_cache_root_env_and_default(monkeypatch, tmp_path):
     assert cache_root().parts[-2:] == (".cache", "m2ort-fast")
 
 
-@pytest.mark.parametrize("field, value", [
-    ("checkpoint_sha256", "e" * 64), ("toolkit", "torch 2.11.0"), ("device_name", "NVIDIA H100 80GB HBM3"),
-    ("precision", "bf16"), ("batch_profile", (1, 64, 512)), ("kind", "tensorrt"),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("checkpoint_sha256", "e" * 64),
+        ("toolkit", "torch 2.11.0"),
+        ("device_name", "NVIDIA H100 80GB HBM3"),
+        ("precision", "bf16"),
+        ("batch_profile", (1, 64, 512)),
+        ("kind", "tensorrt"),
+    ],
+)
 def test_every_key_field_changes_the_folder(field, value, tmp_path):
     other = dataclasses.replace(KEY, **{field: value})
     assert other.digest() != KEY.digest()
@@ -79,7 +92,14 @@ def test_folder_without_key_is_rebuilt(tmp_path):
     assert not reused and path.read_text() == "fresh"
 
 
-@pytest.mark.parametrize("text, expected", [("1,64,256", (1, 64, 256)), ([2, 2, 2], (2, 2, 2)), (" 1, 8,16", (1, 8, 16))])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("1,64,256", (1, 64, 256)),
+        ([2, 2, 2], (2, 2, 2)),
+        (" 1, 8,16", (1, 8, 16)),
+    ],
+)
 def test_parse_batch_profile(text, expected):
     assert parse_batch_profile(text) == expected
 
@@ -115,4 +135,4 @@ def test_graph_version_is_in_every_key(monkeypatch):
     monkeypatch.setattr(artifacts, "GRAPH_VERSION", artifacts.GRAPH_VERSION + 1)
     monkeypatch.setattr(aoti, "GRAPH_VERSION", aoti.GRAPH_VERSION + 1)
     after = (artifacts.onnx_key(sha, "fp32"), artifacts.aoti_key(sha, cpu, "fp32", (1, 64, 256)))
-    assert all(a.digest() != b.digest() for a, b in zip(before, after))
+    assert all(a.digest() != b.digest() for a, b in zip(before, after, strict=True))

@@ -74,6 +74,7 @@ def test_block_ops_run_every_block_but_the_last():
         def op(x, module):
             calls[name] += 1
             return module(x)
+
         return op
 
     graph = ExportGraph(model, block_ops={"itmm": counted("itmm"), "icmm": counted("icmm")})

@@ -15,8 +15,15 @@ from onnx import TensorProto, helper
 from m2ort_fast.checkpoint import ModelCard, save_checkpoint
 from m2ort_fast.errors import M2ORTError
 from m2ort_fast.export.onnx_export import (
-    INPUT_NAMES, OPSET, OUTPUT_NAME, check_onnx, check_tensorrt_ops, export_onnx, read_onnx_card,
-    read_onnx_metadata, tensorrt_op_problems,
+    INPUT_NAMES,
+    OPSET,
+    OUTPUT_NAME,
+    check_onnx,
+    check_tensorrt_ops,
+    export_onnx,
+    read_onnx_card,
+    read_onnx_metadata,
+    tensorrt_op_problems,
 )
 from m2ort_fast.model import IMAGE_SIZES_PX, build_model
 
@@ -49,7 +56,7 @@ def exported(tmp_path_factory):
 
 def run_onnx(path, levels):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {n: x.numpy() for n, x in zip(INPUT_NAMES, levels)})[0]
+    return session.run(None, {n: x.numpy() for n, x in zip(INPUT_NAMES, levels, strict=True)})[0]
 
 
 def random_levels(batch: int, seed: int):

@@ -34,8 +34,9 @@ def test_tensorrt_backend_refuses_the_cpu():
 def test_tensorrt_engine_matches_reference(tmp_path, precision, tolerance):
     # fp32 builds may use TF32 (TensorRT's default), hence 1e-2 rather than 1e-5
     model, card = tiny()
-    backend = make_backend("tensorrt", model, card, device="cuda", precision=precision, cache_dir=tmp_path,
-                           batch_profile=(1, 8, 32))
+    backend = make_backend(
+        "tensorrt", model, card, device="cuda", precision=precision, cache_dir=tmp_path, batch_profile=(1, 8, 32)
+    )
     sidecar = json.loads(sidecar_path(backend.engine_path).read_text())
     assert sidecar["precision"] == precision and sidecar["batch_profile"] == [1, 8, 32]
     assert list(tmp_path.glob("tensorrt/timing-*.cache"))
@@ -46,6 +47,7 @@ def test_tensorrt_engine_matches_reference(tmp_path, precision, tolerance):
             ref = model(*x)
         out = backend(*x)
         assert (out - ref).abs().max() / ref.abs().max() < tolerance
-    again = make_backend("tensorrt", model, card, device="cuda", precision=precision, cache_dir=tmp_path,
-                         batch_profile=(1, 8, 32))
+    again = make_backend(
+        "tensorrt", model, card, device="cuda", precision=precision, cache_dir=tmp_path, batch_profile=(1, 8, 32)
+    )
     assert again.engine_path == backend.engine_path

@@ -20,7 +20,7 @@ def mutations(data: bytes, rng: np.random.Generator, count: int) -> list[bytes]:
         kind = rng.integers(4)
         body = bytearray(data[1:])
         if kind == 0 and body:  # cut short
-            body = body[:rng.integers(len(body))]
+            body = body[: rng.integers(len(body))]
         elif kind == 1 and body:  # flip bytes
             for i in rng.integers(0, len(body), 1 + rng.integers(8)):
                 body[i] = rng.integers(256)
@@ -30,7 +30,7 @@ def mutations(data: bytes, rng: np.random.Generator, count: int) -> list[bytes]:
         else:  # overwrite a run with a value TIFF offsets and counts like to hold
             if body:
                 at = rng.integers(len(body))
-                body[at:at + 4] = rng.choice([b"\xff\xff\xff\xff", b"\x00\x00\x00\x00", b"\x08\x00\x00\x00"])
+                body[at : at + 4] = rng.choice([b"\xff\xff\xff\xff", b"\x00\x00\x00\x00", b"\x08\x00\x00\x00"])
         out.append(data[:1] + bytes(body))
     return out
 
@@ -71,4 +71,4 @@ def test_every_short_prefix_of_a_tiff():
     tiffs = [data for data in seed_inputs() if TARGETS[data[0]][1] is None]
     for data in tiffs:
         for n in range(0, 40):
-            one_input(data[:1 + n])
+            one_input(data[: 1 + n])

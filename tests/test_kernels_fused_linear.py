@@ -27,7 +27,10 @@ def _problem(m, k, n, seed, device="cpu", dtype=torch.float32):
 # (M, K, N): 197 tokens x 1 or 2 spots; K = 80 is not a multiple of any BLOCK_K (masking).
 SHAPES = [(197, 192, 256), (394, 256, 192), (197, 80, 96)]
 FLAGS = [  # (layer norm, bias, gelu, residual): fc1 of ICMM, fc2 / ITMM projection, plain
-    (True, True, True, False), (False, True, False, True), (False, False, False, False), (True, False, False, True),
+    (True, True, True, False),
+    (False, True, False, True),
+    (False, False, False, False),
+    (True, False, False, True),
 ]
 
 
@@ -57,8 +60,9 @@ def test_reference_is_layer_norm_linear_gelu():
     """The reference's hand-written normalisation is torch's LayerNorm."""
     x, w, b, gamma, beta, _ = _problem(197, 192, 256, seed=3)
     ref = reference_fused_linear(x, w, b, norm=(*reference_row_stats(x, 1e-5), gamma, beta), gelu=True)
-    expected = torch.nn.functional.gelu(torch.nn.functional.linear(
-        torch.nn.functional.layer_norm(x, (192,), gamma, beta, 1e-5), w, b))
+    expected = torch.nn.functional.gelu(
+        torch.nn.functional.linear(torch.nn.functional.layer_norm(x, (192,), gamma, beta, 1e-5), w, b)
+    )
     torch.testing.assert_close(ref, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -75,6 +79,7 @@ def test_fused_linear_gpu(dtype, m, k, n, norm, bias, gelu, residual):
         out = fused_linear(x, w, b if bias else None, norm=stats, gelu=gelu, residual=res if residual else None)
     f32 = [t.float() for t in (x, w, b, gamma, beta, res)]
     ref_stats = (*reference_row_stats(f32[0], 1e-5), f32[3], f32[4]) if norm else None
-    ref = reference_fused_linear(f32[0], f32[1], f32[2] if bias else None, norm=ref_stats, gelu=gelu,
-                                 residual=f32[5] if residual else None)
+    ref = reference_fused_linear(
+        f32[0], f32[1], f32[2] if bias else None, norm=ref_stats, gelu=gelu, residual=f32[5] if residual else None
+    )
     assert relative_error(out, ref, f32[5] if residual else None) < ERROR_BOUNDS[dtype]

@@ -12,7 +12,13 @@ import torch
 
 from m2ort_fast.kernels.itmm import ITMMWeights, itmm, reference_itmm
 from m2ort_fast.kernels.testing import (
-    CPU_CASES, ERROR_BOUNDS, random_tokens, randomize_, relative_error, triton_compiled, triton_interpreter,
+    CPU_CASES,
+    ERROR_BOUNDS,
+    random_tokens,
+    randomize_,
+    relative_error,
+    triton_compiled,
+    triton_interpreter,
 )
 from m2ort_fast.model import ITMM, VARIANTS
 

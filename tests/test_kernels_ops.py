@@ -58,8 +58,7 @@ def test_op_bodies_trace_to_triton_kernels_with_a_symbolic_batch():
         return icmm(y, ICMMWeights(wc.eps, *weights[7:]))
 
     with triton_compiled():
-        traced = make_fx(both_blocks, tracing_mode="symbolic")(torch.randn(5, 197, 192), *itmm_tensors,
-                                                               *icmm_tensors)
+        traced = make_fx(both_blocks, tracing_mode="symbolic")(torch.randn(5, 197, 192), *itmm_tensors, *icmm_tensors)
     launches = [n for n in traced.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
     assert len(launches) == 6  # row stats + attention + projection; row stats + fc1 + fc2
     x_node = next(n for n in traced.graph.nodes if n.op == "placeholder")

@@ -51,6 +51,7 @@ def test_constant_rows_are_undefined_and_left_out():
 
 # ---- issue 12: principal-component variance shares and PCC beyond the measured PC1 ----------
 
+
 def _orthonormal_spot_directions():
     """Two orthonormal (6,) spot directions, each summing to 0 (so they survive centring per gene)."""
     u1 = np.array([1.0, 1.0, 1.0, -1.0, -1.0, -1.0]) / np.sqrt(6)

@@ -11,11 +11,18 @@ import torch.nn.functional as F
 from m2ort_fast.checkpoint import ModelCard, load_checkpoint, read_card, save_checkpoint
 from m2ort_fast.errors import CheckpointError
 from m2ort_fast.model import (
-    IMAGE_SIZES_PX, M2ORT, PAPER_VARIANTS, build_model, count_parameters, describe, flops_per_spot, get_config,
+    IMAGE_SIZES_PX,
+    M2ORT,
+    PAPER_VARIANTS,
+    build_model,
+    count_parameters,
+    describe,
+    flops_per_spot,
+    get_config,
     patchify,
 )
 
-# M2ORT_SPEC.md's table: params (250 genes) and approximate FLOPs per spot.
+# docs/model.md's variant table: params (250 genes) and approximate FLOPs per spot.
 SPEC_TABLE = {"small": (7.62e6, 3.4e9), "base": (17.14e6, 7.6e9), "large": (55.49e6, 23.8e9)}
 
 
@@ -62,8 +69,8 @@ def test_itmm_is_attention_with_q_k_v_from_levels_1_2_3():
         h = F.layer_norm(x, (cfg.dim,), itmm.norm.weight, itmm.norm.bias)
         split = lambda t: t.reshape(2, 197, cfg.heads, 64).transpose(1, 2)  # noqa: E731
         q = split(h[..., :d] @ itmm.to_q.weight.T)
-        k = split(h[..., d:2 * d] @ itmm.to_k.weight.T)
-        v = split(h[..., 2 * d:] @ itmm.to_v.weight.T)
+        k = split(h[..., d : 2 * d] @ itmm.to_k.weight.T)
+        v = split(h[..., 2 * d :] @ itmm.to_v.weight.T)
         attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 197, -1)
         expected = x + attn @ itmm.proj.weight.T + itmm.proj.bias
         torch.testing.assert_close(itmm(x), expected, rtol=1e-4, atol=1e-5)
@@ -106,14 +113,18 @@ def test_checkpoint_with_weights_of_the_wrong_shape_is_refused(tmp_path):
     model = build_model("tiny", n_genes=9, seed=0)
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={"m2ort_fast": make_card(7).to_json()})
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(path),
+        metadata={"m2ort_fast": make_card(7).to_json()},
+    )
     with pytest.raises(CheckpointError, match="predict 9 genes but the checkpoint's gene panel lists 7"):
         load_checkpoint(path)
     card = json.loads(make_card(9).to_json())
     card["dim"] = 576
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={"m2ort_fast": json.dumps(card)})
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata={"m2ort_fast": json.dumps(card)}
+    )
     with pytest.raises(CheckpointError, match="weights do not fit"):
         load_checkpoint(path)
 

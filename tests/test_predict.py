@@ -6,15 +6,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from pyramids import write_test_pyramid
+from real_data import HER2ST_SECTIONS, her2st_section
 
-from conftest import HER2ST_SECTIONS, her2st_section
 from m2ort_fast import outputs as outputs_module
 from m2ort_fast.checkpoint import load_checkpoint
 from m2ort_fast.convert import convert_to_pyramid
+from m2ort_fast.crop import read_spot_patches
 from m2ort_fast.predict import DEFAULT_CHECKPOINT, DEMO_SLIDE, DEMO_SPOTS, Predictor, predict_slides
-from m2ort_fast.slide import open_slide, read_spot_patches
+from m2ort_fast.slide import open_slide
 from m2ort_fast.spots import load_spots
-from pyramids import write_test_pyramid
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +33,9 @@ def expected_predictions(slide_path, centers_px, mpp=None):
     """The reference computed without the engine: read patches, normalise in NumPy, eager model."""
     model, card = load_checkpoint(DEFAULT_CHECKPOINT)
     with open_slide(slide_path, mpp=mpp) as slide:
-        patches = read_spot_patches(slide, centers_px, card.level_mpp, card.patch_sizes_px,
-                                    level_source=card.level_source)
+        patches = read_spot_patches(
+            slide, centers_px, card.level_mpp, card.patch_sizes_px, level_source=card.level_source
+        )
     mean, std = np.array(card.pixel_mean), np.array(card.pixel_std)
     levels = [torch.from_numpy(((p / 255.0 - mean) / std).transpose(0, 3, 1, 2).astype(np.float32)) for p in patches]
     with torch.no_grad():
@@ -45,7 +47,7 @@ def test_demo_predict_matches_the_reference_path(predictor, tmp_path):
     table = pd.read_csv(DEMO_SPOTS, sep="\t")
     adata = read_h5ad(result.outputs.h5ad)
     assert adata.n_obs == len(table) == result.n_spots
-    assert list(adata.obs_names) == [f"{x}x{y}" for x, y in zip(table["x"], table["y"])]
+    assert list(adata.obs_names) == [f"{x}x{y}" for x, y in zip(table["x"], table["y"], strict=True)]
     np.testing.assert_allclose(adata.obsm["spatial"], table[["pixel_x", "pixel_y"]].to_numpy())
     assert list(adata.var_names) == predictor.genes
     np.testing.assert_allclose(adata.X, expected_predictions(DEMO_SLIDE, adata.obsm["spatial"]), rtol=1e-4, atol=1e-4)
@@ -65,8 +67,13 @@ def test_real_section_flat_jpeg_and_converted_pyramid(predictor, section, tmp_pa
     table_path = next(folder.glob("*_selection.tsv"))
     table = pd.read_csv(table_path, sep="\t")
     table = table[table["selected"] == 1]
-    flat = predictor.predict_slide(image, spots=table_path, out_dir=tmp_path / "flat", heatmap_genes=["ERBB2"]
-                                   if "ERBB2" in predictor.genes else None, n_heatmaps=1)
+    flat = predictor.predict_slide(
+        image,
+        spots=table_path,
+        out_dir=tmp_path / "flat",
+        heatmap_genes=["ERBB2"] if "ERBB2" in predictor.genes else None,
+        n_heatmaps=1,
+    )
     assert flat.mpp_source == "spot-table" and flat.mpp == pytest.approx(200 / 290, rel=0.03)
     adata = read_h5ad(flat.outputs.h5ad)
     assert adata.n_obs == len(table)
@@ -109,8 +116,9 @@ def test_failed_write_leaves_no_complete_looking_output(predictor, tmp_path, mon
 def test_predict_slides_goes_on_after_a_bad_slide(predictor, tmp_path):
     bad = tmp_path / "bad.svs"
     bad.write_text("not a slide")
-    results = predict_slides([bad, DEMO_SLIDE], model=predictor, spots=[None, DEMO_SPOTS], out_dir=tmp_path / "out",
-                             n_heatmaps=0)
+    results = predict_slides(
+        [bad, DEMO_SLIDE], model=predictor, spots=[None, DEMO_SPOTS], out_dir=tmp_path / "out", n_heatmaps=0
+    )
     assert not results[0].ok and "bad.svs" in results[0].error
     assert results[1].ok and results[1].outputs.h5ad.exists()
 

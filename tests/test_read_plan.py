@@ -7,12 +7,12 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from pyramids import write_test_pyramid
 
 from m2ort_fast import _core
 from m2ort_fast.errors import M2ORTError
 from m2ort_fast.slide import open_slide
-from m2ort_fast.stream import iter_streamed_patches, level_tile_sizes, plan_slide_reads
-from pyramids import write_test_pyramid
+from m2ort_fast.stream import iter_streamed_patches, plan_slide_reads
 
 LEVEL_MPP = (0.5, 1.0, 2.0)  # test pyramids are 0.5 um/px: level 1 exact, the others from levels 1/2 or resized
 SIZES = (224, 112, 56)
@@ -79,7 +79,7 @@ def test_each_tile_decoded_once_and_every_patch_covered(svs_path, max_memory_mb)
             seen[spots] += 1
             assert [p.shape[1] for p in patches] == list(SIZES)
         assert (seen == 1).all(), "every spot's patches exactly once"
-        tiles = level_tile_sizes(slide)
+        tiles = slide.level_tile_sizes_px
         counts = reads.tile_counts(tiles)
         needed = patch_tiles(plan, tiles, slide.level_dimensions)
     assert needed <= set(counts), "every tile a patch touches was decoded"
@@ -122,7 +122,8 @@ def test_plan_reads_rejects_bad_input():
     with pytest.raises(ValueError, match="names source 1"):
         _core.plan_reads(centers, [(100, 100, 16, 16)], [(1, 8, top_left)])
     with pytest.raises(ValueError, match="decreases"):
-        _core.plan_reads(np.array([[0.0, 0.0], [0.0, 50.0]]), [(100, 100, 16, 16)],
-                         [(0, 8, np.array([[0, 40], [0, 10]]))])
+        _core.plan_reads(
+            np.array([[0.0, 0.0], [0.0, 50.0]]), [(100, 100, 16, 16)], [(0, 8, np.array([[0, 40], [0, 10]]))]
+        )
     empty = _core.plan_reads(np.zeros((0, 2)), [(100, 100, 16, 16)], [(0, 8, np.zeros((0, 2), dtype=np.int64))])
     assert len(empty["step_stripe"]) == 0 and list(empty["step_offsets"]) == [0]

@@ -3,17 +3,21 @@ padding, flat images, pyramid vs resize on a real section, and bad input."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tifffile
 from PIL import Image
-
-from m2ort_fast import slide as slide_module
-from m2ort_fast.errors import SlideError
-from m2ort_fast.slide import (best_level_for_mpp, open_slide, read_spot_patches, require_mpp, resize_patches,
-                              resize_rgb)
-from conftest import installed_readers, reader_installed
 from pyramids import LAYOUT_DOWNSAMPLES, TEST_MPP, tissue_pixels, write_test_pyramid
+from readers import installed_readers, reader_installed
+
+import m2ort_fast
+from m2ort_fast.crop import best_level_for_mpp, read_spot_patches, resize_patches, resize_rgb
+from m2ort_fast.errors import SlideError
+from m2ort_fast.slide import _open as open_module
+from m2ort_fast.slide import open_slide, require_mpp
 
 PYRAMID_READERS = installed_readers("cucim", "tiffslide", "openslide")  # parameters, missing ones skipped
 AUTO_READER = next(r for r in ("cucim", "tiffslide", "openslide") if reader_installed(r))  # open_slide's order
@@ -22,8 +26,7 @@ AUTO_READER = next(r for r in ("cucim", "tiffslide", "openslide") if reader_inst
 @pytest.fixture(scope="module")
 def pyramids(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("pyramids")
-    return {layout: write_test_pyramid(folder / f"{layout}.tiff", layout)
-            for layout in ("svs", "generic", "subifd")}
+    return {layout: write_test_pyramid(folder / f"{layout}.tiff", layout) for layout in ("svs", "generic", "subifd")}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,7 @@ def _top_left(centers_px: np.ndarray, downsample: float, size_px: int) -> np.nda
 
 
 def _crop(level_pixels: np.ndarray, x: int, y: int, size_px: int) -> np.ndarray:
-    return level_pixels[y:y + size_px, x:x + size_px]
+    return level_pixels[y : y + size_px, x : x + size_px]
 
 
 # -------------------------------------------------------------------------------------------
@@ -67,7 +70,7 @@ def test_reader_matches_tifffile(pyramids, reference_levels, layout, reader):
             ds = LAYOUT_DOWNSAMPLES[layout][level]
             x, y = w // 3, h // 5
             region = slide.read_region(x * ds, y * ds, level, w // 4 + 1, h // 4 + 3)
-            np.testing.assert_array_equal(region, expected[y:y + h // 4 + 3, x:x + w // 4 + 1])
+            np.testing.assert_array_equal(region, expected[y : y + h // 4 + 3, x : x + w // 4 + 1])
 
 
 @pytest.mark.gpu
@@ -88,7 +91,7 @@ def test_cucim_decodes_on_the_gpu(pyramids, reference_levels, monkeypatch):
         assert slide._device == "cuda", "the GPU read failed and fell back to the CPU"
     reference = reference_levels["svs"][0]
     padded = np.pad(reference, ((224, 224), (224, 224), (0, 0)), constant_values=255)
-    for patch, (x, y) in zip(patches, _top_left(centers, 1, 224)):
+    for patch, (x, y) in zip(patches, _top_left(centers, 1, 224), strict=True):
         expected = _crop(padded, x + 224, y + 224, 224)
         assert np.abs(patch.astype(np.int16) - expected).mean() < 1.5
 
@@ -103,10 +106,10 @@ def test_auto_picks_cucim_first_and_falls_back(pyramids, reference_levels, monke
             h, w = expected.shape[:2]
             np.testing.assert_array_equal(slide.read_region(0, 0, level, w, h), expected)
 
-    def cucim_fails(path):
+    def cucim_fails(path, **options):
         raise RuntimeError("simulated cuCIM failure")
 
-    monkeypatch.setitem(slide_module._OPENERS, "cucim", cucim_fails)
+    monkeypatch.setitem(open_module._OPENERS, "cucim", cucim_fails)
     with open_slide(pyramids["generic"]) as slide:
         assert slide.reader_name == "tiffslide"
 
@@ -121,13 +124,69 @@ def test_mpp_override_and_info(pyramids):
 
 
 # -------------------------------------------------------------------------------------------
+# The one TIFF parse on open, and the file's tile sizes
+
+
+@pytest.mark.parametrize("reader", ["auto", *PYRAMID_READERS])
+def test_a_tiff_is_parsed_once_on_open(pyramids, monkeypatch, reader):
+    """open_slide parses a TIFF with tifffile once (truncation checks, metadata, tile sizes, the
+    tile check's tables), whichever reader opens it and however many it tries; the reader
+    library's own open (tiffslide's tifffile) aside."""
+    package = str(Path(m2ort_fast.__file__).parent)
+    parses = []
+    original = tifffile.TiffFile.__init__
+
+    def counting(self, *args, **kwargs):
+        if sys._getframe(1).f_code.co_filename.startswith(package):
+            parses.append(args[0] if args else kwargs)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tifffile.TiffFile, "__init__", counting)
+    for layout in ("svs", "subifd"):  # subifd: auto tries cuCIM first, then tiffslide
+        parses.clear()
+        with open_slide(pyramids[layout], reader=reader) as slide:
+            assert len(slide.level_tile_sizes_px) == slide.level_count
+            slide.read_region(0, 0, 0, 300, 300)  # the tile check reads with the parsed tables
+        assert len(parses) == 1, parses
+
+
+@pytest.mark.parametrize("reader", PYRAMID_READERS)
+def test_level_tile_sizes_are_the_files(tmp_path, reader):
+    path = write_test_pyramid(tmp_path / "tiles.tiff", "generic", size_px=1024, tile_px=128)
+    with open_slide(path, reader=reader) as slide:
+        assert slide.level_tile_sizes_px == ((128, 128),) * 3
+    # a stripped TIFF's "tile" is a full-width strip of RowsPerStrip rows
+    stripped = tmp_path / "stripped.tiff"
+    tifffile.imwrite(
+        stripped, tissue_pixels(300, real=False), rowsperstrip=64, resolution=(2e4, 2e4), resolutionunit="CENTIMETER"
+    )
+    with open_slide(stripped) as slide:
+        assert slide.level_tile_sizes_px == ((300, 64),)
+
+
+def test_flat_images_tile_on_the_default_grid(tmp_path):
+    path = tmp_path / "section.png"
+    Image.fromarray(tissue_pixels(300, real=False)).save(path)
+    with open_slide(path) as slide:
+        assert slide.level_tile_sizes_px == ((256, 256),)
+
+
+# -------------------------------------------------------------------------------------------
 # Level choice by physical resolution
 
 
 def test_best_level_for_mpp(pyramids):
     with open_slide(pyramids["svs"]) as slide:  # levels at 0.5, 2.0, 8.0 um/px
-        assert [best_level_for_mpp(slide, m) for m in (0.25, 0.5, 1.0, 1.99, 2.0, 4.0, 8.0, 100.0)] == \
-               [0, 0, 0, 1, 1, 1, 2, 2]
+        assert [best_level_for_mpp(slide, m) for m in (0.25, 0.5, 1.0, 1.99, 2.0, 4.0, 8.0, 100.0)] == [
+            0,
+            0,
+            0,
+            1,
+            1,
+            1,
+            2,
+            2,
+        ]
     with open_slide(pyramids["generic"]) as slide:  # 0.5, 1.0, 2.0
         assert [best_level_for_mpp(slide, m) for m in (0.5, 0.995, 1.0, 1.5, 2.0, 3.0)] == [0, 1, 1, 1, 2, 2]
 
@@ -196,7 +255,7 @@ def test_edge_spots_are_padded_white(pyramids, reference_levels, reader):
     assert (l1[0, :92] == 255).all() and (l1[0, :, :102] == 255).all()
     np.testing.assert_array_equal(l1[0, 92:, 102:], ref[0][:132, :122])
     # spot 1: right edge; level 2 (1 um/px, read from level 1 of 1024 px): x from 964, 60 px inside
-    assert (l1[1, :, 2048 - 1928:] == 255).all()
+    assert (l1[1, :, 2048 - 1928 :] == 255).all()
     np.testing.assert_array_equal(l1[1, :, :120], ref[0][888:1112, 1928:2048])
     assert (l2[1, :, 60:] == 255).all()
     np.testing.assert_array_equal(l2[1, :, :60], ref[1][444:556, 964:1024])
@@ -286,7 +345,7 @@ def test_pyramid_vs_resize_on_real_section(her2st_c2_pyramids):
     n = len(data["centers_px"])
 
     def mad(a, b) -> list[float]:
-        return [float(np.abs(x.astype(np.int16) - y).mean()) for x, y in zip(a, b)]
+        return [float(np.abs(x.astype(np.int16) - y).mean()) for x, y in zip(a, b, strict=True)]
 
     def line(diffs) -> str:
         return ", ".join(f"level {i + 1} {d:.2f}" for i, d in enumerate(diffs))
@@ -301,8 +360,10 @@ def test_pyramid_vs_resize_on_real_section(her2st_c2_pyramids):
         same_file[layout] = mad(from_pyramid, from_resize)
         vs_preview[layout] = mad(from_pyramid, data["preview_patches"])
         print(f"  {layout:>7} pyramid, pyramid vs resize levels: {line(same_file[layout])}")
-        print(f"  {layout:>7} pyramid vs the original JPEG read the preview way: {line(vs_preview[layout])}"
-              f" (resize-mode vs JPEG: {line(mad(from_resize, data['preview_patches']))})")
+        print(
+            f"  {layout:>7} pyramid vs the original JPEG read the preview way: {line(vs_preview[layout])}"
+            f" (resize-mode vs JPEG: {line(mad(from_resize, data['preview_patches']))})"
+        )
     generic, svs = same_file["generic"], same_file["svs"]
     assert generic[0] == 0 and svs[0] == 0  # level 1 is the same read both ways
     # 1,2,4 pyramid: levels 2 and 3 come from pyramid levels 1 and 2 (own JPEG tiles, pixel grid)
@@ -326,8 +387,11 @@ def _assert_one_line_naming(exc_info, path, *fragments):
 
 
 def test_not_a_slide(tmp_path):
-    for name, content in (("spots.csv", b"x,y\n1,2\n3,4\n"), ("notes.txt", b"hello, this is not a slide\n"),
-                          ("fake.svs", b"not really an svs\n" * 20)):
+    for name, content in (
+        ("spots.csv", b"x,y\n1,2\n3,4\n"),
+        ("notes.txt", b"hello, this is not a slide\n"),
+        ("fake.svs", b"not really an svs\n" * 20),
+    ):
         path = tmp_path / name
         path.write_bytes(content)
         with pytest.raises(SlideError) as exc_info:
@@ -347,7 +411,7 @@ def test_nonexistent_and_directory(tmp_path):
 def test_truncated_tiff(pyramids, tmp_path):
     data = pyramids["svs"].read_bytes()
     path = tmp_path / "half.svs"
-    path.write_bytes(data[:len(data) // 2])
+    path.write_bytes(data[: len(data) // 2])
     for reader in ("auto", *[r for r in ("cucim", "tiffslide", "openslide") if reader_installed(r)]):
         with pytest.raises(SlideError) as exc_info:
             open_slide(path, reader=reader)
@@ -358,7 +422,7 @@ def test_truncated_jpeg(tmp_path):
     full = tmp_path / "full.jpg"
     Image.fromarray(tissue_pixels(1024)).save(full, quality=90)
     path = tmp_path / "half.jpg"
-    path.write_bytes(full.read_bytes()[:full.stat().st_size // 2])
+    path.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
     with pytest.raises(SlideError) as exc_info:
         open_slide(path)
     _assert_one_line_naming(exc_info, path, "truncated")
@@ -369,8 +433,11 @@ def test_no_mpp_only_when_needed(tmp_path):
     Image.fromarray(tissue_pixels(512)).save(path)
     with open_slide(path) as slide:
         slide.read_region(0, 0, 0, 10, 10)  # reading pixels needs no mpp
-        for needs_mpp in (lambda: require_mpp(slide), lambda: slide.level_mpp(0),
-                          lambda: read_spot_patches(slide, np.array([[100.0, 100.0]]), (0.5, 1.0, 2.0))):
+        for needs_mpp in (
+            lambda: require_mpp(slide),
+            lambda: slide.level_mpp(0),
+            lambda: read_spot_patches(slide, np.array([[100.0, 100.0]]), (0.5, 1.0, 2.0)),
+        ):
             with pytest.raises(SlideError) as exc_info:
                 needs_mpp()
             _assert_one_line_naming(exc_info, path, "no mpp metadata; pass --mpp")
@@ -387,8 +454,8 @@ def test_missing_and_unreadable_level(pyramids, tmp_path):
     data = bytearray(pyramids["svs"].read_bytes())
     with tifffile.TiffFile(pyramids["svs"]) as tif:
         page = tif.series[0].levels[1].keyframe
-        for offset, count in zip(page.dataoffsets, page.databytecounts):
-            data[offset:offset + count] = bytes(count)
+        for offset, count in zip(page.dataoffsets, page.databytecounts, strict=True):
+            data[offset : offset + count] = bytes(count)
     path = tmp_path / "damaged.svs"
     path.write_bytes(bytes(data))
     for reader in [r for r in ("cucim", "tiffslide", "openslide") if reader_installed(r)]:

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from real_data import HER2ST_SECTIONS, her2st_section
 from scipy.spatial import cKDTree
 
-from conftest import HER2ST_SECTIONS, her2st_section
 from m2ort_fast.errors import SpotsError
 from m2ort_fast.spots import Spots, check_spots_inside, grid_spots, load_spots
 from m2ort_fast.tissue import tissue_mask
@@ -28,7 +28,7 @@ def test_her2st_selection_table(section):
     spots = load_spots(path)
 
     assert spots.source == "st" and spots.path == path and len(spots) == len(selected)
-    assert spots.ids == [f"{x}x{y}" for x, y in zip(selected["x"], selected["y"])]
+    assert spots.ids == [f"{x}x{y}" for x, y in zip(selected["x"], selected["y"], strict=True)]
     np.testing.assert_array_equal(spots.centers_px, selected[["pixel_x", "pixel_y"]].to_numpy())
     assert spots.centers_px.dtype == np.float64 and spots.centers_px.shape == (len(selected), 2)
     assert list(spots.columns.index) == spots.ids and {"x", "y", "new_x", "new_y"} <= set(spots.columns.columns)
@@ -45,9 +45,11 @@ def test_her2st_ids_match_the_count_table(her2st_dir):
 
 def test_st_table_keeps_selected_rows_only(tmp_path):
     path = tmp_path / "s_selection.tsv"
-    path.write_text("x\ty\tnew_x\tnew_y\tpixel_x\tpixel_y\tselected\n"
-                    "1\t1\t1.0\t1.0\t100.0\t100.0\t1\n2\t1\t2.0\t1.0\t400.0\t100.0\t0\n"
-                    "1\t2\t1.0\t2.0\t100.0\t400.0\t1\n2\t2\t2.0\t2.0\t400.0\t400.0\t1\n3\t3\t3\t3\t700\t700\t1\n")
+    path.write_text(
+        "x\ty\tnew_x\tnew_y\tpixel_x\tpixel_y\tselected\n"
+        "1\t1\t1.0\t1.0\t100.0\t100.0\t1\n2\t1\t2.0\t1.0\t400.0\t100.0\t0\n"
+        "1\t2\t1.0\t2.0\t100.0\t400.0\t1\n2\t2\t2.0\t2.0\t400.0\t400.0\t1\n3\t3\t3\t3\t700\t700\t1\n"
+    )
     spots = load_spots(path)
     assert spots.ids == ["1x1", "1x2", "2x2", "3x3"]
     assert spots.mpp_from_pitch == pytest.approx(200 / 300)
@@ -66,8 +68,15 @@ def test_st_table_with_nothing_selected_is_an_error(tmp_path):
 VISIUM_MPP = 0.5  # written by the fixture: 100 um pitch = 200 px
 
 
-def write_visium(folder: Path, *, header: bool, rotation_deg: float = 3.0, n_rows: int = 12, n_cols: int = 30,
-                 scalefactors: dict | None = None) -> pd.DataFrame:
+def write_visium(
+    folder: Path,
+    *,
+    header: bool,
+    rotation_deg: float = 3.0,
+    n_rows: int = 12,
+    n_cols: int = 30,
+    scalefactors: dict | None = None,
+) -> pd.DataFrame:
     """A small Visium array in ``folder``: rotated, offset, non-square; returns the truth table."""
     rows, cols = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
     keep = (rows + cols) % 2 == 0  # Visium: array_col has the parity of array_row
@@ -77,12 +86,16 @@ def write_visium(folder: Path, *, header: bool, rotation_deg: float = 3.0, n_row
     angle = math.radians(rotation_deg)
     x = 1500 + u * math.cos(angle) - v * math.sin(angle)
     y = 700 + u * math.sin(angle) + v * math.cos(angle)
-    truth = pd.DataFrame({
-        "barcode": [f"AC{r:03d}{c:03d}-1" for r, c in zip(rows, cols)],
-        "in_tissue": ((rows > 2) & (cols < 20)).astype(int),
-        "array_row": rows, "array_col": cols,
-        "pxl_row_in_fullres": np.round(y).astype(int), "pxl_col_in_fullres": np.round(x).astype(int),
-    })
+    truth = pd.DataFrame(
+        {
+            "barcode": [f"AC{r:03d}{c:03d}-1" for r, c in zip(rows, cols, strict=True)],
+            "in_tissue": ((rows > 2) & (cols < 20)).astype(int),
+            "array_row": rows,
+            "array_col": cols,
+            "pxl_row_in_fullres": np.round(y).astype(int),
+            "pxl_col_in_fullres": np.round(x).astype(int),
+        }
+    )
     folder.mkdir(parents=True, exist_ok=True)
     name = "tissue_positions.csv" if header else "tissue_positions_list.csv"
     truth.to_csv(folder / name, index=False, header=header)
@@ -145,8 +158,15 @@ def test_folder_without_positions_is_an_error(tmp_path):
 @pytest.mark.parametrize("x_name, y_name", [("x", "y"), ("pixel_x", "pixel_y"), ("x_px", "y_px"), ("X", "Y")])
 def test_csv_centres(tmp_path, x_name, y_name):
     path = tmp_path / "centres.csv"
-    pd.DataFrame({"barcode": ["a", "b", "c"], x_name: [10.5, 20, 30], y_name: [5, 6, 7.25],
-                  "region": ["tumour", "stroma", "tumour"], "score": [0.1, 0.2, 0.3]}).to_csv(path, index=False)
+    pd.DataFrame(
+        {
+            "barcode": ["a", "b", "c"],
+            x_name: [10.5, 20, 30],
+            y_name: [5, 6, 7.25],
+            "region": ["tumour", "stroma", "tumour"],
+            "score": [0.1, 0.2, 0.3],
+        }
+    ).to_csv(path, index=False)
     spots = load_spots(path)
     assert spots.source == "csv" and spots.ids == ["a", "b", "c"]
     np.testing.assert_array_equal(spots.centers_px, [[10.5, 5], [20, 6], [30, 7.25]])
@@ -171,7 +191,12 @@ BAD_TABLES = [
     ("text.csv", b"x,y\n1,2\nabc,3\n", "auto", r"text.csv: no numeric coordinate in column 'x' at data row 2 \('abc'"),
     ("nan.csv", b"x,y\n1,\n", "auto", "nan.csv: no numeric coordinate in column 'y'"),
     ("dup.csv", b"id,x,y\ns1,1,2\ns1,3,4\n", "auto", "dup.csv: duplicate spot ids: 's1' appears 2 times"),
-    ("st.tsv", b"x\ty\tpixel_x\tpixel_y\tselected\n1.5\t1\t3\t4\t1\n", "st", "st.tsv: array positions x, y must be whole"),
+    (
+        "st.tsv",
+        b"x\ty\tpixel_x\tpixel_y\tselected\n1.5\t1\t3\t4\t1\n",
+        "st",
+        "st.tsv: array positions x, y must be whole",
+    ),
     ("v.csv", b"a,1,2\n", "visium", "v.csv: a headerless Visium positions file needs 6 columns"),
     ("fmt.csv", b"x,y\n1,2\n", "xlsx", "fmt.csv: unknown spot format 'xlsx'"),
 ]
@@ -211,12 +236,12 @@ def he_disc_thumbnail(height=400, width=500, centre=(250, 200), radius=150, seed
     rng = np.random.default_rng(seed)
     image = np.clip(rng.normal(242, 4, (height, width, 3)), 0, 255)
     yy, xx = np.mgrid[:height, :width]
-    disc = (xx - centre[0]) ** 2 + (yy - centre[1]) ** 2 < radius ** 2
+    disc = (xx - centre[0]) ** 2 + (yy - centre[1]) ** 2 < radius**2
     image[disc] = np.clip(rng.normal((190, 110, 170), 20, (int(disc.sum()), 3)), 0, 255)
-    hole = (xx - centre[0] - 40) ** 2 + (yy - centre[1]) ** 2 < 15 ** 2  # a fat vacuole: inside the tissue
+    hole = (xx - centre[0] - 40) ** 2 + (yy - centre[1]) ** 2 < 15**2  # a fat vacuole: inside the tissue
     image[hole] = 240
     for y, x in rng.integers(5, [height - 5, 60], (6, 2)):  # specks in the left margin, away from the disc
-        image[y:y + 2, x:x + 2] = (120, 40, 120)
+        image[y : y + 2, x : x + 2] = (120, 40, 120)
     return image.astype(np.uint8), disc
 
 
@@ -261,7 +286,7 @@ def test_grid_spots_form_a_hexagonal_lattice_over_the_tissue():
 
     assert spots.source == "grid" and spots.spot_diameter_um == 55 and spots.path is None
     disc_area_um2 = disc.sum() * (downsample * mpp) ** 2
-    expected = disc_area_um2 / (spacing_um ** 2 * math.sqrt(3) / 2)
+    expected = disc_area_um2 / (spacing_um**2 * math.sqrt(3) / 2)
     assert len(spots) == pytest.approx(expected, rel=0.03)
     # Every spot's nearest neighbour is exactly one pitch away; inner spots have 6 such neighbours.
     pitch_px = spacing_um / mpp
@@ -276,7 +301,7 @@ def test_grid_spots_form_a_hexagonal_lattice_over_the_tissue():
     # Visium array convention in the ids and columns.
     rows, cols = spots.columns["array_row"].to_numpy(), spots.columns["array_col"].to_numpy()
     assert ((rows + cols) % 2 == 0).all()
-    assert spots.ids == [f"r{r}_c{c}" for r, c in zip(rows, cols)] and len(set(spots.ids)) == len(spots)
+    assert spots.ids == [f"r{r}_c{c}" for r, c in zip(rows, cols, strict=True)] and len(set(spots.ids)) == len(spots)
     same_row = tree.query_pairs(pitch_px * 1.01, output_type="ndarray")
     same_row = same_row[rows[same_row[:, 0]] == rows[same_row[:, 1]]]
     assert (np.abs(cols[same_row[:, 0]] - cols[same_row[:, 1]]) == 2).all()
@@ -287,7 +312,7 @@ def test_grid_spots_with_a_given_mask_and_spacing():
     mask[20:80, 30:70] = True  # 60 x 40 mask px of 10 px at 1 um/px: 600 x 400 um
     slide = StubSlide(np.zeros((100, 100, 3), np.uint8), 10.0, 1.0)  # an all-black thumbnail: not used
     spots = grid_spots(slide, spacing_um=50.0, mask=mask)
-    assert len(spots) == pytest.approx(600 * 400 / (50 ** 2 * math.sqrt(3) / 2), rel=0.1)
+    assert len(spots) == pytest.approx(600 * 400 / (50**2 * math.sqrt(3) / 2), rel=0.1)
     x, y = spots.centers_px.T
     assert x.min() >= 300 and x.max() < 700 and y.min() >= 200 and y.max() < 800
 
@@ -319,6 +344,13 @@ def test_check_spots_inside(tmp_path):
 
 
 def test_spots_is_the_documented_dataclass():
-    spots = Spots(ids=["a"], centers_px=np.zeros((1, 2)), source="csv", columns=pd.DataFrame(index=["a"]),
-                  mpp_from_pitch=None, spot_diameter_um=None, path=None)
+    spots = Spots(
+        ids=["a"],
+        centers_px=np.zeros((1, 2)),
+        source="csv",
+        columns=pd.DataFrame(index=["a"]),
+        mpp_from_pitch=None,
+        spot_diameter_um=None,
+        path=None,
+    )
     assert len(spots) == 1

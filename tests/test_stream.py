@@ -9,13 +9,14 @@ import anndata
 import numpy as np
 import pytest
 import torch
+from pyramids import synthetic_tissue, write_test_pyramid
 
 from m2ort_fast.convert import write_pyramid
+from m2ort_fast.crop import read_spot_patches, spot_squares
 from m2ort_fast.errors import M2ORTError
 from m2ort_fast.predict import DEMO_SLIDE, DEMO_SPOTS, Predictor, predict_slides
-from m2ort_fast.slide import open_slide, read_spot_patches
-from m2ort_fast.stream import iter_streamed_patches, plan_slide_reads, run_stream, spot_squares
-from pyramids import synthetic_tissue, write_test_pyramid
+from m2ort_fast.slide import open_slide
+from m2ort_fast.stream import iter_streamed_patches, plan_slide_reads, run_stream
 
 SIZES = (224, 112, 56)
 
@@ -23,14 +24,16 @@ SIZES = (224, 112, 56)
 @pytest.fixture(scope="module")
 def pyramids(tmp_path_factory):
     folder = tmp_path_factory.mktemp("stream")
-    return {layout: write_test_pyramid(folder / f"{layout}.tiff", layout, size_px=1536) for layout in ("svs", "generic")}
+    return {
+        layout: write_test_pyramid(folder / f"{layout}.tiff", layout, size_px=1536) for layout in ("svs", "generic")
+    }
 
 
 def streamed_patches(slide, centers, level_mpp, level_source, **plan_options):
     plan = plan_slide_reads(slide, centers, level_mpp, SIZES, level_source=level_source, **plan_options)
     out = [np.zeros((len(centers), s, s, 3), np.uint8) for s in SIZES]
     for spots, patches in iter_streamed_patches(slide, plan, num_threads=2):
-        for whole, part in zip(out, patches):
+        for whole, part in zip(out, patches, strict=True):
             whole[spots] = part
     return out
 
@@ -44,7 +47,7 @@ def test_streamed_patches_equal_naive_bit_for_bit(pyramids, layout, level_mpp, l
     with open_slide(pyramids[layout], reader="tiffslide") as slide:
         naive = read_spot_patches(slide, centers, level_mpp, SIZES, level_source=level_source)
         streamed = streamed_patches(slide, centers, level_mpp, level_source, step_spots=17, max_memory_mb=24)
-    for level, (a, b) in enumerate(zip(naive, streamed)):
+    for level, (a, b) in enumerate(zip(naive, streamed, strict=True)):
         assert np.array_equal(a, b), f"level {level} differs"
 
 
@@ -54,11 +57,12 @@ def test_spot_squares_match_the_naive_reads(pyramids):
     with open_slide(pyramids["svs"], reader="tiffslide") as slide:
         calls = []
         original = slide.read_level_squares
-        slide.read_level_squares = lambda level, top_left, size: calls.append((level, top_left.copy(), size)) or \
-            original(level, top_left, size)
+        slide.read_level_squares = lambda level, top_left, size: (
+            calls.append((level, top_left.copy(), size)) or original(level, top_left, size)
+        )
         read_spot_patches(slide, centers, (0.62, 1.24, 2.48), SIZES)
         reads = {(level, size): top_left for level, top_left, size in calls}
-        for mpp, out_px in zip((0.62, 1.24, 2.48), SIZES):
+        for mpp, out_px in zip((0.62, 1.24, 2.48), SIZES, strict=True):
             squares = spot_squares(slide, centers, mpp, out_px)
             assert np.array_equal(squares.top_left_px, reads[squares.level, squares.read_px])
 
@@ -92,8 +96,15 @@ class FailingBackend:
 
 
 def test_interruption_leaves_nothing_and_resume_gives_the_same_file(tmp_path):
-    reference = predict_slides([DEMO_SLIDE], spots=[DEMO_SPOTS], out_dir=tmp_path / "ref", progress=False,
-                               batch_size=16, n_heatmaps=0, write_csv=False)[0]
+    reference = predict_slides(
+        [DEMO_SLIDE],
+        spots=[DEMO_SPOTS],
+        out_dir=tmp_path / "ref",
+        progress=False,
+        batch_size=16,
+        n_heatmaps=0,
+        write_csv=False,
+    )[0]
     predictor = Predictor(progress=False, batch_size=16)
     working = predictor.backend
     predictor.backend = FailingBackend(working, after=2)
@@ -102,8 +113,9 @@ def test_interruption_leaves_nothing_and_resume_gives_the_same_file(tmp_path):
         predict_slides([DEMO_SLIDE], spots=[DEMO_SPOTS], model=predictor, out_dir=out, n_heatmaps=0, write_csv=False)
     assert not out.exists(), "an interrupted slide leaves no partial output (nor the folder the run made)"
     predictor.backend = working
-    resumed = predict_slides([DEMO_SLIDE], spots=[DEMO_SPOTS], model=predictor, out_dir=out, overwrite=False,
-                             n_heatmaps=0, write_csv=False)[0]
+    resumed = predict_slides(
+        [DEMO_SLIDE], spots=[DEMO_SPOTS], model=predictor, out_dir=out, overwrite=False, n_heatmaps=0, write_csv=False
+    )[0]
     assert resumed.ok and not resumed.skipped
     a, b = anndata.read_h5ad(reference.outputs.h5ad), anndata.read_h5ad(resumed.outputs.h5ad)
     assert np.array_equal(a.X, b.X) and a.obs.equals(b.obs)
@@ -114,8 +126,9 @@ def test_interruption_leaves_nothing_and_resume_gives_the_same_file(tmp_path):
 def test_batch_reports_a_failing_slide_and_goes_on(tmp_path):
     broken = tmp_path / "broken.svs"
     broken.write_bytes(b"II*\x00" + b"\x00" * 64)
-    results = predict_slides([broken, DEMO_SLIDE], spots=[None, DEMO_SPOTS], out_dir=tmp_path, progress=False,
-                             n_heatmaps=0, write_csv=False)
+    results = predict_slides(
+        [broken, DEMO_SLIDE], spots=[None, DEMO_SPOTS], out_dir=tmp_path, progress=False, n_heatmaps=0, write_csv=False
+    )
     assert not results[0].ok and "broken.svs" in results[0].error
     assert results[1].ok and results[1].outputs.h5ad.exists()
 

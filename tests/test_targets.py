@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from m2ort_fast.targets import (expression_targets, holdout_spots, leave_one_out_folds, log1p_cpm,
-                                select_gene_panel, split_slides)
+from m2ort_fast.targets import (
+    expression_targets,
+    holdout_spots,
+    leave_one_out_folds,
+    log1p_cpm,
+    select_gene_panel,
+    split_slides,
+)
 
 
 class _Sample:

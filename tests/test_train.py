@@ -10,16 +10,28 @@ import math
 import numpy as np
 import pytest
 import torch
+from real_data import HER2ST
 from safetensors.torch import load_file
+from st_fixtures import write_st_section
 
-from conftest import HER2ST
 from m2ort_fast.checkpoint import ModelCard, load_checkpoint, read_card, save_checkpoint
 from m2ort_fast.errors import M2ORTError
 from m2ort_fast.model import M2ORT, VARIANTS
-from m2ort_fast.train import (RGB_FROM_HED, TrainConfig, augment, color_augment, config_from_args,
-                              fold_standardization, hed_jitter, hed_to_rgb, pcc_loss, rgb_to_hed, target_scaling,
-                              train, training_loss)
-from st_fixtures import write_st_section
+from m2ort_fast.train import (
+    RGB_FROM_HED,
+    TrainConfig,
+    augment,
+    color_augment,
+    config_from_args,
+    fold_standardization,
+    hed_jitter,
+    hed_to_rgb,
+    pcc_loss,
+    rgb_to_hed,
+    target_scaling,
+    train,
+    training_loss,
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +45,20 @@ def section(tmp_path_factory):
 
 def _config(section, tmp_path, out, epochs):
     folder, spots = section
-    return TrainConfig(sections=[str(folder)], variant="tiny", n_genes=24, epochs=epochs, batch_size=4, lr=1e-3,
-                       max_spots_per_section=spots, val_spot_fraction=0.25, seed=7, device="cpu",
-                       out=str(tmp_path / out), cache_dir=str(tmp_path / "cache"))
+    return TrainConfig(
+        sections=[str(folder)],
+        variant="tiny",
+        n_genes=24,
+        epochs=epochs,
+        batch_size=4,
+        lr=1e-3,
+        max_spots_per_section=spots,
+        val_spot_fraction=0.25,
+        seed=7,
+        device="cpu",
+        out=str(tmp_path / out),
+        cache_dir=str(tmp_path / "cache"),
+    )
 
 
 def test_two_epochs_loss_down_and_resume_is_exact(section, tmp_path):
@@ -86,8 +109,10 @@ def test_augment_same_transform_on_all_levels_and_white_fill():
     down = [torch.nn.functional.avg_pool2d(o, 224 // o.shape[-1]) for o in out]
     for level in down[1:]:
         small = torch.nn.functional.avg_pool2d(down[0], down[0].shape[-1] // level.shape[-1])
-        assert (torch.nn.functional.avg_pool2d(level, level.shape[-1] // 14) - torch.nn.functional.avg_pool2d(
-            small, small.shape[-1] // 14)).abs().max() < 0.1
+        assert (
+            torch.nn.functional.avg_pool2d(level, level.shape[-1] // 14)
+            - torch.nn.functional.avg_pool2d(small, small.shape[-1] // 14)
+        ).abs().max() < 0.1
     # corners outside the rotated square are white for a non-trivial rotation
     corner_values = out[0][:, 0, 0, 0]
     assert (corner_values == 0.5).any()
@@ -95,6 +120,7 @@ def test_augment_same_transform_on_all_levels_and_white_fill():
 
 # ----------------------------------------------------------------------------------------------
 # Issue 12 options: standardised targets (folded into the head), PCC loss, colour augmentation
+
 
 def _inputs(n, seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -168,7 +194,9 @@ def test_pcc_loss_known_answers():
     target = torch.randn(32, 5, generator=gen)
     assert float(pcc_loss(target, target)) == pytest.approx(0.0, abs=1e-6)
     # any positive affine map per gene is still a perfect correlation
-    assert float(pcc_loss(target * torch.tensor([1.0, 2.0, 0.5, 3.0, 10.0]) + 4.0, target)) == pytest.approx(0.0, abs=1e-6)
+    assert float(pcc_loss(target * torch.tensor([1.0, 2.0, 0.5, 3.0, 10.0]) + 4.0, target)) == pytest.approx(
+        0.0, abs=1e-6
+    )
     assert float(pcc_loss(-target, target)) == pytest.approx(2.0, abs=1e-6)
     # exactly uncorrelated: two orthogonal centred columns
     t = torch.tensor([[1.0], [-1.0], [1.0], [-1.0]])
@@ -178,9 +206,11 @@ def test_pcc_loss_known_answers():
     two_t = torch.cat([t, t], 1)
     assert float(pcc_loss(torch.cat([t, -t], 1), two_t)) == pytest.approx(1.0, abs=1e-6)
     # a known r: pred = t + orthogonal noise of equal norm -> r = 1/sqrt(2)
-    assert float(pcc_loss(t + p, t)) == pytest.approx(1 - 2 ** -0.5, abs=1e-6)
+    assert float(pcc_loss(t + p, t)) == pytest.approx(1 - 2**-0.5, abs=1e-6)
     # a gene constant over the batch has no correlation and is left out
-    assert float(pcc_loss(torch.cat([t, p], 1), torch.cat([t, torch.full_like(t, 3.0)], 1))) == pytest.approx(0.0, abs=1e-6)
+    assert float(pcc_loss(torch.cat([t, p], 1), torch.cat([t, torch.full_like(t, 3.0)], 1))) == pytest.approx(
+        0.0, abs=1e-6
+    )
     # a constant prediction: r = 0, finite, and the loss still has a gradient towards the target
     pred = torch.zeros(4, 1, requires_grad=True)
     loss = pcc_loss(pred, t)
@@ -204,9 +234,17 @@ def test_hed_round_trip_and_white_stays_white():
     slow = hed_to_rgb(rgb_to_hed(rgb) * scale.view(2, 3, 1, 1) + shift.view(2, 3, 1, 1))
     torch.testing.assert_close(hed_jitter(rgb, scale, shift), slow, rtol=1e-4, atol=1e-5)
     gain = torch.tensor([0.9, 1.1])
-    expected = (torch.exp(torch.einsum("bjhw,ji->bihw", rgb_to_hed(rgb) * scale.view(2, 3, 1, 1) + shift.view(2, 3, 1, 1),
-                                       torch.tensor(RGB_FROM_HED, dtype=torch.float32)) * math.log(1e-6))
-                * gain.view(2, 1, 1, 1)).clamp(0, 1)
+    expected = (
+        torch.exp(
+            torch.einsum(
+                "bjhw,ji->bihw",
+                rgb_to_hed(rgb) * scale.view(2, 3, 1, 1) + shift.view(2, 3, 1, 1),
+                torch.tensor(RGB_FROM_HED, dtype=torch.float32),
+            )
+            * math.log(1e-6)
+        )
+        * gain.view(2, 1, 1, 1)
+    ).clamp(0, 1)
     torch.testing.assert_close(hed_jitter(rgb, scale, shift, gain=gain), expected, rtol=1e-4, atol=1e-5)
     # no jitter: the identity (up to the 1e-6 floor)
     torch.testing.assert_close(hed_jitter(rgb, torch.ones(2, 3), torch.zeros(2, 3)), rgb, rtol=1e-4, atol=1e-5)
@@ -222,14 +260,15 @@ def _levels_sharing_colours(n=4, seed=0, pixel_mean=(0.0, 0.0, 0.0), pixel_std=(
     return [level1, level1[:, :, ::2, ::2].contiguous(), level1[:, :, ::4, ::4].contiguous()]
 
 
-@pytest.mark.parametrize("pixel_mean,pixel_std", [((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
-                                                  ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+@pytest.mark.parametrize(
+    "pixel_mean,pixel_std", [((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+)
 def test_color_augment_shapes_range_same_on_levels_and_seeded(pixel_mean, pixel_std):
     levels = _levels_sharing_colours(pixel_mean=pixel_mean, pixel_std=pixel_std)
     out = color_augment(levels, torch.Generator().manual_seed(3), pixel_mean, pixel_std)
     mean = torch.tensor(pixel_mean).view(1, 3, 1, 1)
     std = torch.tensor(pixel_std).view(1, 3, 1, 1)
-    for x, y in zip(levels, out):
+    for x, y in zip(levels, out, strict=True):
         assert y.shape == x.shape and y.dtype == x.dtype
         rgb = y * std + mean
         assert rgb.min() >= -1e-5 and rgb.max() <= 1 + 1e-5
@@ -243,7 +282,7 @@ def test_color_augment_shapes_range_same_on_levels_and_seeded(pixel_mean, pixel_
     assert not torch.allclose(out[0][0] - levels[0][0], out[0][1] - levels[0][1])
     # reproducible for a seed, different for another
     again = color_augment(levels, torch.Generator().manual_seed(3), pixel_mean, pixel_std)
-    for a, b in zip(out, again):
+    for a, b in zip(out, again, strict=True):
         assert torch.equal(a, b)
     other = color_augment(levels, torch.Generator().manual_seed(4), pixel_mean, pixel_std)
     assert not torch.equal(other[0], out[0])
@@ -256,16 +295,30 @@ def test_new_options_from_toml_and_command_line(tmp_path):
 
     from m2ort_fast.train import add_subcommands
 
-    (tmp_path / "c.toml").write_text('sections = ["A"]\nstandardize_targets = true\npcc_loss_weight = 0.5\n'
-                                     'color_augment = true\nselect_metric = "pcc_gene_mean"\n')
+    (tmp_path / "c.toml").write_text(
+        'sections = ["A"]\nstandardize_targets = true\npcc_loss_weight = 0.5\n'
+        'color_augment = true\nselect_metric = "pcc_gene_mean"\n'
+    )
     parser = argparse.ArgumentParser()
     add_subcommands(parser.add_subparsers())
     cfg = config_from_args(parser.parse_args(["train", "--config", str(tmp_path / "c.toml")]))
     assert cfg.standardize_targets and cfg.pcc_loss_weight == 0.5 and cfg.color_augment
     assert cfg.select_metric == "pcc_gene_mean"
-    cfg = config_from_args(parser.parse_args(["train", "--config", str(tmp_path / "c.toml"), "--no-standardize-targets",
-                                              "--pcc-loss-weight", "1", "--no-color-augment",
-                                              "--select-metric", "pcc_spot_mean"]))
+    cfg = config_from_args(
+        parser.parse_args(
+            [
+                "train",
+                "--config",
+                str(tmp_path / "c.toml"),
+                "--no-standardize-targets",
+                "--pcc-loss-weight",
+                "1",
+                "--no-color-augment",
+                "--select-metric",
+                "pcc_spot_mean",
+            ]
+        )
+    )
     assert not cfg.standardize_targets and cfg.pcc_loss_weight == 1.0 and not cfg.color_augment
     assert cfg.select_metric == "pcc_spot_mean"
     defaults = TrainConfig()

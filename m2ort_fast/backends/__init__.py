@@ -14,13 +14,15 @@ missing optional toolkit (Triton, onnxruntime, TensorRT) only matters to the bac
 from __future__ import annotations
 
 import importlib
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 
-from ..checkpoint import ModelCard
-from ..errors import M2ORTError
-from ..model import M2ORT
+from m2ort_fast.checkpoint import ModelCard
+from m2ort_fast.device import resolve_device
+from m2ort_fast.errors import M2ORTError
+from m2ort_fast.model import M2ORT
 
 # name -> "module:factory"; the factory is called as factory(model, card, device=..., **options), where
 # options always hold `precision` and `checkpoint_path` (the file the weights came from, or None: compiled
@@ -42,34 +44,57 @@ class Backend(Protocol):
     def __call__(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor: ...
 
 
+# The optional toolkit each top-level module name belongs to: the pip extra that installs it.
+TOOLKIT_EXTRAS = {
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "onnxscript": "onnx",
+    "triton": "triton",
+    "tensorrt": "tensorrt",
+}
+
+
 def register_backend(name: str, target: str) -> None:
-    """Register a backend factory given as "package.module:callable"."""
+    """Register a backend factory given as "package.module:callable" (imported when first asked for)."""
     _REGISTRY[name] = target
+
+
+def unregister_backend(name: str) -> None:
+    """Forget the backend called ``name`` (no error when there is none)."""
+    _REGISTRY.pop(name, None)
 
 
 def backend_names() -> list[str]:
     return list(_REGISTRY)
 
 
-def make_backend(name: str, model: M2ORT, card: ModelCard, *, device: str | torch.device = "cpu", **options) -> Backend:
-    """Build the backend called ``name`` for ``model`` on ``device``."""
+def backend_target(name: str) -> str:
+    """The "package.module:callable" registered as ``name``; M2ORTError naming the known ones if none."""
     if name not in _REGISTRY:
         raise M2ORTError(f"unknown backend {name!r}; available: {', '.join(_REGISTRY)}")
-    module_name, attr = _REGISTRY[name].split(":")
-    factory = getattr(importlib.import_module(module_name), attr)
-    return factory(model, card, device=resolve_device(device), **options)
+    return _REGISTRY[name]
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'auto' -> cuda when there is one, else cpu; a cuda device asked for without CUDA is an error."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def backend_factory(name: str) -> Callable[..., Backend]:
+    """The factory of the backend called ``name``, its module imported now: called as
+    ``factory(model, card, device=..., **options)``. ImportError when its module cannot be imported
+    (an optional toolkit imported at module level); M2ORTError for an unknown name."""
+    module_name, attr = backend_target(name).split(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def make_backend(
+    name: str, model: M2ORT, card: ModelCard, *, device: str | torch.device = "cpu", **options: Any
+) -> Backend:
+    """Build the backend called ``name`` for ``model`` on ``device``. A missing optional toolkit
+    (onnxruntime, triton, tensorrt) is an M2ORTError naming the pip extra that installs it."""
     try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise M2ORTError(f"unknown device {device!r} (use cpu, cuda, cuda:N or auto)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise M2ORTError(f"device {device} is not supported (use cpu, cuda, cuda:N or auto)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise M2ORTError(f"device {device} asked for, but this machine has no CUDA GPU (use --device cpu)")
-    return device
+        return backend_factory(name)(model, card, device=resolve_device(device), **options)
+    except ModuleNotFoundError as exc:
+        toolkit = (exc.name or "").split(".")[0]
+        if toolkit not in TOOLKIT_EXTRAS:
+            raise
+        raise M2ORTError(
+            f"the {name} backend needs {toolkit}, which is not installed "
+            f"(pip install 'm2ort-fast[{TOOLKIT_EXTRAS[toolkit]}]')"
+        ) from None

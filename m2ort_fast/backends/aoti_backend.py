@@ -10,21 +10,22 @@ import os
 
 import torch
 
-from ..checkpoint import ModelCard
-from ..export.aoti import load_aoti
-from ..export.artifacts import aoti_artifact, checkpoint_hash
-from ..export.cache import DEFAULT_BATCH_PROFILE, parse_batch_profile
-from ..model import M2ORT
+from m2ort_fast.checkpoint import ModelCard
+from m2ort_fast.export.aoti import load_aoti
+from m2ort_fast.export.artifacts import aoti_artifact, checkpoint_hash
+from m2ort_fast.export.cache import DEFAULT_BATCH_PROFILE, parse_batch_profile
+from m2ort_fast.model import M2ORT
 
-log = logging.getLogger("m2ort_fast")
+log = logging.getLogger(__name__)
 
 
 def run_in_chunks(run, levels: tuple[torch.Tensor, ...], max_batch: int) -> torch.Tensor:
     """run(*levels) over chunks of at most ``max_batch`` spots (the artifact's largest batch),
     concatenated on the CPU as float32: (B, G)."""
     batch = levels[0].shape[0]
-    outputs = [run(*(x[start:start + max_batch] for x in levels)).float().cpu()
-               for start in range(0, batch, max_batch)]
+    outputs = [
+        run(*(x[start : start + max_batch] for x in levels)).float().cpu() for start in range(0, batch, max_batch)
+    ]
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
@@ -35,16 +36,32 @@ class AOTIBackend:
 
     name = "aoti"
 
-    def __init__(self, model: M2ORT, card: ModelCard, *, device: torch.device, precision: str = "fp32",
-                 checkpoint_path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-                 batch_profile=DEFAULT_BATCH_PROFILE, use_kernels: bool = True):
+    def __init__(
+        self,
+        model: M2ORT,
+        card: ModelCard,
+        *,
+        device: torch.device,
+        precision: str = "fp32",
+        checkpoint_path: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        batch_profile=DEFAULT_BATCH_PROFILE,
+        use_kernels: bool = True,
+    ):
         self.device = torch.device(device)
         self.precision = precision
         self.batch_profile = parse_batch_profile(batch_profile)
         sha = checkpoint_hash(model, card, checkpoint_path)
         self.package_path, reused = aoti_artifact(
-            model, card, sha=sha, device=self.device, precision=precision, batch_profile=self.batch_profile,
-            use_kernels=use_kernels, cache_dir=cache_dir)
+            model,
+            card,
+            sha=sha,
+            device=self.device,
+            precision=precision,
+            batch_profile=self.batch_profile,
+            use_kernels=use_kernels,
+            cache_dir=cache_dir,
+        )
         log.info("aoti: %s package %s", "reusing" if reused else "compiled", self.package_path)
         self.runner = load_aoti(self.package_path, self.device)
 

@@ -10,21 +10,20 @@ pays the compile, later ones reuse it.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import logging
 import statistics
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from ..checkpoint import ModelCard
-from ..errors import M2ORTError, exception_detail
-from ..model import IMAGE_SIZES_PX, M2ORT
-from . import _REGISTRY, make_backend
+from m2ort_fast.backends import backend_factory, backend_names, make_backend
+from m2ort_fast.checkpoint import ModelCard
+from m2ort_fast.errors import M2ORTError, exception_detail
+from m2ort_fast.model import IMAGE_SIZES_PX, M2ORT
 
-log = logging.getLogger("m2ort_fast")
+log = logging.getLogger(__name__)
 
 CPU_CANDIDATES = ("torch", "onnxruntime", "aoti")
 GPU_CANDIDATES = ("torch", "triton", "aoti", "tensorrt", "onnxruntime")
@@ -45,15 +44,18 @@ class Trial:
 
 def pick_fastest(trials: Sequence[Trial]) -> tuple[Trial, str]:
     """The fastest available trial and a one-line reason naming the runner-up."""
-    ranked = sorted((t for t in trials if t.spots_per_s is not None), key=lambda t: -t.spots_per_s)
+    ranked = sorted(((t.spots_per_s, t) for t in trials if t.spots_per_s is not None), key=lambda pair: -pair[0])
     if not ranked:
         raise M2ORTError("no backend is available: " + "; ".join(t.describe() for t in trials))
-    best = ranked[0]
+    best_speed, best = ranked[0]
     if len(ranked) > 1:
-        reason = (f"picked {best.name}: {best.spots_per_s:.1f} spots/s, "
-                  f"{best.spots_per_s / ranked[1].spots_per_s:.2f}x the next ({ranked[1].describe()})")
+        next_speed, runner_up = ranked[1]
+        reason = (
+            f"picked {best.name}: {best_speed:.1f} spots/s, "
+            f"{best_speed / next_speed:.2f}x the next ({runner_up.describe()})"
+        )
     else:
-        reason = f"picked {best.name}: the only available backend ({best.spots_per_s:.1f} spots/s)"
+        reason = f"picked {best.name}: the only available backend ({best_speed:.1f} spots/s)"
     unavailable = [t.describe() for t in trials if t.spots_per_s is None]
     if unavailable:
         reason += "; " + "; ".join(unavailable)
@@ -78,11 +80,10 @@ def time_backend(backend, batch_size: int, repeats: int, device: torch.device) -
 def _accepted_options(name: str, options: dict) -> dict:
     """The options that backend ``name``'s factory takes (e.g. checkpoint_path is meaningless to
     the torch backend); unknown names are left to make_backend to refuse."""
-    if name not in _REGISTRY:
+    if name not in backend_names():
         return options
-    module_name, attr = _REGISTRY[name].split(":")
     try:
-        parameters = inspect.signature(getattr(importlib.import_module(module_name), attr)).parameters
+        parameters = inspect.signature(backend_factory(name)).parameters
     except ImportError:
         return options  # make_backend will report the missing toolkit
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
@@ -96,9 +97,18 @@ class AutoBackend:
     backend(level1 (B, 3, 224, 224), level2 (B, 3, 112, 112), level3 (B, 3, 56, 56)) -> (B, G)
     float32 on the CPU, through the chosen backend. Other options go to every candidate."""
 
-    def __init__(self, model: M2ORT, card: ModelCard, *, device: torch.device, precision: str = "fp32",
-                 candidates: Sequence[str] | None = None, trial_batch_size: int | None = None,
-                 trial_repeats: int = 3, **options):
+    def __init__(
+        self,
+        model: M2ORT,
+        card: ModelCard,
+        *,
+        device: torch.device,
+        precision: str = "fp32",
+        candidates: Sequence[str] | None = None,
+        trial_batch_size: int | None = None,
+        trial_repeats: int = 3,
+        **options,
+    ):
         self.device = torch.device(device)
         if candidates is None:
             candidates = GPU_CANDIDATES if self.device.type == "cuda" else CPU_CANDIDATES
@@ -109,8 +119,9 @@ class AutoBackend:
             trial = Trial(name)
             start = time.perf_counter()
             try:
-                backend = make_backend(name, model, card, device=self.device, precision=precision,
-                                       **_accepted_options(name, options))
+                backend = make_backend(
+                    name, model, card, device=self.device, precision=precision, **_accepted_options(name, options)
+                )
                 trial.build_s = time.perf_counter() - start
                 trial.spots_per_s = time_backend(backend, batch_size, trial_repeats, self.device)
                 backends[name] = backend

@@ -10,17 +10,21 @@ import os
 import numpy as np
 import torch
 
-from ..checkpoint import ModelCard
-from ..errors import M2ORTError
-from ..export.artifacts import checkpoint_hash, onnx_artifact
-from ..export.cache import check_precision
-from ..export.onnx_export import INPUT_NAMES, read_onnx_card
-from ..model import M2ORT
+from m2ort_fast.checkpoint import ModelCard
+from m2ort_fast.errors import M2ORTError
+from m2ort_fast.export.artifacts import checkpoint_hash, onnx_artifact
+from m2ort_fast.export.onnx_export import INPUT_NAMES, read_onnx_card
+from m2ort_fast.model import M2ORT
+from m2ort_fast.precision import check_precision
 
-log = logging.getLogger("m2ort_fast")
+log = logging.getLogger(__name__)
 
-GRAPH_OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
-                      "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+GRAPH_OPTIMIZATION = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 
 
 class OnnxRuntimeBackend:
@@ -33,17 +37,28 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, model: M2ORT, card: ModelCard, *, device: torch.device, precision: str = "fp32",
-                 checkpoint_path: str | os.PathLike | None = None, onnx_path: str | os.PathLike | None = None,
-                 cache_dir: str | os.PathLike | None = None, num_threads: int | None = None,
-                 graph_optimization: str = "all"):
+    def __init__(
+        self,
+        model: M2ORT,
+        card: ModelCard,
+        *,
+        device: torch.device,
+        precision: str = "fp32",
+        checkpoint_path: str | os.PathLike | None = None,
+        onnx_path: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        num_threads: int | None = None,
+        graph_optimization: str = "all",
+    ):
         import onnxruntime as ort
 
         self.device = torch.device(device)
         self.precision = check_precision(precision)
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise M2ORTError("this onnxruntime build has no CUDA provider (install onnxruntime-gpu, or use --device cpu)")
+                raise M2ORTError(
+                    "this onnxruntime build has no CUDA provider (install onnxruntime-gpu, or use --device cpu)"
+                )
             providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), "CPUExecutionProvider"]
         else:
             if precision == "bf16":
@@ -63,6 +78,8 @@ class OnnxRuntimeBackend:
         self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
 
     def __call__(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:
-        feed = {name: np.ascontiguousarray(x.detach().cpu().float().numpy())
-                for name, x in zip(INPUT_NAMES, (level1, level2, level3))}
+        feed = {
+            name: np.ascontiguousarray(x.detach().cpu().float().numpy())
+            for name, x in zip(INPUT_NAMES, (level1, level2, level3), strict=True)
+        }
         return torch.from_numpy(self.session.run(None, feed)[0])

@@ -11,15 +11,15 @@ import os
 
 import torch
 
-from ..checkpoint import ModelCard
-from ..errors import M2ORTError
-from ..export.artifacts import checkpoint_hash, tensorrt_artifact
-from ..export.cache import DEFAULT_BATCH_PROFILE, parse_batch_profile
-from ..export.tensorrt_engine import TensorRTRunner, require_tensorrt
-from ..model import M2ORT
-from .aoti_backend import run_in_chunks
+from m2ort_fast.backends.aoti_backend import run_in_chunks
+from m2ort_fast.checkpoint import ModelCard
+from m2ort_fast.errors import M2ORTError
+from m2ort_fast.export.artifacts import checkpoint_hash, tensorrt_artifact
+from m2ort_fast.export.cache import DEFAULT_BATCH_PROFILE, parse_batch_profile
+from m2ort_fast.export.tensorrt_engine import TensorRTRunner, require_tensorrt
+from m2ort_fast.model import M2ORT
 
-log = logging.getLogger("m2ort_fast")
+log = logging.getLogger(__name__)
 
 
 class TensorRTBackend:
@@ -28,9 +28,17 @@ class TensorRTBackend:
 
     name = "tensorrt"
 
-    def __init__(self, model: M2ORT, card: ModelCard, *, device: torch.device, precision: str = "fp16",
-                 checkpoint_path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-                 batch_profile=DEFAULT_BATCH_PROFILE):
+    def __init__(
+        self,
+        model: M2ORT,
+        card: ModelCard,
+        *,
+        device: torch.device,
+        precision: str = "fp16",
+        checkpoint_path: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        batch_profile=DEFAULT_BATCH_PROFILE,
+    ):
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise M2ORTError("the tensorrt backend needs a CUDA device (use --device cuda, or another backend)")
@@ -39,8 +47,14 @@ class TensorRTBackend:
         self.batch_profile = parse_batch_profile(batch_profile)
         sha = checkpoint_hash(model, card, checkpoint_path)
         self.engine_path, reused = tensorrt_artifact(
-            model, card, sha=sha, device=self.device, precision=precision, batch_profile=self.batch_profile,
-            cache_dir=cache_dir)
+            model,
+            card,
+            sha=sha,
+            device=self.device,
+            precision=precision,
+            batch_profile=self.batch_profile,
+            cache_dir=cache_dir,
+        )
         log.info("tensorrt: %s engine %s", "reusing" if reused else "built", self.engine_path)
         self.runner = TensorRTRunner(self.engine_path, self.device)
 

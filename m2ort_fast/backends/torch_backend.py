@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoint import ModelCard
-from ..model import M2ORT
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from m2ort_fast.checkpoint import ModelCard
+from m2ort_fast.model import M2ORT
+from m2ort_fast.precision import torch_dtype
 
 
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model: M2ORT, card: ModelCard, *, device: torch.device, precision: str = "fp32",
-                 checkpoint_path: str | None = None):
+    def __init__(
+        self,
+        model: M2ORT,
+        card: ModelCard,
+        *,
+        device: torch.device,
+        precision: str = "fp32",
+        checkpoint_path: str | None = None,
+    ):
         self.device = device
-        self.dtype = DTYPES[precision]
+        self.dtype = torch_dtype(precision)
         self.model = model.to(device=device, dtype=self.dtype).eval()
 
     @torch.inference_mode()

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoint import ModelCard
-from ..errors import M2ORTError
-from ..kernels.icmm import ICMMWeights, icmm
-from ..kernels.itmm import ITMMWeights, itmm
-from ..kernels.runtime import check_can_run
-from ..model import M2ORT
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from m2ort_fast.checkpoint import ModelCard
+from m2ort_fast.errors import M2ORTError
+from m2ort_fast.kernels.icmm import ICMMWeights, icmm
+from m2ort_fast.kernels.itmm import ITMMWeights, itmm
+from m2ort_fast.kernels.runtime import check_can_run
+from m2ort_fast.model import M2ORT
+from m2ort_fast.precision import check_precision, torch_dtype
 
 
 class TritonBackend:
@@ -29,19 +28,27 @@ class TritonBackend:
 
     name = "triton"
 
-    def __init__(self, model: M2ORT, card: ModelCard, *, device: torch.device, precision: str | None = None,
-                 checkpoint_path: str | None = None):
+    def __init__(
+        self,
+        model: M2ORT,
+        card: ModelCard,
+        *,
+        device: torch.device,
+        precision: str | None = None,
+        checkpoint_path: str | None = None,
+    ):
         self.device = torch.device(device)
         if precision is None:
             precision = "bf16" if self.device.type == "cuda" else "fp32"
-        if precision not in DTYPES:
-            raise M2ORTError(f"unknown precision {precision!r} for the triton backend; use one of {', '.join(DTYPES)}")
-        self.precision = precision
-        self.dtype = DTYPES[precision]
+        self.precision = check_precision(precision, "the triton backend")
+        self.dtype = torch_dtype(precision)
         check_can_run(self.device, self.dtype)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         try:
-            self.blocks = [(ITMMWeights.from_module(block.itmm), ICMMWeights.from_module(block.icmm)) for block in self.model.blocks]
+            self.blocks = [
+                (ITMMWeights.from_module(block.itmm), ICMMWeights.from_module(block.icmm))
+                for block in self.model.encoder_blocks()
+            ]
         except ValueError as exc:
             raise M2ORTError(f"model {card.model_id} cannot run on the triton backend: {exc}") from None
 

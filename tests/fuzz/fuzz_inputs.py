@@ -25,9 +25,16 @@ import tempfile
 from pathlib import Path
 
 # (file name, spot format or None for the TIFF sniffing); the name matters: formats are detected by it
-TARGETS = (("spots.csv", "auto"), ("C1_selection.tsv", "auto"), ("tissue_positions.csv", "auto"),
-           ("spots.csv", "csv"), ("spots.tsv", "st"), ("tissue_positions_list.csv", "visium"),
-           ("slide.tiff", None), ("slide.tiff", None))
+TARGETS = (
+    ("spots.csv", "auto"),
+    ("C1_selection.tsv", "auto"),
+    ("tissue_positions.csv", "auto"),
+    ("spots.csv", "csv"),
+    ("spots.tsv", "st"),
+    ("tissue_positions_list.csv", "visium"),
+    ("slide.tiff", None),
+    ("slide.tiff", None),
+)
 # Images larger than this are not tile-checked here (the fuzzer would spend its time decoding).
 MAX_CHECKED_PIXELS = 1024 * 1024
 
@@ -64,16 +71,17 @@ def one_input(data: bytes) -> None:
 
 
 def _sniff_tiff(path: Path) -> None:
-    import tifffile
+    """What open_slide does to a TIFF before any reader decodes: the one parse, then the tile check."""
+    from m2ort_fast.slide._tiff import _TileVerifier, read_tiff_layout
 
-    from m2ort_fast.slide import _check_tiff, _tiff_metadata, _TileVerifier
-
-    _check_tiff(path)
-    _tiff_metadata(path)
-    with tifffile.TiffFile(path) as tif:
-        page = tif.series[0].levels[0].keyframe
+    with read_tiff_layout(path) as layout:
+        try:
+            layout.metadata()
+        except Exception:  # deferred to the reader's open, which says it in one line (slide._open._open_with)
+            pass
+        page = layout.tif.series[0].levels[0].keyframe
         width_px, height_px = page.imagewidth, page.imagelength
-    verifier = _TileVerifier.for_slide(path, [(width_px, height_px)])
+        verifier = _TileVerifier.from_layout(layout, [(width_px, height_px)])
     try:
         if 0 < width_px * height_px <= MAX_CHECKED_PIXELS:
             verifier.verify_region(0, 0, 0, width_px, height_px)

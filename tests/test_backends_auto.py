@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from m2ort_fast.backends import _REGISTRY, make_backend
+from m2ort_fast.backends import backend_names, make_backend, register_backend, unregister_backend
 from m2ort_fast.backends.auto import Trial, pick_fastest
 from m2ort_fast.checkpoint import ModelCard
 from m2ort_fast.errors import M2ORTError
@@ -31,12 +31,27 @@ def test_pick_fastest_with_nothing_available():
         pick_fastest([Trial("x", error="broken")])
 
 
-def test_auto_measures_and_picks(monkeypatch, tmp_path):
-    monkeypatch.setitem(_REGISTRY, "missing", "test_export_auto:MissingToolkitBackend")
+@pytest.fixture
+def missing_backend():
+    register_backend("missing", "test_backends_auto:MissingToolkitBackend")
+    yield "missing"
+    unregister_backend("missing")
+    assert "missing" not in backend_names()
+
+
+def test_auto_measures_and_picks(missing_backend, tmp_path):
     model = build_model("tiny", seed=0)
     card = ModelCard.for_variant("tiny", [f"G{i}" for i in range(250)], 0.5)
-    backend = make_backend("auto", model, card, device="cpu", candidates=["torch", "onnxruntime", "missing"],
-                           trial_batch_size=2, trial_repeats=2, cache_dir=tmp_path)
+    backend = make_backend(
+        "auto",
+        model,
+        card,
+        device="cpu",
+        candidates=["torch", "onnxruntime", "missing"],
+        trial_batch_size=2,
+        trial_repeats=2,
+        cache_dir=tmp_path,
+    )
     by_name = {t.name: t for t in backend.trials}
     assert by_name["missing"].spots_per_s is None and "toolkit X" in by_name["missing"].error
     measured = [t for t in backend.trials if t.spots_per_s is not None]
@@ -52,6 +67,7 @@ def test_auto_measures_and_picks(monkeypatch, tmp_path):
 def test_predictor_times_auto_at_its_batch_size():
     from m2ort_fast.predict import Predictor
 
-    predictor = Predictor(backend="auto", batch_size=5, progress=False,
-                          backend_options={"candidates": ["torch"], "trial_repeats": 1})
+    predictor = Predictor(
+        backend="auto", batch_size=5, progress=False, backend_options={"candidates": ["torch"], "trial_repeats": 1}
+    )
     assert predictor.backend.chosen == "torch" and predictor.backend.trial_batch_size == 5

@@ -1,0 +1,92 @@
+"""Type stubs of m2ort_fast._core, the pybind11 extension built from csrc/ (bindings: csrc/module.cpp).
+
+Every bad argument raises ValueError naming the function, the argument and the problem. The
+kernels run with the GIL released. ``num_threads``: 0 = one thread per CPU in this process's
+affinity mask (:func:`available_cpus`), fewer for small batches; n > 0: n threads (at most one per
+unit of work); negative: ValueError.
+"""
+
+from collections.abc import Sequence
+from typing import Any, TypedDict
+
+import numpy as np
+import numpy.typing as npt
+
+class ReadPlan(TypedDict):
+    """What :func:`plan_reads` returns (a plain dict at run time). N spots, S stripes, T steps."""
+
+    order: npt.NDArray[np.int64]  # (N,) spot indices in read order
+    stripe_columns: npt.NDArray[np.int64]  # (S, n_sources, 2)
+    stripe_rows: npt.NDArray[np.int64]  # (S, n_sources)
+    step_stripe: npt.NDArray[np.int64]  # (T,)
+    step_offsets: npt.NDArray[np.int64]  # (T + 1,) into order
+    step_rows: npt.NDArray[np.int64]  # (T, n_sources, 3): keep_from, read_y0, read_y1
+    tiles_decoded: int
+    tiles_needed: int
+    naive_tile_reads: int
+    peak_bytes: int
+
+def assemble_batch(
+    patches: npt.NDArray[np.uint8],
+    mean: Sequence[float] | npt.NDArray[np.floating[Any]],
+    std: Sequence[float] | npt.NDArray[np.floating[Any]],
+    out: npt.NDArray[np.float32] | None = None,
+    num_threads: int = 0,
+) -> npt.NDArray[np.float32]:
+    """Normalise a batch of RGB patches into one NCHW float32 array.
+
+    patches: (N, H, W, 3) uint8, C-contiguous. mean, std: 3 floats each (R, G, B, on the 0-1 scale;
+    std non-zero). out: optional (N, 3, H, W) float32 C-contiguous array written in place (must not
+    share memory with patches). Returns out, (N, 3, H, W) float32 = (patches / 255 - mean) / std.
+    """
+
+def crop_patches(
+    region: npt.NDArray[np.uint8],
+    origins_px: npt.NDArray[np.integer[Any]],
+    size_px: int,
+    out: npt.NDArray[np.uint8] | None = None,
+    num_threads: int = 0,
+) -> npt.NDArray[np.uint8]:
+    """Crop square patches from a decoded RGB region.
+
+    region: (H, W, 3) uint8, any strides (e.g. an RGBA array's [..., :3] view). origins_px: (N, 2)
+    integer (any integer dtype; int64 is used) top-left (x, y) of each patch in region pixels;
+    patches may lie partly or wholly outside the region, where they are white (255). size_px: patch
+    side, > 0. out: optional (N, size_px, size_px, 3) uint8 C-contiguous array written in place.
+    Returns out, (N, size_px, size_px, 3) uint8.
+    """
+
+def resize_patches(
+    patches: npt.NDArray[np.uint8],
+    size_px: int,
+    out: npt.NDArray[np.uint8] | None = None,
+    num_threads: int = 0,
+) -> npt.NDArray[np.uint8]:
+    """Resize square RGB patches to size_px x size_px, bit for bit as m2ort_fast.crop.resize_patches
+    (Pillow's Image.resize(BILINEAR, reducing_gap=None)).
+
+    patches: (N, S, S, 3) uint8, C-contiguous, S > 0. size_px > 0. out: optional
+    (N, size_px, size_px, 3) uint8 C-contiguous array written in place. Returns out.
+    """
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; the host's count where there is none): the
+    number of threads the kernels use when num_threads is 0 and the batch is large enough."""
+
+def plan_reads(
+    centers_px: npt.NDArray[np.floating[Any]] | npt.NDArray[np.integer[Any]],
+    sources: Sequence[tuple[int, int, int, int]],
+    patch_sets: list[tuple[int, int, npt.NDArray[np.integer[Any]]]],
+    max_bytes: int = 0,
+    max_step_spots: int = 256,
+    reads_in_flight: int = 1,
+) -> ReadPlan:
+    """Plan the streamed engine's reads: each needed tile decoded once, held while spots need it.
+
+    centers_px: (N, 2) level-0 spot centres (x, y), any real dtype (converted to float64), for
+    ordering. sources: one (width_px, height_px, tile_width_px, tile_height_px) per pyramid level
+    read. patch_sets: one (source, read_px, top_left_px) per model input, top_left_px (N, 2) integer
+    (converted to int64). max_bytes: budget for peak_bytes (0: none); max_step_spots: spots per
+    step at most; reads_in_flight: decoded steps held besides the windows. Returns a dict, see
+    :class:`ReadPlan` and csrc/read_plan.hpp.
+    """
