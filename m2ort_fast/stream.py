@@ -403,8 +403,8 @@ def run_stream(
     ]
     for thread in threads:
         thread.start()
-    # The model runs here, on its own CUDA stream on a GPU (untested: no GPU in this project's CI),
-    # so that the host-to-device copies and kernels of one batch overlap the next batch's assembly.
+    # The model runs here, on its own CUDA stream on a GPU, so that the host-to-device copies and
+    # kernels of one batch overlap the next batch's assembly.
     cuda_stream = torch.cuda.Stream(device=device) if on_gpu else None
     try:
         with torch.cuda.stream(cuda_stream) if on_gpu else contextlib.nullcontext():

