@@ -5,7 +5,15 @@ from m2ort_fast import Predictor, predict_slides
 
 __version__ = "0.1.0"
 
-__all__ = ["Predictor", "SlideResult", "predict_slides", "load_checkpoint", "build_model", "open_slide"]
+__all__ = [
+    "Predictor",
+    "SlideResult",
+    "predict_slides",
+    "predict_cohort",
+    "load_checkpoint",
+    "build_model",
+    "open_slide",
+]
 
 
 def __getattr__(name: str) -> object:
@@ -14,6 +22,10 @@ def __getattr__(name: str) -> object:
         from m2ort_fast import predict
 
         return getattr(predict, name)
+    if name == "predict_cohort":  # Ray is imported only when a cohort runs on it
+        from m2ort_fast.cohort import predict_cohort
+
+        return predict_cohort
     if name == "load_checkpoint":
         from m2ort_fast.checkpoint import load_checkpoint
 

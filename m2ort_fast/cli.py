@@ -51,7 +51,8 @@ def add_predict(subparsers) -> None:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="redo slides whose .h5ad exists in --out (default: skip them, so a stopped batch resumes)",
+        help="redo slides whose .h5ad exists in --out (default: skip those made with the same model, spots "
+        "and settings, so a stopped batch resumes; refuse those made otherwise)",
     )
     p.add_argument(
         "--engine",
@@ -121,8 +122,20 @@ def add_predict(subparsers) -> None:
         default=4,
         help=f"number of heatmaps when --genes is not given (0: none; at most {MAX_HEATMAPS})",
     )
+    p.add_argument(
+        "--format",
+        dest="formats",
+        type=_csv_list,
+        default=None,
+        metavar="FMT[,FMT]",
+        help="what to write beside the .h5ad (always written): csv (default), geojson (QuPath detections: "
+        "each spot's model window with its predictions as measurements), spatialdata (a SpatialData zarr "
+        "store: the slide, spots, windows, tissue and the table; needs the [spatial] extra); e.g. "
+        "--format csv,geojson",
+    )
     p.add_argument("--no-csv", action="store_true", help="do not write the CSV")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_cohort_arguments(p)
     p.set_defaults(func=run_predict)
 
 
@@ -141,6 +154,8 @@ def run_predict(args) -> int:
         raise M2ORTError(
             f"--spots given {len(spots)} times for {len(slides)} slides: give it once per slide, or not at all"
         )
+    if is_cohort_run(args):  # --ray / --shard: m2ort_fast.cohort, with a manifest
+        return run_cohort(args, slides, spots)
     engine_options = {"streamed": args.engine == "streamed"}
     if args.max_memory_mb is not None:
         engine_options["max_memory_mb"] = args.max_memory_mb
@@ -158,6 +173,7 @@ def run_predict(args) -> int:
         heatmap_genes=args.genes,
         n_heatmaps=args.heatmaps,
         write_csv=not args.no_csv,
+        formats=args.formats,
         backend=args.backend,
         device=args.device,
         precision=args.precision,
@@ -172,7 +188,10 @@ def run_predict(args) -> int:
             failed += 1
             continue
         if result.skipped:
-            print(f"{result.slide.name}: skipped, its .h5ad exists in {args.out} (--overwrite to redo it)")
+            print(
+                f"{result.slide.name}: skipped, its .h5ad in {args.out} was made with the same model, spots and "
+                f"settings (--overwrite to redo it)"
+            )
             continue
         stages = ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items())
         assert result.outputs is not None  # ok and not skipped: written
@@ -199,6 +218,116 @@ def _read_slide_list(path: str) -> list[str]:
     if not slides:
         raise M2ORTError("the slide list names no slides", list_path)
     return slides
+
+
+# --- Cohort runs (m2ort_fast/cohort.py): Ray workers or a job-array shard, with OUT/manifest.csv ---
+
+
+def _shard_spec(text: str) -> tuple[int, int]:
+    from m2ort_fast.cohort import parse_shard
+
+    try:
+        return parse_shard(text)
+    except M2ORTError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_cohort_arguments(p) -> None:
+    g = p.add_argument_group(
+        "cohorts",
+        "many slides over Ray workers, or one shard of them per job-array task; OUT/manifest.csv "
+        "records every slide, and the same command again resumes (done slides skipped)",
+    )
+    g.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="ADDRESS",
+        help="run on Ray: auto (alone: a running cluster, else a local one) or the cluster's address "
+        "(host:6379, ray://host:10001); one worker per GPU (without GPUs: per 8 cores). Give slides before it",
+    )
+    g.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="--ray: how many workers (default: one per GPU; more than the GPUs: they share them)",
+    )
+    g.add_argument(
+        "--shard",
+        type=_shard_spec,
+        default=None,
+        metavar="I/N",
+        help="only the I-th of N shards balanced by slide size (I from 0, e.g. $SLURM_ARRAY_TASK_ID/N), "
+        "without Ray unless --ray is given; manifest: OUT/manifest.shard-I-of-N.csv",
+    )
+    g.add_argument(
+        "--retry-failed", action="store_true", help="--ray/--shard: redo the slides the manifest records as failed"
+    )
+
+
+def is_cohort_run(args) -> bool:
+    """--ray or --shard given; their companions alone are a one-line error."""
+    if args.ray is not None or args.shard is not None:
+        if args.profile is not None:
+            raise M2ORTError("--profile is for runs without --ray/--shard: their manifest.csv has per-stage seconds")
+        return True
+    if args.workers is not None:
+        raise M2ORTError("--workers needs --ray")
+    if args.retry_failed:
+        raise M2ORTError("--retry-failed needs --ray or --shard (runs with a manifest)")
+    return False
+
+
+def run_cohort(args, slides: list[str], spots: list[str] | None) -> int:
+    from m2ort_fast.cohort import DONE, FAILED, SKIPPED, predict_cohort
+
+    if args.ray is not None and args.ray != "auto" and ":" not in args.ray:
+        raise M2ORTError(
+            f"--ray takes auto or an address (host:port, ray://host:port), not {args.ray!r}: "
+            f"give the slides before --ray, or write --ray auto"
+        )
+    options: dict[str, Any] = {"streamed": args.engine == "streamed"}
+    if args.max_memory_mb is not None:
+        options["max_memory_mb"] = args.max_memory_mb
+    if getattr(args, "formats", None) is not None:  # --format: what predict writes beside the .h5ad
+        options["formats"] = args.formats
+    run = predict_cohort(
+        slides,
+        model=args.checkpoint,
+        out_dir=args.out,
+        spots=spots,
+        ray_address=args.ray,
+        workers=args.workers,
+        shard=args.shard,
+        retry_failed=args.retry_failed,
+        overwrite=args.overwrite,
+        spot_format=args.spot_format,
+        spacing_um=args.spacing_um,
+        mpp=args.mpp,
+        reader=args.reader,
+        heatmap_genes=args.genes,
+        n_heatmaps=args.heatmaps,
+        write_csv=not args.no_csv,
+        backend=args.backend,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        level_source=args.level_source,
+        progress=not args.quiet and args.ray is None,  # bars from many workers would interleave
+        **options,
+    )
+    done, failed, skipped = run.count(DONE), run.count(FAILED), run.count(SKIPPED)
+    print(f"{done} done, {failed} failed, {skipped} skipped of {len(run.rows)} slides; manifest {run.manifest}")
+    if failed:
+        print(
+            f"{failed} of {len(run.rows)} slides failed (errors in {run.manifest.name}; --retry-failed redoes them)",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
+
+
+# --- end of cohort runs ---
 
 
 def _write_profile(path: str, results, args) -> None:

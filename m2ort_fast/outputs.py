@@ -22,15 +22,21 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from m2ort_fast.errors import M2ORTError, OutputError, exception_detail
 
+if TYPE_CHECKING:
+    from m2ort_fast.slide import Slide
+
 DEFAULT_HEATMAP_COUNT = 4
-LOWRES_MAX_SIDE_PX = 600  # the image stored in the .h5ad, as Space Ranger's "lowres"
+LOWRES_MAX_SIDE_PX = 600  # the images stored in the .h5ad, as Space Ranger's "lowres" and "hires"
+HIRES_MAX_SIDE_PX = 2000
+OVERVIEW_PNG = "overview.png"  # in <stem>_heatmaps/: every heatmap gene in one figure
+FORMATS = ("csv", "geojson", "spatialdata")  # written beside the .h5ad (always written, and published last)
 STAGING_SUFFIX = ".partial"
 # Below this much free space, a write that failed in a library's own way is reported as a full disk.
 DISK_FULL_BYTES = 16 * 2**20
@@ -41,6 +47,43 @@ class SlideOutputs:
     h5ad: Path
     csv: Path | None
     heatmaps: list[Path]
+    geojson: Path | None = None
+    spatialdata: Path | None = None  # a SpatialData zarr store (a folder)
+
+
+@dataclass
+class SlideView:
+    """What the writers draw on and record about a slide beside its predictions.
+
+    ``hires`` (h, w, 3) uint8: the slide at ``hires_downsample`` level-0 px per pixel, at most
+    HIRES_MAX_SIDE_PX a side; ``tissue_mask`` (h', w') bool on ``thumbnail`` (at
+    ``thumbnail_downsample``). ``window_px``: the side of the model's square (its three levels'
+    field of view) in level-0 px. ``in_training``: whether the slide is one the model was trained
+    on (None: the card does not say)."""
+
+    library_id: str
+    source_image: str
+    mpp: float
+    hires: np.ndarray
+    hires_downsample: float
+    thumbnail: np.ndarray
+    thumbnail_downsample: float
+    tissue_mask: np.ndarray
+    spot_diameter_px: float
+    window_px: float
+    model_id: str
+    in_training: bool | None = None
+    trained: bool = True
+
+    @property
+    def window_um(self) -> float:
+        return self.window_px * self.mpp
+
+    def title(self, gene: str) -> str:
+        """A heatmap's title: the gene, the slide, the model and whether it saw this slide."""
+        seen = {True: "in its training data", False: "not in its training data", None: "training data unknown"}
+        model = self.model_id if self.trained else f"{self.model_id}, UNTRAINED"
+        return f"{gene} - {self.library_id} - model {model} (slide {seen[self.in_training]})"
 
 
 def check_heatmap_genes(genes: Sequence[str], requested: Sequence[str]) -> list[str]:
@@ -64,17 +107,23 @@ def build_anndata(
     centers_px: np.ndarray,
     obs_columns: pd.DataFrame | None,
     uns: dict,
-    thumbnail: np.ndarray | None = None,
-    thumbnail_downsample: float | None = None,
-    spot_diameter_px: float | None = None,
+    view: SlideView | None = None,
 ):
     """AnnData with X = predictions (n_spots, n_genes), obsm["spatial"] in level-0 px (x, y).
 
-    ``uns["spatial"]`` follows the scanpy/squidpy layout (a low-resolution image and its scale
-    factor), so ``scanpy.pl.spatial`` draws the predictions over the slide."""
+    Laid out as Space Ranger + scanpy make Visium data, so that ``sc.pl.spatial``,
+    ``sq.pl.spatial_scatter`` and ``sc.concat`` work at their defaults: obs names
+    ``<library_id>_<spot id>`` (unique across slides; the table's own id in ``obs["spot_id"]``),
+    ``obs["library_id"]``, ``obs["in_tissue"]`` (the table's, else 1 where the spot's centre lies
+    on the tissue mask), ``uns["spatial"][library_id]`` with ``hires`` and ``lowres`` images,
+    their scale factors, ``spot_diameter_fullres`` and ``metadata`` (source image, mpp, the
+    model's window in um and px), and ``uns["log1p"]`` (X is log1p CPM)."""
     import anndata
 
-    obs = pd.DataFrame(index=pd.Index([str(s) for s in spot_ids], name="spot_id"))
+    ids = [str(s) for s in spot_ids]
+    library_id = view.library_id if view is not None else None
+    obs = pd.DataFrame(index=pd.Index([f"{library_id}_{i}" if library_id else i for i in ids]))
+    obs["spot_id"] = ids
     obs["x_px"] = centers_px[:, 0].astype(np.float64)
     obs["y_px"] = centers_px[:, 1].astype(np.float64)
     if obs_columns is not None and len(obs_columns.columns):
@@ -82,18 +131,47 @@ def build_anndata(
         for column in extra.columns:
             if column not in obs.columns:
                 obs[str(column)] = extra[column].to_numpy()
+    if view is not None:
+        obs["library_id"] = pd.Categorical([view.library_id] * len(ids))
+        if "in_tissue" not in obs.columns:
+            obs["in_tissue"] = _on_mask(view.tissue_mask, centers_px / view.thumbnail_downsample).astype(np.int64)
     var = pd.DataFrame(index=pd.Index(genes, name="gene"))
     adata = anndata.AnnData(X=np.ascontiguousarray(predictions, dtype=np.float32), obs=obs, var=var)
     adata.obsm["spatial"] = np.ascontiguousarray(centers_px, dtype=np.float64)
     adata.uns["m2ort_fast"] = _jsonable(uns)
-    if thumbnail is not None and thumbnail_downsample:
-        lowres, lowres_downsample = _shrink(thumbnail, thumbnail_downsample, LOWRES_MAX_SIDE_PX)
-        library = Path(str(uns.get("slide", "slide"))).stem or "slide"
-        scalefactors = {"tissue_lowres_scalef": 1.0 / lowres_downsample}
-        if spot_diameter_px:
-            scalefactors["spot_diameter_fullres"] = float(spot_diameter_px)
-        adata.uns["spatial"] = {library: {"images": {"lowres": lowres}, "scalefactors": scalefactors}}
+    adata.uns["log1p"] = {"base": None}  # natural log, as scanpy's pp.log1p records it
+    if view is not None:
+        lowres, lowres_downsample = _shrink(view.hires, view.hires_downsample, LOWRES_MAX_SIDE_PX)
+        scalefactors = {
+            "tissue_hires_scalef": 1.0 / view.hires_downsample,
+            "tissue_lowres_scalef": 1.0 / lowres_downsample,
+            "spot_diameter_fullres": float(view.spot_diameter_px),
+        }
+        metadata = {
+            "source_image_path": view.source_image,
+            "mpp": float(view.mpp),
+            "model_id": view.model_id,
+            "model_window_um": float(view.window_um),
+            "model_window_px": float(view.window_px),
+            "spot_diameter_um": float(view.spot_diameter_px * view.mpp),
+            "software": "m2ort-fast",
+        }
+        adata.uns["spatial"] = {
+            view.library_id: {
+                "images": {"hires": view.hires, "lowres": lowres},
+                "scalefactors": scalefactors,
+                "metadata": metadata,
+            }
+        }
     return adata
+
+
+def _on_mask(mask: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """(N,) bool: whether each (x, y) in mask pixels lies on the mask (clipped to its edges)."""
+    h, w = mask.shape
+    cols = np.floor(xy[:, 0]).astype(np.int64).clip(0, w - 1)
+    rows = np.floor(xy[:, 1]).astype(np.int64).clip(0, h - 1)
+    return mask[rows, cols]
 
 
 def _shrink(image: np.ndarray, downsample: float, max_side_px: int) -> tuple[np.ndarray, float]:
@@ -122,36 +200,105 @@ def _jsonable(value):
     return str(value)
 
 
+SCALE_BAR_UM = (10, 20, 50, 100, 200, 250, 500, 1000, 2000, 5000, 10000, 20000)
+
+
+def _tissue_frame(view: SlideView, centers_px: np.ndarray) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) in thumbnail px: the tissue and the spots, with a margin of one model window."""
+    h, w = view.thumbnail.shape[:2]
+    xy = centers_px / view.thumbnail_downsample
+    rows, cols = np.nonzero(view.tissue_mask)
+    xs = np.concatenate([cols, xy[:, 0]]) if len(cols) else xy[:, 0]
+    ys = np.concatenate([rows, xy[:, 1]]) if len(rows) else xy[:, 1]
+    margin = view.window_px / view.thumbnail_downsample
+    x0, x1 = max(0, int(xs.min() - margin)), min(w, int(np.ceil(xs.max() + margin)) + 1)
+    y0, y1 = max(0, int(ys.min() - margin)), min(h, int(np.ceil(ys.max() + margin)) + 1)
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else (0, 0, w, h)
+
+
+def _draw_spots(fig, ax, values: np.ndarray, centers_px: np.ndarray, view: SlideView, frame, value_label: str):
+    """The frame of the thumbnail, the spots as discs of their diameter coloured by ``values``, a
+    colour bar and a scale bar in um."""
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+
+    x0, y0, x1, y1 = frame
+    ax.imshow(view.thumbnail[y0:y1, x0:x1])
+    xy = centers_px / view.thumbnail_downsample - (x0, y0)
+    fig.canvas.draw()  # the axes' final size, to convert the spot diameter from px to points
+    axes_width_pt = ax.get_window_extent().width * 72.0 / fig.dpi
+    diameter_pt = max(view.spot_diameter_px / view.thumbnail_downsample * axes_width_pt / max(x1 - x0, 1), 2.0)
+    scatter = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=diameter_pt**2, cmap="viridis", alpha=0.85, edgecolors="none")
+    fig.colorbar(scatter, ax=ax, fraction=0.035, pad=0.02, label=value_label)
+    um_per_px = view.mpp * view.thumbnail_downsample
+    bar_um = max([b for b in SCALE_BAR_UM if b <= (x1 - x0) * um_per_px / 4] or [SCALE_BAR_UM[0]])
+    label = f"{bar_um // 1000} mm" if bar_um >= 1000 else f"{bar_um} um"
+    ax.add_artist(
+        AnchoredSizeBar(
+            ax.transData,
+            bar_um / um_per_px,
+            label,
+            "lower right",
+            pad=0.4,
+            frameon=True,
+            size_vertical=max(1.0, (y1 - y0) / 150),
+        )
+    )
+    ax.set_axis_off()
+
+
 def write_heatmap(
     path: Path,
     gene: str,
     values: np.ndarray,
     centers_px: np.ndarray,
-    thumbnail: np.ndarray,
-    downsample: float,
-    spot_diameter_px: float,
-    title_suffix: str = "",
+    view: SlideView,
+    caption: str,
     value_label: str = "predicted log1p CPM",
 ) -> None:
-    """One PNG: the predicted value of ``gene`` at every spot, drawn as discs over the thumbnail."""
+    """One PNG: the predicted value of ``gene`` at every spot, over the slide cropped to its tissue."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    h, w = thumbnail.shape[:2]
-    fig, ax = plt.subplots(figsize=(8, 8 * h / max(w, 1) + 0.6), dpi=100)
-    ax.imshow(thumbnail)
-    xy = centers_px / downsample
-    # scatter sizes are in points^2: convert the spot's diameter from thumbnail px to points
-    axes_width_pt = ax.get_window_extent().width * 72.0 / fig.dpi
-    diameter_pt = max(spot_diameter_px / downsample * axes_width_pt / max(w, 1), 2.0)
-    scatter = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=diameter_pt**2, cmap="viridis", alpha=0.85, edgecolors="none")
-    fig.colorbar(scatter, ax=ax, fraction=0.035, pad=0.02, label=value_label)
-    ax.set_title(f"{gene}{title_suffix}")
-    ax.set_axis_off()
-    fig.tight_layout()
-    fig.savefig(path)
+    frame = _tissue_frame(view, centers_px)
+    width, height = frame[2] - frame[0], frame[3] - frame[1]
+    fig, ax = plt.subplots(figsize=(8, 8 * height / max(width, 1) + 1.0), dpi=100)
+    _draw_spots(fig, ax, values, centers_px, view, frame, value_label)
+    ax.set_title(view.title(gene), fontsize=10)
+    fig.text(0.01, 0.005, caption, fontsize=7, wrap=True, va="bottom")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, bbox_inches="tight", pad_inches=0.15)
+    plt.close(fig)
+
+
+def write_overview(
+    path: Path, genes: list[str], values: np.ndarray, centers_px: np.ndarray, view: SlideView, caption: str
+) -> None:
+    """One PNG with a panel per gene (``values`` (N, len(genes))), for a first look at a slide."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = _tissue_frame(view, centers_px)
+    width, height = frame[2] - frame[0], frame[3] - frame[1]
+    cols = min(4, len(genes))
+    rows = -(-len(genes) // cols)
+    panel = 4.0
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(panel * cols, panel * rows * height / max(width, 1) + 1.2), dpi=100, squeeze=False
+    )
+    for k, ax in enumerate(axes.flat):
+        if k >= len(genes):
+            ax.set_axis_off()
+            continue
+        _draw_spots(fig, ax, values[:, k], centers_px, view, frame, "log1p CPM")
+        ax.set_title(genes[k], fontsize=10)
+    fig.suptitle(view.title(f"{len(genes)} genes"), fontsize=10)
+    fig.text(0.01, 0.005, caption, fontsize=7, wrap=True, va="bottom")
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    fig.savefig(path, bbox_inches="tight", pad_inches=0.15)
     plt.close(fig)
 
 
@@ -166,47 +313,94 @@ def write_csv_rows(
 
 
 def write_heatmaps(
-    folder: Path,
-    genes: list[str],
-    values: np.ndarray,
-    centers_px: np.ndarray,
-    thumbnail: np.ndarray,
-    downsample: float,
-    spot_diameter_px: float,
-    title_suffix: str,
+    folder: Path, genes: list[str], values: np.ndarray, centers_px: np.ndarray, view: SlideView, caption: str
 ) -> None:
-    """One PNG per gene into ``folder`` (created); ``values`` (N, len(genes))."""
+    """One PNG per gene and ``overview.png`` into ``folder`` (created); ``values`` (N, len(genes))."""
     folder.mkdir()
     for k, gene in enumerate(genes):
-        write_heatmap(
-            folder / f"{_safe_name(gene)}.png",
-            gene,
-            values[:, k],
-            centers_px,
-            thumbnail,
-            downsample,
-            spot_diameter_px,
-            title_suffix=title_suffix,
-        )
+        write_heatmap(folder / f"{_safe_name(gene)}.png", gene, values[:, k], centers_px, view, caption)
+    write_overview(folder / OVERVIEW_PNG, genes, values, centers_px, view, caption)
+
+
+def heatmap_caption(genes: Sequence[str], requested: bool, n_panel: int, n_spots: int, view: SlideView) -> str:
+    """Why these genes, and how to read the picture."""
+    why = (
+        "the genes asked for"
+        if requested
+        else f"the {len(genes)} of the model's {n_panel} genes whose predictions vary most across this slide's spots"
+    )
+    return (
+        f"Genes: {why}. {n_spots} spots, drawn as discs of the spot's diameter "
+        f"({view.spot_diameter_px * view.mpp:.0f} um); the model sees a {view.window_um:.0f} um square around each. "
+        f"Values: predicted log1p CPM."
+    )
+
+
+def write_geojson(
+    path: Path,
+    ids: Sequence[str],
+    centers_px: np.ndarray,
+    window_px: float,
+    genes: Sequence[str],
+    rows,
+    append: bool,
+) -> None:
+    """QuPath-ready GeoJSON: a FeatureCollection with one detection per spot, its geometry the
+    model's square in level-0 px, its predictions as QuPath measurements (a name -> number map).
+    ``append`` adds the features of the next row chunk; :func:`close_geojson` ends the file."""
+    half = window_px / 2
+    with open(path, "a" if append else "w") as fh:
+        if not append:
+            fh.write('{"type": "FeatureCollection", "features": [\n')
+        for k, (spot_id, (x, y)) in enumerate(zip(ids, centers_px, strict=True)):
+            ring = [[x - half, y - half], [x + half, y - half], [x + half, y + half], [x - half, y + half]]
+            feature = {
+                "type": "Feature",
+                "id": str(spot_id),
+                "geometry": {"type": "Polygon", "coordinates": [[*ring, ring[0]]]},
+                "properties": {
+                    "objectType": "detection",
+                    "name": str(spot_id),
+                    "classification": {"name": "M2ORT spot", "color": [64, 160, 96]},
+                    "isLocked": True,
+                    "measurements": {g: float(v) for g, v in zip(genes, rows[k], strict=True)},
+                },
+            }
+            fh.write(("" if not append and k == 0 else ",\n") + json.dumps(feature, allow_nan=False))
+
+
+def close_geojson(path: Path) -> None:
+    with open(path, "a") as fh:
+        fh.write("\n]}\n")
 
 
 def publish_staged(staging: Path, out_dir: Path, stem: str, heatmap_genes: list[str]) -> SlideOutputs:
-    """Rename what ``staging`` holds of ``<stem>.csv``, ``<stem>_heatmaps/`` and ``<stem>.h5ad``
-    into ``out_dir``, the ``.h5ad`` last: an ``.h5ad`` that exists is complete."""
-    staged_maps, staged_csv = staging / f"{stem}_heatmaps", staging / f"{stem}.csv"
-    heatmaps, csv_path = [], None
+    """Rename what ``staging`` holds of ``<stem>.csv``, ``<stem>.geojson``, ``<stem>_heatmaps/``
+    and ``<stem>.h5ad`` into ``out_dir``, the ``.h5ad`` last: an ``.h5ad`` that exists is complete."""
+    staged_maps = staging / f"{stem}_heatmaps"
+    heatmaps = []
     if staged_maps.is_dir():
         final_maps = out_dir / f"{stem}_heatmaps"
         if final_maps.exists():
             shutil.rmtree(final_maps)
         os.replace(staged_maps, final_maps)
-        heatmaps = [final_maps / f"{_safe_name(gene)}.png" for gene in heatmap_genes]
-    if staged_csv.exists():
-        csv_path = out_dir / f"{stem}.csv"
-        os.replace(staged_csv, csv_path)
+        heatmaps = [final_maps / f"{_safe_name(gene)}.png" for gene in heatmap_genes] + [final_maps / OVERVIEW_PNG]
+    published = {}
+    for suffix in (".csv", ".geojson", ".zarr"):
+        if (staging / f"{stem}{suffix}").exists():
+            published[suffix] = out_dir / f"{stem}{suffix}"
+            if published[suffix].is_dir():  # a store from an earlier run (--overwrite)
+                shutil.rmtree(published[suffix])
+            os.replace(staging / f"{stem}{suffix}", published[suffix])
     h5ad_path = out_dir / f"{stem}.h5ad"
     os.replace(staging / f"{stem}.h5ad", h5ad_path)
-    return SlideOutputs(h5ad=h5ad_path, csv=csv_path, heatmaps=heatmaps)
+    return SlideOutputs(
+        h5ad=h5ad_path,
+        csv=published.get(".csv"),
+        heatmaps=heatmaps,
+        geojson=published.get(".geojson"),
+        spatialdata=published.get(".zarr"),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,15 +557,28 @@ class StagedOutput:
         self._lock_fd = -1
 
 
+def existing_run_settings(h5ad: Path) -> dict | None:
+    """The run settings an existing ``.h5ad`` records (``uns["m2ort_fast"]["run_settings"]``), or
+    None when it records none (an earlier version's output); OutputError when it cannot be read."""
+    import h5py
+
+    try:
+        with h5py.File(h5ad, "r") as f:
+            node = f.get("uns/m2ort_fast/run_settings")
+            if node is None:
+                return None
+            value = node[()]
+            return json.loads(value.decode() if isinstance(value, bytes) else str(value))
+    except (OSError, ValueError) as exc:
+        raise OutputError(
+            f"exists but cannot be read ({exception_detail(exc)}): --overwrite to replace it", h5ad
+        ) from None
+
+
 def run_key(settings: dict) -> str:
     """A short stable hash of the settings that decide a slide's outputs."""
     text = json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def heatmap_title_suffix(stem: str, trained: bool) -> str:
-    """What a heatmap's title adds to the gene: the slide, and a warning for an untrained model."""
-    return f" ({stem}{'' if trained else ', UNTRAINED model'})"
 
 
 def _safe_name(gene: str) -> str:
@@ -402,7 +609,8 @@ class ChunkedH5adWriter:
         self.stem = staged.stem
         self.genes = list(genes)
         self.n_spots = skeleton.n_obs
-        self.ids = [str(name) for name in skeleton.obs_names]
+        # the CSV and GeoJSON name spots as their table does (one file per slide: no clash)
+        self.ids = [str(i) for i in (skeleton.obs["spot_id"] if "spot_id" in skeleton.obs else skeleton.obs_names)]
         self.h5ad = staged.folder / f"{self.stem}.h5ad"
         self.progress_path = staged.folder / "written.npy"
         self.file: Any = None  # the open h5py.File
@@ -478,14 +686,15 @@ class ChunkedH5adWriter:
     def finish(
         self,
         *,
-        write_csv: bool,
+        formats: Sequence[str] = ("csv",),
         heatmap_genes: Sequence[str] | None,
         n_heatmaps: int,
-        thumbnail: np.ndarray | None,
-        thumbnail_downsample: float,
-        spot_diameter_px: float,
-        title_suffix: str,
+        view: SlideView | None,
+        slide: Slide | None = None,
     ) -> SlideOutputs:
+        """Write the other formats (``FORMATS``) and heatmaps from the file in row chunks, then
+        publish everything, the ``.h5ad`` last. ``slide``: the open slide, for the SpatialData
+        store's image."""
         if not self.written.all():
             raise RuntimeError(f"{int((~self.written).sum())} spots have no prediction")
         with output_errors(self.staged.folder):
@@ -496,32 +705,37 @@ class ChunkedH5adWriter:
             columns = [self.genes.index(g) for g in genes]
             heat_values = np.empty((self.n_spots, len(columns)), dtype=np.float32)
             centers = self.file["obsm"]["spatial"][:]
-            csv_path = self.staged.folder / f"{self.stem}.csv"
+            folder = self.staged.folder
+            geojson_window_px = view.window_px if "geojson" in formats and view is not None else None
             for start, rows in self._row_chunks():
-                heat_values[start : start + len(rows)] = rows[:, columns]
-                if write_csv:
+                chunk = slice(start, start + len(rows))
+                heat_values[chunk] = rows[:, columns]
+                if "csv" in formats:
                     write_csv_rows(
-                        csv_path,
-                        rows,
-                        self.ids[start : start + len(rows)],
+                        folder / f"{self.stem}.csv", rows, self.ids[chunk], self.genes, centers[chunk], append=start > 0
+                    )
+                if geojson_window_px is not None:
+                    write_geojson(
+                        folder / f"{self.stem}.geojson",
+                        self.ids[chunk],
+                        centers[chunk],
+                        geojson_window_px,
                         self.genes,
-                        centers[start : start + len(rows)],
+                        rows,
                         append=start > 0,
                     )
+            if geojson_window_px is not None:
+                close_geojson(folder / f"{self.stem}.geojson")
             self.file.close()
             self.progress_path.unlink(missing_ok=True)
-            if genes and thumbnail is not None:
-                write_heatmaps(
-                    self.staged.folder / f"{self.stem}_heatmaps",
-                    genes,
-                    heat_values,
-                    centers,
-                    thumbnail,
-                    thumbnail_downsample,
-                    spot_diameter_px,
-                    title_suffix,
-                )
-        return self.staged.publish(genes)
+            if "spatialdata" in formats and view is not None and slide is not None:
+                from m2ort_fast.outputs_spatialdata import write_spatialdata
+
+                write_spatialdata(folder / f"{self.stem}.zarr", self.h5ad, slide, view)
+            if genes and view is not None:
+                caption = heatmap_caption(genes, bool(heatmap_genes), len(self.genes), self.n_spots, view)
+                write_heatmaps(folder / f"{self.stem}_heatmaps", genes, heat_values, centers, view, caption)
+        return self.staged.publish(genes if view is not None else [])
 
     def abort(self) -> None:
         """Close the file and remove the staging folder (an interrupted slide leaves no output)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import time
@@ -22,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,20 +34,26 @@ from m2ort_fast.checkpoint import ModelCard, file_sha256, load_checkpoint
 from m2ort_fast.crop import read_spot_patches
 from m2ort_fast.errors import M2ORTError, SpotsError
 from m2ort_fast.outputs import (
+    FORMATS,
+    HIRES_MAX_SIDE_PX,
     ChunkedH5adWriter,
     SlideOutputs,
+    SlideView,
     StagedOutput,
     build_anndata,
     check_heatmap_genes,
     check_out_dir,
-    heatmap_title_suffix,
+    existing_run_settings,
     run_key,
 )
 from m2ort_fast.profiling import StageTimer
 from m2ort_fast.slide import Slide, open_slide, require_mpp
-from m2ort_fast.spots import Spots, check_spots_inside, grid_spots, load_spots
+from m2ort_fast.spots import Spots, SpotsLike, as_spots, check_spots_inside, grid_spots
 from m2ort_fast.stream import DEFAULT_MAX_MEMORY_MB, plan_slide_reads, run_stream
 from m2ort_fast.tissue import tissue_mask
+
+if TYPE_CHECKING:
+    import anndata
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_SLIDE = ASSETS / "demo_slide.tiff"
 DEMO_SPOTS = ASSETS / "demo_spots.tsv"
 DEFAULT_CHECKPOINT = ASSETS / "m2ort_her2st_tiny.safetensors"
+DEMO_SOURCE_SECTION = "C3"  # scripts/make_demo_assets.py crops the demo slide from her2st section C3
 
 VISIUM_PITCH_UM = 100.0
 VISIUM_SPOT_DIAMETER_UM = 55.0
@@ -189,7 +197,7 @@ class Predictor:
         self,
         slide_path: str | os.PathLike,
         *,
-        spots: str | os.PathLike | Spots | None = None,
+        spots: SpotsLike | None = None,
         spot_format: str = "auto",
         spacing_um: float | None = None,
         mpp: float | None = None,
@@ -197,18 +205,22 @@ class Predictor:
         heatmap_genes: Sequence[str] | None = None,
         n_heatmaps: int = 4,
         write_csv: bool = True,
+        formats: Sequence[str] | None = None,
         reader: str = "auto",
         stem: str | None = None,
         streamed: bool | None = None,
-        overwrite: bool = True,
+        overwrite: bool = False,
     ) -> SlideResult:
         """Predict every spot of one slide and write ``<stem>.h5ad``, ``.csv`` and heatmaps.
 
-        Spots: a spot file (Visium, legacy ST, CSV of centres), a :class:`Spots`, or None for a
-        hexagonal grid over the tissue every ``spacing_um`` (default: Visium's 100 um).
-        ``streamed``: None uses the Predictor's setting. ``overwrite``: False skips a slide whose
-        ``.h5ad`` exists (checked again once the output is locked, so a run that finished meanwhile
-        is not replaced).
+        Spots: a spot file (Visium, legacy ST, CSV of centres), a :class:`Spots`, an AnnData with
+        ``obsm["spatial"]`` (Visium read by scanpy, a HEST sample), or None for a hexagonal grid
+        over the tissue every ``spacing_um`` (default: Visium's 100 um). ``formats``: what to write
+        beside the ``.h5ad`` (``outputs.FORMATS``; default csv, or nothing with ``write_csv=False``).
+        ``streamed``: None uses the Predictor's setting. ``overwrite``: False (the CLI's default
+        too) skips a slide whose ``.h5ad`` was made with the same checkpoint, spots and settings,
+        and refuses (M2ORTError naming the setting) one made otherwise; checked again once the
+        output is locked, so a run that finished meanwhile is not replaced.
         """
         opened = self._open_slide(
             slide_path, spots=spots, spot_format=spot_format, spacing_um=spacing_um, mpp=mpp, reader=reader
@@ -219,17 +231,71 @@ class Predictor:
             heatmap_genes=heatmap_genes,
             n_heatmaps=n_heatmaps,
             write_csv=write_csv,
+            formats=formats,
             stem=stem,
             spacing_um=spacing_um,
             streamed=streamed,
             overwrite=overwrite,
         )
 
+    def predict(
+        self,
+        slide_path: str | os.PathLike,
+        *,
+        spots: SpotsLike | None = None,
+        spot_format: str = "auto",
+        spacing_um: float | None = None,
+        mpp: float | None = None,
+        reader: str = "auto",
+        write: bool = False,
+        **write_options: Any,
+    ) -> anndata.AnnData:
+        """Predict every spot of one slide and return the AnnData (as written to ``<stem>.h5ad``).
+
+        ``write=False``: in memory, nothing written. ``write=True``: written as
+        :meth:`predict_slide` writes (``write_options``: out_dir, formats, overwrite, ...), then
+        read back."""
+        if write:
+            import anndata
+
+            result = self.predict_slide(
+                slide_path,
+                spots=spots,
+                spot_format=spot_format,
+                spacing_um=spacing_um,
+                mpp=mpp,
+                reader=reader,
+                **write_options,
+            )
+            if result.error:
+                raise M2ORTError(result.error)
+            out_dir = Path(write_options.get("out_dir", "m2ort-fast-out"))
+            return anndata.read_h5ad(out_dir / f"{write_options.get('stem') or Path(slide_path).stem}.h5ad")
+        if write_options:
+            raise TypeError(f"write options without write=True: {', '.join(write_options)}")
+        opened = self._open_slide(
+            slide_path, spots=spots, spot_format=spot_format, spacing_um=spacing_um, mpp=mpp, reader=reader
+        )
+        with opened.slide as slide:
+            centers = np.asarray(opened.spots.centers_px, dtype=np.float64)
+            if self.streamed:
+                sink = _InMemoryPredictions(len(centers), len(self.card.genes))
+                self._predict_streamed(slide, centers, opened.timer, sink)
+                predictions = sink.predictions
+            else:
+                predictions = self.predict_centers(slide, centers, opened.timer)
+            view = self._view(opened, opened.path.stem)
+            uns = self._run_metadata(slide, opened.spots, spacing_um=spacing_um, streamed=self.streamed)
+            uns["run_settings"] = json.dumps(self.run_settings(opened.path, opened.spots, spacing_um, mpp))
+            return build_anndata(
+                predictions, self.card.genes, opened.spots.ids, centers, opened.spots.columns, uns, view
+            )
+
     def _open_slide(
         self,
         slide_path: str | os.PathLike,
         *,
-        spots: str | os.PathLike | Spots | None = None,
+        spots: SpotsLike | None = None,
         spot_format: str = "auto",
         spacing_um: float | None = None,
         mpp: float | None = None,
@@ -245,8 +311,8 @@ class Predictor:
             )
         try:
             with timer.stage("open"):
-                if spots is not None and not isinstance(spots, Spots):
-                    spots = load_spots(spots, format=spot_format)
+                if spots is not None:
+                    spots = as_spots(spots, format=spot_format)
                 if spots is not None and slide.mpp is None and spots.mpp_from_pitch:
                     slide.set_mpp(spots.mpp_from_pitch, "spot-table")
                     log.info(
@@ -257,6 +323,7 @@ class Predictor:
                     )
                 slide_mpp = require_mpp(slide)
                 thumbnail, downsample = slide.thumbnail(THUMBNAIL_MAX_SIDE_PX)
+                hires, hires_downsample = slide.thumbnail(HIRES_MAX_SIDE_PX)
                 mask = tissue_mask(thumbnail)
                 if spots is None:
                     spots = grid_spots(
@@ -273,7 +340,9 @@ class Predictor:
         except BaseException:
             slide.close()
             raise
-        return _OpenedSlide(slide_path, slide, spots, thumbnail, downsample, slide_mpp, timer)
+        return _OpenedSlide(
+            slide_path, slide, spots, thumbnail, downsample, slide_mpp, timer, mask, hires, hires_downsample
+        )
 
     def _predict_opened(
         self,
@@ -286,34 +355,31 @@ class Predictor:
         stem: str | None,
         spacing_um: float | None,
         streamed: bool | None,
-        overwrite: bool = True,
+        overwrite: bool = False,
+        formats: Sequence[str] | None = None,
     ) -> SlideResult:
         started = time.perf_counter()
+        formats = _formats(formats, write_csv)
         streamed = self.streamed if streamed is None else streamed
-        slide, spots, thumbnail, downsample, slide_mpp, timer = (
-            opened.slide,
-            opened.spots,
-            opened.thumbnail,
-            opened.downsample,
-            opened.slide_mpp,
-            opened.timer,
-        )
+        slide, spots, slide_mpp, timer = opened.slide, opened.spots, opened.slide_mpp, opened.timer
         result = SlideResult(slide=opened.path)
         stem = stem or opened.path.stem
         with slide:
             centers = np.asarray(spots.centers_px, dtype=np.float64)
             spot_diameter_px = (spots.spot_diameter_um or VISIUM_SPOT_DIAMETER_UM) / slide_mpp
             uns = self._run_metadata(slide, spots, out_dir=out_dir, spacing_um=spacing_um, streamed=streamed)
+            settings = self.run_settings(
+                opened.path, spots, spacing_um, slide.mpp if slide.mpp_source == "user" else None
+            )
+            uns["run_settings"] = json.dumps(settings)
             staged = StagedOutput(out_dir, stem, self._run_key(slide, spots, centers, streamed))
-            if not overwrite and staged.h5ad.exists():  # finished by another run since the caller looked
+            if not overwrite and skip_existing(staged.h5ad, settings):  # finished by another run meanwhile
                 staged.discard()
-                log.info("%s: %s exists, skipped (overwrite to redo it)", opened.path.name, staged.h5ad.name)
                 return SlideResult(slide=opened.path, skipped=True)
+            view = self._view(opened, stem, spot_diameter_px)
             try:
                 with timer.stage("write"):
-                    writer = self._open_writer(
-                        staged, spots, centers, uns, heatmap_genes, thumbnail, downsample, spot_diameter_px
-                    )
+                    writer = self._open_writer(staged, spots, centers, uns, heatmap_genes, view)
                 try:
                     if streamed:
                         result.engine = self._predict_streamed(slide, centers, timer, writer)
@@ -323,13 +389,7 @@ class Predictor:
                             writer.write(np.arange(len(centers)), predictions)
                     with timer.stage("write"):
                         result.outputs = writer.finish(
-                            write_csv=write_csv,
-                            heatmap_genes=heatmap_genes,
-                            n_heatmaps=n_heatmaps,
-                            thumbnail=thumbnail,
-                            thumbnail_downsample=downsample,
-                            spot_diameter_px=spot_diameter_px,
-                            title_suffix=heatmap_title_suffix(staged.stem, self.card.trained),
+                            formats=formats, heatmap_genes=heatmap_genes, n_heatmaps=n_heatmaps, view=view, slide=slide
                         )
                 except BaseException:
                     writer.abort()
@@ -370,29 +430,60 @@ class Predictor:
         centers: np.ndarray,
         uns: dict,
         heatmap_genes: Sequence[str] | None,
-        thumbnail: np.ndarray,
-        downsample: float,
-        spot_diameter_px: float,
+        view: SlideView,
     ) -> ChunkedH5adWriter:
         """The slide's one writer (both engines): obs, obsm and uns written now, X as predictions come.
         A staging folder left by a killed run with the same settings is continued."""
         if heatmap_genes:
             check_heatmap_genes(self.card.genes, heatmap_genes)  # before any spot is read
         skeleton = build_anndata(
-            np.empty((len(centers), 0), dtype=np.float32),
-            [],
-            spots.ids,
-            centers,
-            spots.columns,
-            uns,
-            thumbnail=thumbnail,
-            thumbnail_downsample=downsample,
-            spot_diameter_px=spot_diameter_px,
+            np.empty((len(centers), 0), dtype=np.float32), [], spots.ids, centers, spots.columns, uns, view
         )
         return ChunkedH5adWriter(staged, skeleton, self.card.genes)
 
+    def _view(self, opened: _OpenedSlide, library_id: str, spot_diameter_px: float | None = None) -> SlideView:
+        """What the writers draw on and record about ``opened`` beside its predictions."""
+        spots = opened.spots
+        if spot_diameter_px is None:
+            spot_diameter_px = (spots.spot_diameter_um or VISIUM_SPOT_DIAMETER_UM) / opened.slide_mpp
+        return SlideView(
+            library_id=library_id,
+            source_image=str(opened.path),
+            mpp=opened.slide_mpp,
+            hires=opened.hires,
+            hires_downsample=opened.hires_downsample,
+            thumbnail=opened.thumbnail,
+            thumbnail_downsample=opened.downsample,
+            tissue_mask=opened.tissue_mask,
+            spot_diameter_px=spot_diameter_px,
+            window_px=self.card.field_of_view_um / opened.slide_mpp,
+            model_id=self.card.model_id,
+            in_training=_in_training(self.card, opened.path),
+            trained=self.card.trained,
+        )
+
+    def run_settings(
+        self, slide_path: Path, spots: Spots | None, spacing_um: float | None, mpp: float | None
+    ) -> dict[str, str]:
+        """What decides a slide's predictions, in words (recorded in ``uns["m2ort_fast"]["run_settings"]``):
+        an existing output is skipped only when it was made with the same, else refused."""
+        if spots is None or spots.source == "grid":
+            where = f"a grid every {VISIUM_PITCH_UM if spacing_um is None else spacing_um:g} um over the tissue"
+        else:
+            digest = hashlib.sha256(np.ascontiguousarray(spots.centers_px, dtype=np.float64).tobytes())
+            digest.update("\n".join(map(str, spots.ids)).encode())
+            where = f"{len(spots)} spots from a {spots.source} table (sha256 {digest.hexdigest()[:16]})"
+        return {
+            "checkpoint": f"{self.card.model_id} (sha256 {self.checkpoint_sha256[:16]})",
+            "slide": f"{Path(slide_path).name} ({Path(slide_path).stat().st_size} bytes)",
+            "spots": where,
+            "mpp": "the slide's own" if mpp is None else f"{mpp:g} (given)",
+            "level_source": self.level_source,
+            "precision": self.precision,
+        }
+
     def _predict_streamed(
-        self, slide: Slide, centers: np.ndarray, timer: StageTimer, writer: ChunkedH5adWriter
+        self, slide: Slide, centers: np.ndarray, timer: StageTimer, writer: ChunkedH5adWriter | _InMemoryPredictions
     ) -> dict:
         """Predictions streamed from the read plan straight into ``writer`` (bounded memory); only
         the spots a resumed staging folder has not written yet are read and predicted."""
@@ -494,6 +585,21 @@ class _OpenedSlide:
     downsample: float
     slide_mpp: float
     timer: StageTimer
+    tissue_mask: np.ndarray  # (h, w) bool on the thumbnail
+    hires: np.ndarray  # (h, w, 3) uint8, at most HIRES_MAX_SIDE_PX a side
+    hires_downsample: float
+
+
+class _InMemoryPredictions:
+    """Where the streamed engine writes when nothing goes to disk: (n_spots, n_genes) float32."""
+
+    def __init__(self, n_spots: int, n_genes: int):
+        self.predictions = np.zeros((n_spots, n_genes), dtype=np.float32)
+        self.written = np.zeros(n_spots, dtype=bool)
+
+    def write(self, spots: np.ndarray, predictions: np.ndarray) -> None:
+        self.predictions[spots] = predictions
+        self.written[spots] = True
 
 
 def _check_spots_on_tissue(spots: Spots, mask: np.ndarray, downsample: float, slide_path: Path) -> None:
@@ -512,14 +618,57 @@ def _check_spots_on_tissue(spots: Spots, mask: np.ndarray, downsample: float, sl
         )
 
 
+def _formats(formats: Sequence[str] | None, write_csv: bool = True) -> tuple[str, ...]:
+    """The formats to write beside the .h5ad: ``formats`` (default csv), less csv when ``write_csv`` is False."""
+    chosen = ("csv",) if formats is None else tuple(formats)
+    unknown = [f for f in chosen if f not in FORMATS]
+    if unknown:
+        raise M2ORTError(
+            f"unknown output format {unknown[0]!r}: use {', '.join(FORMATS)} (the .h5ad is always written)"
+        )
+    return tuple(f for f in chosen if write_csv or f != "csv")
+
+
+def _in_training(card: ModelCard, slide_path: Path) -> bool | None:
+    """Whether the model was trained on this slide, by its card's provenance (None: it does not say)."""
+    data = card.provenance.get("data") if card.trained else []
+    if not data:
+        return None if card.trained else False
+    seen = [d for d in data if isinstance(d, dict) and d.get("role", "train") in ("train", "val")]
+    if Path(slide_path).resolve() == DEMO_SLIDE.resolve():
+        return any(d.get("section") == DEMO_SOURCE_SECTION for d in seen)
+    return any(d.get("slide") == Path(slide_path).name or d.get("section") == Path(slide_path).stem for d in seen)
+
+
+def skip_existing(h5ad: Path, settings: dict[str, str]) -> bool:
+    """True when ``h5ad`` exists and was made with ``settings`` (the slide is skipped); False when
+    there is none; M2ORTError naming the first setting that differs otherwise."""
+    if not h5ad.exists():
+        return False
+    made_with = existing_run_settings(h5ad)
+    if made_with is None:
+        raise M2ORTError(
+            "exists, made by an earlier version that did not record its settings: --overwrite to replace it", h5ad
+        )
+    for key, value in settings.items():
+        if made_with.get(key) != value:
+            raise M2ORTError(
+                f"exists, made with {key} {made_with.get(key)!r}; this run has {key} {value!r} "
+                f"(--overwrite to replace it, or another --out)",
+                h5ad,
+            )
+    log.info("%s: exists, made with the same model, spots and settings: skipped", h5ad)
+    return True
+
+
 def predict_slides(
     slides: Iterable[str | os.PathLike],
     *,
     model: str | os.PathLike | Predictor | None = None,
     out_dir: str | os.PathLike = "m2ort-fast-out",
-    spots: Sequence[str | os.PathLike | Spots | None] | None = None,
+    spots: Sequence[SpotsLike | None] | None = None,
     stop_on_error: bool = False,
-    overwrite: bool = True,
+    overwrite: bool = False,
     **options: Any,
 ) -> list[SlideResult]:
     """Predict many slides with one loaded model.
@@ -529,8 +678,10 @@ def predict_slides(
     ``options``: Predictor options (backend, device, precision, batch_size, streamed,
     max_memory_mb, ...) when ``model`` is not a Predictor, and predict_slide options (spacing_um,
     mpp, heatmap_genes, ...).
-    ``overwrite``: False skips (resumes past) slides whose ``<stem>.h5ad`` exists; outputs are
-    renamed into place only when complete, so an interrupted batch resumes where it stopped.
+    ``overwrite``: False (the default, as the CLI's) skips slides whose ``<stem>.h5ad`` exists and
+    was made with the same checkpoint, spots and settings, and fails those made otherwise (their
+    error names the setting); outputs are renamed into place only when complete, so an
+    interrupted batch resumes where it stopped.
     A slide that fails is reported in its result's ``error`` and the batch goes on. The next
     slide is opened (slide, spots, thumbnail, tissue) while the current one is predicted.
     """
@@ -576,15 +727,30 @@ def predict_slides(
     ):
         run_options.setdefault(key, default)
 
+    _formats(run_options.get("formats"), run_options["write_csv"])  # a wrong format fails before any slide
     todo = []
     results: dict[int, SlideResult] = {}
     for i, slide_path in enumerate(slide_paths):
-        stem = run_options["stem"] or slide_path.stem
-        if not overwrite and (out_dir / f"{stem}.h5ad").exists():
-            log.info("%s: %s.h5ad exists, skipped (overwrite to redo it)", slide_path.name, stem)
-            results[i] = SlideResult(slide=slide_path, skipped=True)
-        else:
+        h5ad = out_dir / f"{run_options['stem'] or slide_path.stem}.h5ad"
+        if overwrite or not h5ad.exists():
             todo.append(i)
+            continue
+        try:  # decided without opening the slide: a resumed cohort skips its done slides at once
+            table = None if spots[i] is None else as_spots(spots[i], format=open_options.get("spot_format", "auto"))
+            spots[i] = table
+            settings = predictor.run_settings(
+                slide_path, table, open_options.get("spacing_um"), open_options.get("mpp")
+            )
+            if skip_existing(h5ad, settings):
+                results[i] = SlideResult(slide=slide_path, skipped=True)
+                continue
+        except M2ORTError as exc:
+            if stop_on_error:
+                raise
+            log.error("%s", exc)
+            results[i] = SlideResult(slide=slide_path, error=str(exc))
+            continue
+        todo.append(i)
 
     def open_one(i: int) -> _OpenedSlide:
         return predictor._open_slide(slide_paths[i], spots=spots[i], **open_options)

@@ -26,11 +26,15 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 import pandas as pd
 
 from m2ort_fast.errors import SpotsError
+
+if TYPE_CHECKING:
+    import anndata
 
 VISIUM_PITCH_UM = 100.0  # centre to centre; same-row neighbours differ by 2 in array_col
 VISIUM_SPOT_DIAMETER_UM = 55.0
@@ -69,6 +73,10 @@ class Spots:
         return len(self.ids)
 
 
+# What the API takes as spots: a Spots, a spot table's path, or an AnnData with obsm["spatial"].
+SpotsLike: TypeAlias = "Spots | str | os.PathLike | anndata.AnnData"
+
+
 # ----------------------------------------------------------------------------------- loading
 
 
@@ -86,6 +94,16 @@ def load_spots(path: str | os.PathLike, *, format: str = "auto") -> Spots:
     if format == "auto":
         format = _detect_format(path)
     return {"visium": _load_visium, "st": _load_st, "csv": _load_csv}[format](path)
+
+
+def as_spots(spots: SpotsLike, *, format: str = "auto") -> Spots:
+    """Spots as the API takes them: a :class:`Spots`, an AnnData with ``obsm["spatial"]``
+    (:func:`spots_from_anndata`), or a spot table's path (:func:`load_spots`)."""
+    if isinstance(spots, Spots):
+        return spots
+    if hasattr(spots, "obsm") and hasattr(spots, "obs_names"):  # an AnnData (not imported for a path)
+        return spots_from_anndata(spots)
+    return load_spots(spots, format=format)
 
 
 def _find_visium_positions(folder: Path) -> Path:
@@ -240,6 +258,40 @@ def _load_visium(path: Path) -> Spots:
     )
     barcodes = raw["barcode"].str.strip()[keep].tolist()
     return _make_spots(barcodes, centers[keep], "visium", columns, mpp, VISIUM_SPOT_DIAMETER_UM, path)
+
+
+def spots_from_anndata(adata, library_id: str | None = None) -> Spots:
+    """Spots from an AnnData as scanpy/squidpy hold Visium data (``sc.read_visium``, HEST samples):
+    centres from ``obsm["spatial"]`` (x, y in level-0 px of the slide they are predicted on), ids
+    from ``obs_names``, ``obs`` kept as columns. Where ``uns["spatial"][library_id]`` has Space
+    Ranger's ``spot_diameter_fullres``, it gives the mpp (a Visium spot spans 65 um there) and the
+    spots are Visium's 55 um ones; ``library_id`` picks one of several libraries."""
+    where = "AnnData spots"
+    if "spatial" not in getattr(adata, "obsm", {}):
+        raise SpotsError('has no obsm["spatial"] (spot centres in pixels)', where)
+    centers = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    if centers.ndim != 2 or centers.shape[1] != 2 or len(centers) != adata.n_obs:
+        raise SpotsError(f'obsm["spatial"] must be (n_obs, 2) x, y pixels, got shape {centers.shape}', where)
+    if not len(centers):
+        raise SpotsError("has no spots", where)
+    if not np.isfinite(centers).all():
+        bad = adata.obs_names[int(np.argmax(~np.isfinite(centers).all(1)))]
+        raise SpotsError(f'obsm["spatial"] holds a non-finite centre (spot {bad!r})', where)
+    libraries = dict(adata.uns.get("spatial", {}) or {})
+    if library_id is not None and library_id not in libraries:
+        raise SpotsError(f"no library {library_id!r} in uns['spatial'] (has: {', '.join(libraries) or 'none'})", where)
+    if library_id is None and len(libraries) > 1:
+        raise SpotsError(f"uns['spatial'] holds {len(libraries)} libraries ({', '.join(libraries)}): name one", where)
+    library = libraries.get(library_id) if library_id else next(iter(libraries.values()), None)
+    diameter_px = (library or {}).get("scalefactors", {}).get("spot_diameter_fullres")
+    mpp = diameter = None
+    if diameter_px is not None and math.isfinite(float(diameter_px)) and float(diameter_px) > 0:
+        mpp, diameter = VISIUM_SCALEFACTOR_SPOT_UM / float(diameter_px), VISIUM_SPOT_DIAMETER_UM
+    columns = adata.obs.copy()
+    for name in columns.columns:  # categories (leiden, ...) as plain values: obs is rebuilt per slide
+        if isinstance(columns[name].dtype, pd.CategoricalDtype):
+            columns[name] = columns[name].astype(columns[name].cat.categories.dtype)
+    return _make_spots(list(adata.obs_names), centers, "anndata", columns, mpp, diameter, None)
 
 
 def _mpp_from_scalefactors(path: Path) -> float | None:

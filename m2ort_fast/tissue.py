@@ -2,7 +2,8 @@
 
 Stained tissue is coloured (eosin pink, haematoxylin purple) while the glass background is white
 or light grey, so HSV saturation separates them; Otsu's method picks the cut per slide, with a
-floor so that an all-background thumbnail (whose saturation is only noise) yields no tissue.
+floor so that an all-background thumbnail (whose saturation is only noise) yields no tissue, and
+the floor as the cut where no glass is in view (a thumbnail that is tissue throughout).
 Near-black pixels (scanner padding, out-of-scan areas) have an undefined saturation and are not
 tissue. Small specks (dust, debris) are removed and holes inside tissue (fat, lumens) filled.
 """
@@ -15,6 +16,10 @@ from scipy import ndimage
 # Saturation below which a pixel is never tissue, whatever Otsu says: white glass and JPEG noise
 # stay well under it, faint eosin is above it.
 MIN_TISSUE_SATURATION = 0.07
+# Otsu splits glass from tissue only where there is glass: when the pixels below its cut average
+# more saturation than glass ever has, the thumbnail is tissue throughout (a crop, a dense core)
+# and Otsu has split pale stroma from nuclei; the floor above is the cut then.
+MAX_GLASS_SATURATION = 0.12
 # Pixels whose brightest channel is below this are scanner padding or black marks, not tissue.
 MIN_TISSUE_BRIGHTNESS = 30
 # Connected tissue pieces smaller than this fraction of the thumbnail are dropped as debris.
@@ -59,6 +64,9 @@ def tissue_mask(thumbnail: np.ndarray) -> np.ndarray:
     if not lit.any():
         return np.zeros(sat.shape, dtype=bool)
     cut = max(otsu_threshold(sat[lit]), MIN_TISSUE_SATURATION)
+    below = sat[lit & (sat <= cut)]
+    if not below.size or float(below.mean()) > MAX_GLASS_SATURATION:  # no glass in view: all of it is tissue
+        cut = MIN_TISSUE_SATURATION
     mask = (sat > cut) & lit
     # Close small gaps between stained nuclei/stroma, then drop isolated specks.
     mask = ndimage.binary_closing(mask, structure=np.ones((3, 3), bool), iterations=2, border_value=0)

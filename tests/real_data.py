@@ -12,6 +12,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("M2ORT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 HER2ST = SHARED_DATA / "her2st"
 HER2ST_SECTIONS = ("C2", "C3", "C4", "C5")
+SQUIDPY_VISIUM = SHARED_DATA / "squidpy_visium"  # 49 real Visium spots as scanpy/squidpy hold them
 
 
 def require(folder: Path) -> Path:

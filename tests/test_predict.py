@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 from pyramids import write_test_pyramid
-from real_data import HER2ST_SECTIONS, her2st_section
+from real_data import HER2ST_SECTIONS, SQUIDPY_VISIUM, her2st_section, require
 
 from m2ort_fast import outputs as outputs_module
 from m2ort_fast.checkpoint import load_checkpoint
@@ -47,15 +47,19 @@ def test_demo_predict_matches_the_reference_path(predictor, tmp_path):
     table = pd.read_csv(DEMO_SPOTS, sep="\t")
     adata = read_h5ad(result.outputs.h5ad)
     assert adata.n_obs == len(table) == result.n_spots
-    assert list(adata.obs_names) == [f"{x}x{y}" for x, y in zip(table["x"], table["y"], strict=True)]
+    table_ids = [f"{x}x{y}" for x, y in zip(table["x"], table["y"], strict=True)]
+    assert list(adata.obs["spot_id"]) == table_ids
+    assert list(adata.obs_names) == [f"demo_slide_{i}" for i in table_ids]  # unique across slides
     np.testing.assert_allclose(adata.obsm["spatial"], table[["pixel_x", "pixel_y"]].to_numpy())
     assert list(adata.var_names) == predictor.genes
     np.testing.assert_allclose(adata.X, expected_predictions(DEMO_SLIDE, adata.obsm["spatial"]), rtol=1e-4, atol=1e-4)
     assert adata.uns["m2ort_fast"]["slide_mpp_source"] == "metadata"
     assert bool(adata.uns["m2ort_fast"]["trained"]) == predictor.card.trained
     csv = pd.read_csv(result.outputs.csv, index_col="spot_id")
+    assert list(csv.index) == table_ids
     np.testing.assert_allclose(csv[predictor.genes].to_numpy(), adata.X, rtol=1e-5, atol=1e-5)
-    assert len(result.outputs.heatmaps) == 4 and all(p.stat().st_size > 10_000 for p in result.outputs.heatmaps)
+    # four genes and the overview
+    assert len(result.outputs.heatmaps) == 5 and all(p.stat().st_size > 10_000 for p in result.outputs.heatmaps)
     assert {"open", "read", "assemble", "model", "write"} <= set(result.seconds)
     assert not list(tmp_path.glob(".*partial*")), "staging folder left behind"
 
@@ -83,7 +87,7 @@ def test_real_section_flat_jpeg_and_converted_pyramid(predictor, section, tmp_pa
     converted = predictor.predict_slide(pyramid, spots=table_path, out_dir=tmp_path / "pyramid", n_heatmaps=0)
     assert converted.mpp_source == "metadata" and converted.mpp == pytest.approx(flat.mpp, rel=1e-4)
     adata_pyr = read_h5ad(converted.outputs.h5ad)
-    assert list(adata_pyr.obs_names) == list(adata.obs_names)
+    assert list(adata_pyr.obs["spot_id"]) == list(adata.obs["spot_id"])
     np.testing.assert_allclose(adata_pyr.obsm["spatial"], adata.obsm["spatial"])
     # Same spots, same model: only JPEG re-encoding and the pyramid's own levels 2/3 differ.
     spread = adata.X.std(axis=0).mean()
@@ -131,3 +135,45 @@ def test_level_source_follows_the_checkpoint_unless_asked(tmp_path):
         pyramid = Predictor(progress=False, level_source="pyramid").predict_centers(slide, spots.centers_px[:8])
     assert resized.shape == pyramid.shape
     assert not np.allclose(resized, pyramid)  # level 2/3 pixels differ, and the model sees it
+
+
+def test_spots_from_an_anndata_give_the_table_predictions(predictor, tmp_path):
+    """An AnnData holding the spot table's centres in obsm["spatial"] (as scanpy holds Visium data)
+    is the same spots: the same predictions, its obs kept; and ``predict`` returns the AnnData in
+    memory, equal to the written one, writing nothing."""
+    import anndata
+
+    table = load_spots(DEMO_SPOTS)
+    spots = anndata.AnnData(obs=pd.DataFrame({"cluster": ["a", "b"] * 32 + ["a"]}, index=table.ids))
+    spots.obsm["spatial"] = table.centers_px.copy()
+    written = predictor.predict_slide(DEMO_SLIDE, spots=DEMO_SPOTS, out_dir=tmp_path / "table", n_heatmaps=0)
+    expected = read_h5ad(written.outputs.h5ad)
+    in_memory = predictor.predict(DEMO_SLIDE, spots=spots)
+    assert list(tmp_path.iterdir()) == [tmp_path / "table"]  # nothing else written
+    np.testing.assert_array_equal(in_memory.X, expected.X)
+    assert list(in_memory.obs["spot_id"]) == table.ids and list(in_memory.obs["cluster"][:3]) == ["a", "b", "a"]
+    assert list(in_memory.obs_names) == list(expected.obs_names)
+    got, want = (a.uns["spatial"]["demo_slide"]["scalefactors"] for a in (in_memory, expected))
+    assert got["tissue_hires_scalef"] == want["tissue_hires_scalef"]
+    # an AnnData without Space Ranger's scale factors does not say its spots' size: Visium's 55 um
+    mpp = expected.uns["m2ort_fast"]["slide_mpp"]
+    assert got["spot_diameter_fullres"] == pytest.approx(55 / mpp) and want["spot_diameter_fullres"] == pytest.approx(
+        100 / mpp
+    )
+
+
+def test_visium_anndata_as_scanpy_reads_it(predictor, tmp_path):
+    """squidpy's real Visium sample (49 spots on its H&E crop, ``uns["spatial"]`` from Space
+    Ranger): the mpp comes from spot_diameter_fullres (a 65 um spot there), obs kept."""
+    import anndata
+
+    folder = require(SQUIDPY_VISIUM)
+    adata = anndata.read_h5ad(folder / "test_data.h5ad")
+    scalefactors = adata.uns["spatial"]["V1_Adult_Mouse_Brain"]["scalefactors"]
+    result = predictor.predict(folder / "test_img.jpg", spots=adata)
+    assert result.n_obs == 49 and list(result.obs["spot_id"]) == list(adata.obs_names)
+    assert list(result.obs["leiden"]) == list(adata.obs["leiden"].astype(str))
+    assert result.uns["m2ort_fast"]["slide_mpp_source"] == "spot-table"
+    assert result.uns["m2ort_fast"]["slide_mpp"] == pytest.approx(65 / scalefactors["spot_diameter_fullres"])
+    np.testing.assert_array_equal(result.obsm["spatial"], adata.obsm["spatial"])
+    assert np.isfinite(result.X).all()

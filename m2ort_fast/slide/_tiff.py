@@ -215,6 +215,10 @@ def _tile_levels_of(tif, path: Path) -> dict[tuple[int, int], TiffLevel]:
                     raise SlideError(
                         f"damaged TIFF: the {size[0]}x{size[1]} px level's tile tables do not match its size", path
                     )
+                if page.jpegtables is not None and not isinstance(page.jpegtables, bytes):
+                    raise SlideError(
+                        f"damaged TIFF: the {size[0]}x{size[1]} px level's JPEGTables tag is not a byte string", path
+                    )
                 by_size[size] = TiffLevel(
                     page=page,
                     tile_w=tile_w,
