@@ -156,29 +156,12 @@ def run_predict(args) -> int:
         )
     if is_cohort_run(args):  # --ray / --shard: m2ort_fast.cohort, with a manifest
         return run_cohort(args, slides, spots)
-    engine_options = {"streamed": args.engine == "streamed"}
-    if args.max_memory_mb is not None:
-        engine_options["max_memory_mb"] = args.max_memory_mb
     results = predict_slides(
         slides,
         model=args.checkpoint,
         out_dir=args.out,
         spots=spots,
-        spot_format=args.spot_format,
-        overwrite=args.overwrite,
-        **engine_options,
-        spacing_um=args.spacing_um,
-        mpp=args.mpp,
-        reader=args.reader,
-        heatmap_genes=args.genes,
-        n_heatmaps=args.heatmaps,
-        write_csv=not args.no_csv,
-        formats=args.formats,
-        backend=args.backend,
-        device=args.device,
-        precision=args.precision,
-        batch_size=args.batch_size,
-        level_source=args.level_source,
+        **_run_options(args),
         progress=not args.quiet,
         stop_on_error=len(slides) == 1,
     )
@@ -279,6 +262,30 @@ def is_cohort_run(args) -> bool:
     return False
 
 
+def _run_options(args) -> dict[str, Any]:
+    """The predict options the command line sets, for predict_slides and predict_cohort alike."""
+    options: dict[str, Any] = {
+        "streamed": args.engine == "streamed",
+        "overwrite": args.overwrite,
+        "spot_format": args.spot_format,
+        "spacing_um": args.spacing_um,
+        "mpp": args.mpp,
+        "reader": args.reader,
+        "heatmap_genes": args.genes,
+        "n_heatmaps": args.heatmaps,
+        "write_csv": not args.no_csv,
+        "formats": args.formats,
+        "backend": args.backend,
+        "device": args.device,
+        "precision": args.precision,
+        "batch_size": args.batch_size,
+        "level_source": args.level_source,
+    }
+    if args.max_memory_mb is not None:
+        options["max_memory_mb"] = args.max_memory_mb
+    return options
+
+
 def run_cohort(args, slides: list[str], spots: list[str] | None) -> int:
     from m2ort_fast.cohort import DONE, FAILED, SKIPPED, predict_cohort
 
@@ -287,11 +294,6 @@ def run_cohort(args, slides: list[str], spots: list[str] | None) -> int:
             f"--ray takes auto or an address (host:port, ray://host:port), not {args.ray!r}: "
             f"give the slides before --ray, or write --ray auto"
         )
-    options: dict[str, Any] = {"streamed": args.engine == "streamed"}
-    if args.max_memory_mb is not None:
-        options["max_memory_mb"] = args.max_memory_mb
-    if getattr(args, "formats", None) is not None:  # --format: what predict writes beside the .h5ad
-        options["formats"] = args.formats
     run = predict_cohort(
         slides,
         model=args.checkpoint,
@@ -301,21 +303,8 @@ def run_cohort(args, slides: list[str], spots: list[str] | None) -> int:
         workers=args.workers,
         shard=args.shard,
         retry_failed=args.retry_failed,
-        overwrite=args.overwrite,
-        spot_format=args.spot_format,
-        spacing_um=args.spacing_um,
-        mpp=args.mpp,
-        reader=args.reader,
-        heatmap_genes=args.genes,
-        n_heatmaps=args.heatmaps,
-        write_csv=not args.no_csv,
-        backend=args.backend,
-        device=args.device,
-        precision=args.precision,
-        batch_size=args.batch_size,
-        level_source=args.level_source,
+        **_run_options(args),
         progress=not args.quiet and args.ray is None,  # bars from many workers would interleave
-        **options,
     )
     done, failed, skipped = run.count(DONE), run.count(FAILED), run.count(SKIPPED)
     print(f"{done} done, {failed} failed, {skipped} skipped of {len(run.rows)} slides; manifest {run.manifest}")

@@ -45,9 +45,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from m2ort_fast.checkpoint import file_sha256
 from m2ort_fast.errors import M2ORTError, OutputError, exception_detail
 from m2ort_fast.outputs import STAGING_SUFFIX, StagedOutput, ensure_out_dir, output_errors
-from m2ort_fast.predict import Predictor, SlideResult, _OpenedSlide
+from m2ort_fast.predict import DEFAULT_CHECKPOINT, Predictor, SlideResult, _OpenedSlide
 from m2ort_fast.spots import Spots
 
 log = logging.getLogger(__name__)
@@ -266,9 +267,8 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 @dataclass
 class SlideTask:
-    """One slide as handed to a worker (position in the run's list, path, spot source, stem)."""
+    """One slide as handed to a worker: its path, spot source (None: a grid) and output stem."""
 
-    index: int
     slide: str
     spots: str | os.PathLike | Spots | None
     stem: str
@@ -457,9 +457,6 @@ def predict_cohort(
         manifest_name = f"manifest.shard-{index}-of-{count}.csv"
     out = ensure_out_dir(out_dir)
     checkpoint = str(model) if model is not None else None
-    from m2ort_fast.checkpoint import file_sha256
-    from m2ort_fast.predict import DEFAULT_CHECKPOINT
-
     try:
         sha = file_sha256(checkpoint or DEFAULT_CHECKPOINT)
     except OSError as exc:
@@ -468,7 +465,7 @@ def predict_cohort(
     manifest_path = out / manifest_name
     with _manifest_lock(manifest_path):
         manifest, todo = _plan(manifest_path, paths, stems, sizes, positions, out, sha, retry_failed, overwrite)
-        tasks = {i: SlideTask(index=i, slide=paths[i], spots=spot_sources[i], stem=stems[i]) for i in positions}
+        tasks = {i: SlideTask(slide=paths[i], spots=spot_sources[i], stem=stems[i]) for i in positions}
         rows = {i: row for i, row in zip(positions, manifest.rows, strict=True)}
         run = CohortRun(rows=manifest.rows, manifest=manifest_path)
         done_before = sum(row.status == DONE for row in manifest.rows)
@@ -489,11 +486,10 @@ def predict_cohort(
             overwrite=overwrite,
         )
         try:
-            if not todo:
-                pass
-            elif ray_address is None:
+            # (nothing to do: no worker is started, nor Ray connected to)
+            if todo and ray_address is None:
                 _run_here(run, manifest, tasks, rows, todo, worker_args, sha)
-            else:
+            elif todo and ray_address is not None:
                 driver = _RayDriver(run, manifest, tasks, rows, todo, worker_args, sha, max_attempts, out)
                 driver.run(ray_address, workers, cpus_per_worker, predictor_options)
         finally:
@@ -815,22 +811,33 @@ class _RayDriver:
             self.manifest.write()
 
     def _assign(self, slot: _Slot) -> None:
+        """Give ``slot`` its reserved slide, else the queue's head, else (the queue empty) the
+        largest slide another worker reserved, so that no worker idles at the end while a busy one
+        holds one. Then reserve the queue's next slide for it to open meanwhile, when every other
+        worker is busy too: one starting, restarting or idle takes that slide itself instead,
+        largest first."""
         if slot.reserved is not None:
             i, slot.reserved = slot.reserved, None
         elif self.queue:
             i = self.queue.popleft()
-        else:  # the queue is empty: take the slide another worker would do after its current one
-            other = next((s for s in self.slots if s.reserved is not None), None)
-            if other is None:
+        else:
+            reserved = [s for s in self.slots if s.reserved is not None]
+            if not reserved:
                 return
+            other = min(reserved, key=lambda s: self._largest_first(s.reserved))
             i, other.reserved = other.reserved, None  # type: ignore[assignment]
-        slot.reserved = self.queue.popleft() if self.queue else None
+        others_busy = all(s.state in ("busy", "dead") for s in self.slots if s is not slot)
+        slot.reserved = self.queue.popleft() if self.queue and others_busy else None
         prefetch = self.tasks[slot.reserved] if slot.reserved is not None else None
         slot.running, slot.state = i, "busy"
         row = self.rows[i]
         row.status, row.attempts, row.worker, row.host = RUNNING, row.attempts + 1, slot.name, slot.host
         self.manifest.changed()
         self.refs[slot.handle.run.remote(self.tasks[i], prefetch)] = (slot, "run")
+
+    def _largest_first(self, i: int | None) -> tuple[int, str]:
+        row = self.rows[i] if i is not None else None
+        return (-row.size_bytes, row.slide) if row else (0, "")
 
     def _handle(self, ready: list[Any]) -> None:
         ray = self.ray

@@ -311,11 +311,13 @@ def test_shards_on_the_command_line_without_ray(cohort, reference, tmp_path):
         "from m2ort_fast.cli import main\n"
         "codes = [main(['predict', '--list', sys.argv[1], '--out', sys.argv[2], '--shard', f'{i}/3', '--quiet',\n"
         "               '--spacing-um', '200', '--heatmaps', '0', '--batch-size', '16']) for i in range(3)]\n"
-        "assert 'ray' not in sys.modules, 'a shard imported ray'\n"
+        "codes.append(main(['predict', sys.argv[3], '--out', sys.argv[4], '--quiet', '--spacing-um', '200',\n"
+        "                   '--heatmaps', '0']))\n"
+        "assert 'ray' not in sys.modules, 'a shard or predict imported ray'\n"
         "sys.exit(max(codes))\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", script, str(cohort[0].parent / "cohort.txt"), str(out)],
+        [sys.executable, "-c", script, str(cohort[0].parent / "cohort.txt"), str(out), cohort[-1], tmp_path / "one"],
         capture_output=True,
         text=True,
         timeout=300,
