@@ -48,7 +48,7 @@ from typing import Any
 from m2ort_fast.checkpoint import file_sha256
 from m2ort_fast.errors import M2ORTError, OutputError, exception_detail
 from m2ort_fast.outputs import STAGING_SUFFIX, StagedOutput, ensure_out_dir, output_errors
-from m2ort_fast.predict import DEFAULT_CHECKPOINT, Predictor, SlideResult, _OpenedSlide
+from m2ort_fast.predict import DEFAULT_CHECKPOINT, Predictor, SlideResult, _close_when_opened, _OpenedSlide
 from m2ort_fast.spots import Spots
 
 log = logging.getLogger(__name__)
@@ -362,13 +362,6 @@ class CohortWorker:
             _close_when_opened(self._next[1])
             self._next = None
         self._opener.shutdown(wait=False)
-
-
-def _close_when_opened(future: Future[_OpenedSlide]) -> None:
-    try:
-        future.result().slide.close()
-    except BaseException:  # its error belongs to a run that will not happen here
-        pass
 
 
 def _result_fields(result: SlideResult, checkpoint_sha256: str) -> dict[str, Any]:

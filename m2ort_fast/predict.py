@@ -366,7 +366,6 @@ class Predictor:
         stem = stem or opened.path.stem
         with slide:
             centers = np.asarray(spots.centers_px, dtype=np.float64)
-            spot_diameter_px = (spots.spot_diameter_um or VISIUM_SPOT_DIAMETER_UM) / slide_mpp
             uns = self._run_metadata(slide, spots, out_dir=out_dir, spacing_um=spacing_um, streamed=streamed)
             settings = self.run_settings(
                 opened.path, spots, spacing_um, slide.mpp if slide.mpp_source == "user" else None
@@ -376,7 +375,7 @@ class Predictor:
             if not overwrite and skip_existing(staged.h5ad, settings):  # finished by another run meanwhile
                 staged.discard()
                 return SlideResult(slide=opened.path, skipped=True)
-            view = self._view(opened, stem, spot_diameter_px)
+            view = self._view(opened, stem)
             try:
                 with timer.stage("write"):
                     writer = self._open_writer(staged, spots, centers, uns, heatmap_genes, view)
@@ -441,11 +440,10 @@ class Predictor:
         )
         return ChunkedH5adWriter(staged, skeleton, self.card.genes)
 
-    def _view(self, opened: _OpenedSlide, library_id: str, spot_diameter_px: float | None = None) -> SlideView:
+    def _view(self, opened: _OpenedSlide, library_id: str) -> SlideView:
         """What the writers draw on and record about ``opened`` beside its predictions."""
         spots = opened.spots
-        if spot_diameter_px is None:
-            spot_diameter_px = (spots.spot_diameter_um or VISIUM_SPOT_DIAMETER_UM) / opened.slide_mpp
+        spot_diameter_px = (spots.spot_diameter_um or VISIUM_SPOT_DIAMETER_UM) / opened.slide_mpp
         return SlideView(
             library_id=library_id,
             source_image=str(opened.path),
@@ -786,6 +784,8 @@ def predict_slides(
 
 
 def _close_when_opened(future: Future) -> None:
+    """Close the slide a look-ahead open made, once it is made; its error belongs to a run that
+    will not happen (predict_slides and the cohort worker stopping early)."""
     try:
         future.result().slide.close()
     except BaseException:
