@@ -1,16 +1,30 @@
-"""Every available backend on the same inputs, in one run.
+"""Every available backend x precision on the same inputs, in one run.
 
-    python bench/backends.py --variant small --batch-sizes 1,64,256 [--backends torch,onnxruntime,aoti]
-                             [--device cpu] [--precision fp32] [--repeats 5] [--threads 2] [--json out.json]
+    python bench/backends.py [--variants tiny,small] [--batch-sizes 1,64] [--backends torch,onnxruntime,aoti]
+                             [--precisions fp32,bf16,int8] [--device cpu] [--repeats 5] [--threads 2]
+                             [--clock-ghz 2.1] [--json out.json]
 
-For each backend and batch size: spots/s (batch / median latency), latency p50/p99 per batch,
-peak memory during the warm-up batch (CUDA: peak allocated by torch; CPU: peak process RSS, sampled), and the
-max error vs the fp32 eager reference on the same inputs (relative to max |reference|). Backends
-are timed round-robin (one batch of each in turn) so that load from other processes on a shared
-machine hits them alike. Build time (export/compile on first use; cached afterwards) is reported
-separately. Two rows are not registered backends: "compile" (torch.compile of the eager model) and
-"torch-fused" (the eager model with its attention as one fused op, ``set_fused_attention``), which
-shows how much of the compiled backends' gain that op alone gives.
+For each variant, batch size, backend and precision (the pairs the backend runs on the device,
+m2ort_fast.precision.BACKEND_PRECISIONS): spots/s (batch / median latency), "vs fp32" (against the
+fp32 eager reference, the `torch` row at fp32), GFLOP/s, the share of this CPU's peak for that
+precision, latency p50/p99 per batch, peak memory during the warm-up batch (CUDA: peak allocated by
+torch; CPU: peak process RSS, sampled), and the max error vs the fp32 eager reference on the same
+inputs (relative to max |reference|). Rows are timed round-robin (one batch of each in turn) so
+that load from other processes on a shared machine hits them alike. Build time (export/compile on
+first use; cached afterwards) is reported separately. Two rows are not registered backends:
+"compile" (torch.compile of the eager model) and "torch-fused" (the eager model with its attention
+as one fused op, ``set_fused_attention``), which shows how much of the compiled backends' gain that
+op alone gives.
+
+GFLOP/s: spots/s x the reference model's FLOPs per spot (``flops_per_spot``: 2 per multiply-add of
+the linear layers and the two attention matmuls), for every row alike, although the compiled
+graph skips ~1/depth of them (class-token-only last block); for int8 it is giga-operations/s.
+Peak (CPU): cores x clock x operations per cycle per core of the widest unit the CPU's flags show
+for that precision (:func:`cpu_peak`): fp32 AVX-512 2 FMA ports x 16 lanes x 2 = 64; bf16 AMX
+(TDPBF16PS: 16x16x32 multiply-adds per 16 cycles) 1024, else AVX512_BF16 (VDPBF16PS, 2 ports) 128;
+int8 AMX 2048, else AVX512_VNNI 256; fp16 AMX-FP16 1024, else AVX512_FP16 128. The clock is the
+"cpu MHz" of /proc/cpuinfo (on a VM: the nominal clock; turbo, and AMX's lower licence clock, are
+not visible), or --clock-ghz.
 """
 
 from __future__ import annotations
@@ -29,13 +43,58 @@ from m2ort_fast.backends import make_backend
 from m2ort_fast.checkpoint import ModelCard
 from m2ort_fast.device import resolve_device
 from m2ort_fast.errors import M2ORTError
-from m2ort_fast.model import IMAGE_SIZES_PX, build_model, set_fused_attention
-from m2ort_fast.precision import PRECISION_NAMES, torch_dtype
+from m2ort_fast.model import IMAGE_SIZES_PX, build_model, flops_per_spot, set_fused_attention
+from m2ort_fast.precision import BACKEND_PRECISIONS, check_precision, torch_dtype
 
 DEFAULT_BACKENDS = {
     "cpu": "torch,torch-fused,onnxruntime,aoti",
     "cuda": "torch,torch-fused,compile,triton,aoti,tensorrt,onnxruntime",
 }
+DEFAULT_PRECISIONS = {"cpu": "fp32,bf16,int8", "cuda": "fp32,bf16,fp16"}
+# the rows that are not registered backends run what the eager model runs
+PSEUDO_BACKENDS = {"torch-fused": "torch", "compile": "torch"}
+
+# operations per cycle per core, by precision: (cpu flag, ops) from the widest unit down
+OPS_PER_CYCLE = {
+    "fp32": (("avx512f", 64, "AVX-512 FMA, 2 ports x 16 lanes x 2"), ("fma", 32, "AVX2 FMA, 2 ports x 8 lanes x 2")),
+    "bf16": (
+        ("amx_bf16", 1024, "AMX TDPBF16PS, 16x16x32 multiply-adds per 16 cycles"),
+        ("avx512_bf16", 128, "AVX512_BF16 VDPBF16PS, 2 ports x 32 x 2"),
+    ),
+    "int8": (
+        ("amx_int8", 2048, "AMX TDPBSSD, 16x16x64 multiply-adds per 16 cycles"),
+        ("avx512_vnni", 256, "AVX512_VNNI VPDPBUSD, 2 ports x 64 x 2"),
+        ("avx_vnni", 128, "AVX-VNNI, 2 ports x 32 x 2"),
+    ),
+    "fp16": (("amx_fp16", 1024, "AMX-FP16"), ("avx512_fp16", 128, "AVX512_FP16, 2 ports x 32 lanes x 2")),
+}
+
+
+def cpu_flags_and_mhz() -> tuple[set[str], float | None]:
+    flags: set[str] = set()
+    mhz = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+                elif line.startswith("cpu MHz") and mhz is None:
+                    mhz = float(line.split(":", 1)[1])
+    except OSError:
+        pass
+    return flags, mhz
+
+
+def cpu_peak(precision: str, cores: int, clock_ghz: float | None = None) -> tuple[float | None, str]:
+    """(peak GFLOP/s (int8: GOP/s) of ``cores`` cores for ``precision``, how it was computed)."""
+    flags, mhz = cpu_flags_and_mhz()
+    ghz = clock_ghz or (mhz / 1000 if mhz else None)
+    if ghz is None:
+        return None, "no clock (pass --clock-ghz)"
+    for flag, ops, unit in (*OPS_PER_CYCLE.get(precision, ()), *OPS_PER_CYCLE["fp32"]):
+        if flag in flags:
+            return cores * ghz * ops, f"{cores} cores x {ghz:.2f} GHz x {ops} ({unit})"
+    return cores * ghz * 8, f"{cores} cores x {ghz:.2f} GHz x 8 (no FMA unit found)"
 
 
 class PeakRSS:
@@ -78,6 +137,14 @@ class CompileBackend:
         return self.fn(*(x.to(self.device, self.dtype) for x in levels)).float().cpu()
 
 
+def runs(name: str, precision: str, device_type: str) -> bool:
+    """Whether backend ``name`` (or the pseudo backend's base) runs ``precision`` on the device."""
+    if name == "torch-fused" and precision != "fp32":
+        return False  # below fp32 the torch backend itself runs the fused attention op
+    table = BACKEND_PRECISIONS.get(PSEUDO_BACKENDS.get(name, name))
+    return table is None or precision in table.get(device_type, ())
+
+
 def build(name, model, card, device, precision, cache_dir):
     # each backend gets its own copy: some move/cast the model they are given
     fresh = build_model(card.variant, len(card.genes))
@@ -96,13 +163,16 @@ def build(name, model, card, device, precision, cache_dir):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", default="small")
-    parser.add_argument("--batch-sizes", default="1,64,256")
+    parser.add_argument("--variants", "--variant", default="tiny,small", help="comma-separated (default %(default)s)")
+    parser.add_argument("--batch-sizes", default="1,64")
     parser.add_argument("--backends", default=None, help="comma-separated (default: all for the device)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="fp32", choices=PRECISION_NAMES)
-    parser.add_argument("--repeats", type=int, default=5, help="timed batches per backend and batch size")
+    parser.add_argument(
+        "--precisions", "--precision", default=None, help="comma-separated (default: fp32,bf16,int8 on the CPU)"
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed batches per row and batch size")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for every backend (default: torch's)")
+    parser.add_argument("--clock-ghz", type=float, default=None, help="CPU clock for the peak (default: /proc/cpuinfo)")
     parser.add_argument(
         "--cache-dir", default=None, help="artifact cache (default: $M2ORT_FAST_CACHE or ~/.cache/m2ort-fast)"
     )
@@ -114,25 +184,52 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     names = (args.backends or DEFAULT_BACKENDS[device.type]).split(",")
-    model = build_model(args.variant, seed=0)
-    card = ModelCard.for_variant(args.variant, [f"G{i}" for i in range(model.cfg.n_genes)], mpp=0.5)
+    precisions = [check_precision(p) for p in (args.precisions or DEFAULT_PRECISIONS[device.type]).split(",")]
+    if "fp32" not in precisions:
+        precisions.insert(0, "fp32")  # the reference row
+    cores = torch.get_num_threads()
+    device_label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {cores} threads"
+    peaks = {}
+    if device.type == "cpu":
+        for precision in precisions:
+            peaks[precision] = cpu_peak(precision, cores, args.clock_ghz)
+            print(f"# peak {precision}: {peaks[precision][0] or 0:.0f} G(FL)OP/s = {peaks[precision][1]}")
+    results = {"device": device_label, "torch": torch.__version__, "peaks": peaks, "variants": {}}
+    for variant in args.variants.split(","):
+        results["variants"][variant] = bench_variant(variant, names, precisions, batch_sizes, device, args, peaks)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+def bench_variant(variant, names, precisions, batch_sizes, device, args, peaks) -> dict:
+    model = build_model(variant, seed=0)
+    card = ModelCard.for_variant(variant, [f"G{i}" for i in range(model.cfg.n_genes)], mpp=0.5)
+    flops = flops_per_spot(model.cfg)
     device_label = (
         torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     )
     print(
-        f"# {args.variant} ({card.dim}x{card.depth}), {args.precision}, device: {device_label}, "
+        f"\n# {variant} ({card.dim}x{card.depth}, {flops / 1e9:.2f} GFLOP/spot), device: {device_label}, "
         f"torch {torch.__version__}"
     )
-
-    backends, build_s, unavailable = {}, {}, {}
-    for name in names:
-        start = time.perf_counter()
-        try:
-            backends[name] = build(name, model, card, device, args.precision, args.cache_dir)
-            build_s[name] = time.perf_counter() - start
-        except (M2ORTError, ImportError, RuntimeError) as exc:
-            unavailable[name] = " ".join(str(exc).split())[:160]
-            print(f"# {name}: unavailable ({unavailable[name]})")
+    backends, build_s, unavailable, skipped = {}, {}, {}, []
+    for precision in precisions:
+        for name in names:
+            if not runs(name, precision, device.type):
+                skipped.append(f"{name}:{precision}")
+                continue
+            row = (name, precision)
+            start = time.perf_counter()
+            try:
+                backends[row] = build(name, model, card, device, precision, args.cache_dir)
+                build_s[row] = time.perf_counter() - start
+            except (M2ORTError, ImportError, RuntimeError) as exc:
+                unavailable[f"{name}:{precision}"] = " ".join(str(exc).split())[:160]
+                print(f"# {name}:{precision}: unavailable ({unavailable[f'{name}:{precision}']})")
+    if skipped:
+        print(f"# not run by that backend on {device.type} (precision table): {', '.join(skipped)}")
 
     reference = model.float().to(device).eval()
     rows = []
@@ -141,63 +238,58 @@ def main(argv=None) -> int:
         levels = [torch.rand(batch, 3, s, s, generator=g) for s in IMAGE_SIZES_PX]
         with torch.inference_mode():
             ref = reference(*(x.to(device) for x in levels)).float().cpu()
-        errors, latencies, peaks = {}, {n: [] for n in backends}, {}
-        for name, backend in backends.items():  # warm-up: error and peak memory
+        errors, latencies, peak_mem = {}, {row: [] for row in backends}, {}
+        for row, backend in backends.items():  # warm-up: error and peak memory
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             with PeakRSS() as rss:
                 out = backend(*levels)
-            errors[name] = float((out - ref).abs().max() / ref.abs().max())
-            peaks[name] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak
+            errors[row] = float((out - ref).abs().max() / ref.abs().max())
+            peak_mem[row] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak
         for _ in range(args.repeats):  # round-robin; no memory sampling here: a sampling thread
-            for name, backend in backends.items():  # stalls OpenMP's thread team on a 2-core machine
+            for row, backend in backends.items():  # stalls OpenMP's thread team on a 2-core machine
                 start = time.perf_counter()
                 backend(*levels)  # returns a CPU tensor: device work is done
-                latencies[name].append(time.perf_counter() - start)
-        for name in backends:
-            lat = np.array(latencies[name])
+                latencies[row].append(time.perf_counter() - start)
+        for (name, precision), lat in latencies.items():
             p50 = float(np.median(lat))
-            peak_mib = peaks[name] / 2**20
+            spots = batch / p50
+            peak = peaks.get(precision, (None, ""))[0]
             rows.append(
                 {
                     "backend": name,
+                    "precision": precision,
                     "batch": batch,
-                    "spots_per_s": batch / p50,
+                    "spots_per_s": spots,
+                    "gflops": spots * flops / 1e9,
+                    "peak_share": spots * flops / 1e9 / peak if peak else None,
                     "p50_ms": p50 * 1e3,
                     "p99_ms": float(np.percentile(lat, 99)) * 1e3,
-                    "peak_mib": peak_mib,
-                    "max_rel_err": errors[name],
-                    "build_s": build_s[name],
+                    "peak_mib": peak_mem[(name, precision)] / 2**20,
+                    "max_rel_err": errors[(name, precision)],
+                    "build_s": build_s[(name, precision)],
                 }
             )
 
-    eager = {r["batch"]: r["spots_per_s"] for r in rows if r["backend"] == "torch"}
-    print("| backend | batch | spots/s | vs torch | p50 ms | p99 ms | peak MiB | max rel err | build s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    eager = {r["batch"]: r["spots_per_s"] for r in rows if r["backend"] == "torch" and r["precision"] == "fp32"}
+    print(
+        "| backend | precision | batch | spots/s | vs fp32 eager | GFLOP/s | of peak | p50 ms | p99 ms | "
+        "peak MiB | max rel err | build s |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ratio = f"{r['spots_per_s'] / eager[r['batch']]:.2f}x" if r["batch"] in eager else "-"
+        share = f"{100 * r['peak_share']:.1f}%" if r["peak_share"] is not None else "-"
         print(
-            f"| {r['backend']} | {r['batch']} | {r['spots_per_s']:.1f} | {ratio} | {r['p50_ms']:.1f} | "
-            f"{r['p99_ms']:.1f} | {r['peak_mib']:.0f} | {r['max_rel_err']:.1e} | {r['build_s']:.1f} |"
+            f"| {r['backend']} | {r['precision']} | {r['batch']} | {r['spots_per_s']:.1f} | {ratio} | "
+            f"{r['gflops']:.1f} | {share} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['peak_mib']:.0f} | "
+            f"{r['max_rel_err']:.1e} | {r['build_s']:.1f} |"
         )
     if device.type == "cpu":
         print(
             "# peak MiB on the CPU: peak RSS of the whole process while that backend ran (includes the others' weights)"
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "variant": args.variant,
-                    "device": device_label,
-                    "precision": args.precision,
-                    "rows": rows,
-                    "unavailable": unavailable,
-                },
-                f,
-                indent=2,
-            )
-    return 0
+    return {"card": f"{card.dim}x{card.depth}", "flops_per_spot": flops, "rows": rows, "unavailable": unavailable}
 
 
 if __name__ == "__main__":

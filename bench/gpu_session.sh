@@ -38,7 +38,19 @@ if [[ "$what" == bench || "$what" == all ]]; then
   if [[ -f bench/backends.py ]]; then
     python3 bench/backends.py --json "$OUT/backends.json" 2>&1 | tee "$OUT/backends.txt"
   fi
+  # naive, host and device data paths side by side, the model alone and decoding the tiles alone
   python3 bench/slide.py --slide m2ort_fast/assets/demo_slide.tiff --spacing-um 27.5 --level-source pyramid --reader cucim --device cuda \
     --json "$OUT/slide.json" 2>&1 | tail -20 | tee "$OUT/slide.txt"
-  m2ort-fast predict --quiet --overwrite --device cuda --profile "$OUT/profile_demo.json" --out /tmp/m2ort-demo 2>&1 | tail -5
+  python3 bench/slide.py --slide m2ort_fast/assets/demo_slide.tiff --spacing-um 27.5 --reader cucim --device cuda \
+    --json "$OUT/slide_resize.json" 2>&1 | tail -20 | tee "$OUT/slide_resize.txt"
+  for path in host device; do
+    m2ort-fast predict --quiet --overwrite --device cuda --data-path "$path" --profile "$OUT/profile_demo_$path.json" \
+      --out "/tmp/m2ort-demo-$path" 2>&1 | tail -5
+  done
+  if command -v nsys > /dev/null; then  # a timeline of the device path: decode, upload, assemble, model, d2h overlapping
+    nsys profile --trace=cuda,nvtx --force-overwrite=true -o "$OUT/device_path_timeline" \
+      m2ort-fast predict m2ort_fast/assets/demo_slide.tiff --quiet --overwrite --device cuda --data-path device --spacing-um 27.5 --out /tmp/m2ort-nsys 2>&1 | tail -5
+  else
+    echo "gpu_session: no nsys on this machine: no timeline" | tee "$OUT/nsys.txt"
+  fi
 fi

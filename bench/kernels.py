@@ -28,7 +28,7 @@ import time
 import torch
 
 from m2ort_fast.model import NUM_TOKENS, VARIANTS, build_model
-from m2ort_fast.precision import PRECISION_NAMES, torch_dtype
+from m2ort_fast.precision import PRECISION_NAMES, is_quantized, torch_dtype
 
 TOKENS = NUM_TOKENS + 1
 
@@ -165,7 +165,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--batch", type=int, default=None, help="spots per block call (default 256 GPU, 2 CPU)")
     parser.add_argument("--encoder-batch", type=int, default=256, help="spots per encoder call (GPU only)")
-    parser.add_argument("--dtype", choices=PRECISION_NAMES, default=None, help="default bf16 on a GPU, fp32 on the CPU")
+    parser.add_argument(
+        "--dtype",
+        choices=[p for p in PRECISION_NAMES if not is_quantized(p)],
+        default=None,
+        help="default bf16 on a GPU, fp32 on the CPU",
+    )
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
     parser.add_argument(
         "--compile-mode",

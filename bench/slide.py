@@ -8,14 +8,20 @@ The section's JPEG (or a --region-px crop of its centre) is converted to an SVS-
 hexagonal grid over the tissue. Both paths use the same backend, spots and batch size:
 
 - naive: ``Predictor.predict_centers`` (one ``read_region`` per spot per level, then the model);
-- streamed: ``stream.run_stream`` (read plan, each tile decoded once, stages overlapped).
+- streamed: ``stream.run_stream`` (read plan, each tile decoded once, stages overlapped), the host
+  data path (crop, resize, batches on the CPU cores);
+- device: ``stream_device.run_stream_on_device``, the same plan with the pixels on the model's
+  device from the decoded tiles on (on the CPU: CPU tensors and the host kernels).
 
 Each is run twice: with the model (end to end) and with a zero "model" (the data path alone:
-reading, cropping, resizing, assembling). Reported: spots/s, tiles decoded per spot, traced peak
-host memory (tracemalloc: numpy and Python allocations), per-stage seconds (streamed stages
-overlap, so they add up to more than the wall time), and each reader (cuCIM, tiffslide,
-OpenSlide) on the same regions (a compact block of the grid). Predictions of the two paths are
-checked equal bit for bit.
+reading, cropping, resizing, assembling). Beside them: the model alone (the backend on one
+prepared batch, repeated: the ceiling of any end-to-end figure) and decoding the planned tiles
+alone (``decode_only``, the floor of the data path), each in spots/s. Reported: spots/s, tiles
+decoded per spot, traced peak host memory (tracemalloc: numpy and Python allocations; the device
+path's torch buffers are counted by its own ledger instead, ``peak_buffers_mb``), per-stage
+seconds (streamed stages overlap, so they add up to more than the wall time), and each reader
+(cuCIM, tiffslide, OpenSlide) on the same regions (a compact block of the grid). Predictions of
+the two paths are checked equal bit for bit.
 """
 
 from __future__ import annotations
@@ -36,10 +42,15 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "her2st"
 
 
 class ZeroModel:
-    """Returns zeros: isolates the data path (the backend interface: levels -> (B, G) CPU)."""
+    """Returns zeros: isolates the data path (the backend interface: levels -> (B, G))."""
 
-    def __init__(self, n_genes: int):
-        self.n_genes, self.device = n_genes, torch.device("cpu")
+    name = "zero"
+
+    def __init__(self, n_genes: int, device: torch.device):
+        self.n_genes, self.device = n_genes, device
+
+    def forward_on_device(self, l1, l2, l3):
+        return torch.zeros((l1.shape[0], self.n_genes), device=l1.device)
 
     def __call__(self, l1, l2, l3):
         return torch.zeros((l1.shape[0], self.n_genes))
@@ -84,6 +95,7 @@ def make_predictor(args, mpp: float, tmp: Path):
         checkpoint,
         backend=args.backend,
         device=args.device,
+        precision=args.precision,
         batch_size=args.batch_size,
         level_source=args.level_source,
         progress=False,
@@ -116,10 +128,16 @@ def run_naive(predictor, slide, centers):
     return predictions, seconds, peak, timer.summary()
 
 
-def run_streamed(predictor, slide, centers, max_memory_mb):
+def run_streamed(predictor, slide, centers, max_memory_mb, data_path="host"):
+    import functools
+
     from m2ort_fast.profiling import StageTimer
     from m2ort_fast.stream import plan_slide_reads, run_stream
+    from m2ort_fast.stream_device import DeviceMemory, reserved_bytes, run_stream_on_device
 
+    device = predictor.backend.device
+    on_device = data_path == "device"
+    memory = DeviceMemory(device)  # the device path's buffers (tracemalloc does not see torch's)
     timer = StageTimer()
     predictions = np.empty((len(centers), len(predictor.genes)), dtype=np.float32)
 
@@ -135,22 +153,55 @@ def run_streamed(predictor, slide, centers, max_memory_mb):
                 predictor.card.patch_sizes_px,
                 level_source=predictor.level_source,
                 max_memory_mb=max_memory_mb,
+                reserved_bytes=functools.partial(
+                    reserved_bytes, batch_size=predictor.batch_size, kernel="auto", device=device
+                )
+                if on_device
+                else None,
             )
-        run_stream(
-            slide,
-            plan,
-            predictor.backend,
-            predictor.card.pixel_mean,
-            predictor.card.pixel_std,
-            store,
-            batch_size=predictor.batch_size,
-            timer=timer,
-            num_threads=predictor.num_threads,
-        )
+        args = (slide, plan, predictor.backend, predictor.card.pixel_mean, predictor.card.pixel_std, store)
+        if on_device:
+            run_stream_on_device(*args, batch_size=predictor.batch_size, timer=timer, memory=memory)
+        else:
+            run_stream(*args, batch_size=predictor.batch_size, timer=timer, num_threads=predictor.num_threads)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         return plan
 
     plan, seconds, peak = traced(work)
-    return predictions, seconds, peak, timer.summary(), plan
+    return predictions, seconds, peak, timer.summary(), plan, memory.peak_bytes
+
+
+def decode_only_seconds(slide, plan, on_device: bool) -> float:
+    """Seconds to decode the plan's tiles alone, one step after another (the data path's floor)."""
+    from m2ort_fast.profiling import StageTimer
+    from m2ort_fast.stream import read_step
+    from m2ort_fast.stream_device import read_step_tensors
+
+    read = read_step_tensors if on_device else read_step
+    start = time.perf_counter()
+    for step in range(plan.n_steps):
+        read(slide, plan, step, StageTimer())
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def model_only_spots_per_s(backend, sizes_px, batch_size: int, n_spots: int) -> float:
+    """The backend alone on one prepared batch (on its device), repeated for about n_spots."""
+    device = backend.device
+    levels = [torch.rand(batch_size, 3, s, s, generator=torch.Generator().manual_seed(0)).to(device) for s in sizes_px]
+    call = getattr(backend, "forward_on_device", None) or backend
+    call(*levels)  # warm-up
+    repeats = max(3, n_spots // batch_size)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        call(*levels)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return repeats * batch_size / (time.perf_counter() - start)
 
 
 def bench_readers(path: Path, mpp: float, centers: np.ndarray, card, max_memory_mb: float) -> list[dict]:
@@ -204,6 +255,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="fp32", help="fp32, bf16, int8 (see the README's Precision)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument(
         "--level-source",
@@ -213,6 +265,7 @@ def main(argv=None) -> int:
         "spot per level on the naive path",
     )
     parser.add_argument("--max-memory-mb", type=float, default=512)
+    parser.add_argument("--max-gpu-memory-mb", type=float, default=2048, help="the device path's bound")
     parser.add_argument("--reader", default="tiffslide", help="reader for the two paths (default: %(default)s)")
     parser.add_argument(
         "--reader-spots",
@@ -254,7 +307,7 @@ def main(argv=None) -> int:
                 "reader": args.reader,
                 "spots": n,
                 "spacing_um": args.spacing_um,
-                "model": f"{predictor.card.variant} ({args.backend}, {predictor.backend.device})",
+                "model": f"{predictor.card.variant} ({args.backend} {predictor.precision}, {predictor.backend.device})",
                 "level_source": predictor.level_source,
                 "batch_size": args.batch_size,
                 "torch_threads": torch.get_num_threads(),
@@ -263,13 +316,19 @@ def main(argv=None) -> int:
             # Warm the model (first calls allocate).
             predictor.backend(*[torch.zeros(2, 3, s, s) for s in predictor.card.patch_sizes_px])
             model = predictor.backend
-            for label, backend in (("end_to_end", model), ("data_path", ZeroModel(len(predictor.genes)))):
+            report["model_only_spots_per_s"] = round(
+                model_only_spots_per_s(model, predictor.card.patch_sizes_px, args.batch_size, n), 1
+            )
+            zero = ZeroModel(len(predictor.genes), model.device)
+            for label, backend in (("end_to_end", model), ("data_path", zero)):
                 predictor.backend = backend
                 naive = run_naive(predictor, slide, centers)
                 streamed = run_streamed(predictor, slide, centers, args.max_memory_mb)
+                device = run_streamed(predictor, slide, centers, args.max_gpu_memory_mb, "device")
                 plan = streamed[4]
                 if label == "end_to_end":
                     report["bit_equal"] = bool(np.array_equal(naive[0], streamed[0]))
+                    report["device_path_bit_equal"] = bool(np.array_equal(streamed[0], device[0]))
                 report["runs"][label] = {
                     "naive": {
                         "spots_per_s": round(n / naive[1], 1),
@@ -286,10 +345,25 @@ def main(argv=None) -> int:
                         "stages_s": streamed[3],
                         "plan": plan.stats(),
                     },
+                    "device": {
+                        "spots_per_s": round(n / device[1], 1),
+                        "seconds": round(device[1], 2),
+                        "tiles_decoded_per_spot": round(device[4].tiles_decoded / n, 3),
+                        "peak_host_mb": round(device[2] / 2**20, 1),
+                        "peak_buffers_mb": round(device[5] / 2**20, 1),
+                        "stages_s": device[3],
+                        "plan": device[4].stats(),
+                    },
                     "speedup": round(naive[1] / streamed[1], 2),
+                    "device_vs_host": round(streamed[1] / device[1], 2),
                     "peak_device_mb": device_peak_mb(),
                 }
             predictor.backend = model
+            on_device = predictor.backend.device.type == "cuda"
+            report["decode_only_spots_per_s"] = round(n / decode_only_seconds(slide, device[4], on_device), 1)
+            report["end_to_end_vs_model_only"] = round(
+                report["runs"]["end_to_end"]["streamed"]["spots_per_s"] / report["model_only_spots_per_s"], 3
+            )
         # A compact block of the dense grid (the spots nearest the tissue's middle), as a dense
         # map is read: spots scattered over the whole slide would make every planned band span it.
         middle = np.median(centers, axis=0)
@@ -300,14 +374,19 @@ def main(argv=None) -> int:
     print()
     print(f"{'run':<12}{'path':<10}{'spots/s':>9}{'tiles/spot':>12}{'peak MB':>9}   stages (s)")
     for label, run in report["runs"].items():
-        for path_name in ("naive", "streamed"):
+        for path_name in ("naive", "streamed", "device"):
             r = run[path_name]
             print(
                 f"{label:<12}{path_name:<10}{r['spots_per_s']:>9}{r['tiles_decoded_per_spot']:>12}"
                 f"{r['peak_host_mb']:>9}   {r['stages_s']}"
             )
-        print(f"{label:<12}speedup {run['speedup']}x")
-    print(f"predictions bit-equal: {report['bit_equal']}")
+        print(f"{label:<12}speedup {run['speedup']}x (streamed vs naive), device path {run['device_vs_host']}x host")
+    print(
+        f"model alone {report['model_only_spots_per_s']} spots/s (end to end, streamed: "
+        f"{report['end_to_end_vs_model_only']:.0%} of it); decoding the planned tiles alone "
+        f"{report['decode_only_spots_per_s']} spots/s"
+    )
+    print(f"predictions bit-equal: naive/streamed {report['bit_equal']}, host/device {report['device_path_bit_equal']}")
     for r in report["readers"]:
         print(r)
     if args.json:

@@ -192,6 +192,20 @@ py::array_t<uint8_t> resize_patches(const py::object& patches_obj, int64_t size_
   return out;
 }
 
+py::tuple resize_taps(int64_t in_size, int64_t out_size) {
+  const std::string where = "resize_taps";
+  constexpr int64_t kMaxSize = 1 << 20;
+  if (in_size <= 0 || out_size <= 0 || in_size > kMaxSize || out_size > kMaxSize)
+    fail(where, "sizes must be in 1.." + std::to_string(kMaxSize) + ", got " + std::to_string(in_size) + " -> " +
+                    std::to_string(out_size));
+  const m2ort::ResizeTaps taps = m2ort::resize_taps(static_cast<int>(in_size), static_cast<int>(out_size));
+  py::array_t<int32_t> first({static_cast<py::ssize_t>(out_size)});
+  py::array_t<int32_t> weights({static_cast<py::ssize_t>(out_size), static_cast<py::ssize_t>(taps.ksize)});
+  std::copy(taps.first.begin(), taps.first.end(), first.mutable_data());
+  std::copy(taps.weights.begin(), taps.weights.end(), weights.mutable_data());
+  return py::make_tuple(first, weights);
+}
+
 template <typename T>
 py::array_t<T> to_numpy(const std::vector<T>& values, const std::vector<py::ssize_t>& shape) {
   py::array_t<T> out(shape);
@@ -273,6 +287,14 @@ patches: (N, S, S, 3) uint8, C-contiguous. The same antialiased bilinear arithme
 Image.resize(BILINEAR, reducing_gap=None), with the weights computed once for the batch and the
 patches split over num_threads threads (0 = one per CPU in this process's affinity mask). out: optional
 (N, size_px, size_px, 3) uint8 C-contiguous array written in place. Returns out.)doc");
+  m.def("resize_taps", &resize_taps, py::arg("in_size"), py::arg("out_size"),
+        R"doc(One axis of resize_patches' arithmetic, for kernels on other devices to resize bit for bit.
+
+Returns (first (out_size,) int32, weights (out_size, K) int32): output i of a pass is
+clip((sum_k weights[i, k] * in[first[i] + k] + 2**21) >> 22, 0, 255) (RESIZE_PRECISION_BITS = 22);
+resize_patches runs the horizontal pass, rounds to uint8, then the vertical pass. in_size ==
+out_size gives the identity (K = 1, weight 2**22).)doc");
+  m.attr("RESIZE_PRECISION_BITS") = m2ort::kResizePrecisionBits;
   m.def("available_cpus", &m2ort::available_cpus,
         R"doc(CPUs this process may run on (its affinity mask; the host's count where there is none): the
 number of threads the kernels above use when num_threads is 0 and the batch is large enough.)doc");

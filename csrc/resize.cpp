@@ -12,7 +12,8 @@ namespace m2ort {
 namespace {
 
 // Pillow's fixed point: 8 bits of result, 2 spare bits, the rest fraction.
-constexpr int kPrecisionBits = 32 - 8 - 2;
+constexpr int kPrecisionBits = kResizePrecisionBits;
+static_assert(kPrecisionBits == 32 - 8 - 2);
 constexpr int32_t kHalf = int32_t{1} << (kPrecisionBits - 1);
 constexpr int64_t kMinPixelsPerThread = 1 << 15;
 
@@ -71,10 +72,7 @@ inline uint8_t clip8(int32_t sum) {
 // Each output pixel's weights moved into a window of one fixed length (ksize, or the whole input
 // when that is shorter) that lies inside the input, zero weights filling the rest, so that the
 // horizontal pass has a fixed-length inner loop. Zero terms leave Pillow's integer sums unchanged.
-struct FixedTaps {
-  int ksize = 0;
-  std::vector<int32_t> first, weights;
-};
+using FixedTaps = ResizeTaps;
 
 FixedTaps fixed_taps(const AxisTaps& taps, int in_size) {
   FixedTaps fixed;
@@ -143,6 +141,16 @@ void vertical_pass(const uint8_t* in, int64_t row_offset, int64_t row_bytes, con
 }
 
 }  // namespace
+
+ResizeTaps resize_taps(int in_size, int out_size) {
+  if (in_size != out_size) return fixed_taps(axis_taps(in_size, out_size), in_size);
+  ResizeTaps identity;
+  identity.ksize = 1;
+  identity.first.resize(out_size);
+  for (int i = 0; i < out_size; ++i) identity.first[i] = i;
+  identity.weights.assign(out_size, int32_t{1} << kPrecisionBits);
+  return identity;
+}
 
 void resize_patches(const uint8_t* patches, int64_t n, int64_t in_height, int64_t in_width, int64_t out_height,
                     int64_t out_width, uint8_t* out, int64_t num_threads) {

@@ -3,8 +3,23 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace m2ort {
+
+// Pillow's fixed point: weights are integers scaled by 2^kResizePrecisionBits.
+constexpr int kResizePrecisionBits = 22;
+
+// One axis of a resize in_size -> out_size, Pillow's weights with each output's taps moved into a
+// window of one length (ksize) inside the input, zero weights filling the rest:
+//   out[i] = clip((sum_k weights[i * ksize + k] * in[first[i] + k] + 2^21) >> 22, 0, 255)
+// in_size == out_size gives the identity (one tap of weight 2^22). What a device kernel needs to
+// resize bit for bit as resize_patches does (horizontal pass rounded to uint8, then vertical).
+struct ResizeTaps {
+  int ksize = 0;
+  std::vector<int32_t> first, weights;  // first: out_size; weights: out_size x ksize
+};
+ResizeTaps resize_taps(int in_size, int out_size);
 
 // patches (N, in_height, in_width, 3) uint8, C-contiguous -> out (N, out_height, out_width, 3)
 // uint8, C-contiguous. The same arithmetic as Pillow's 8-bit resampler (libImaging/Resample.c):

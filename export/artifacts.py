@@ -24,7 +24,7 @@ from m2ort_fast.export.cache import (
 )
 from m2ort_fast.export.graph import GRAPH_VERSION
 from m2ort_fast.model import M2ORT
-from m2ort_fast.precision import check_precision
+from m2ort_fast.precision import check_precision, is_quantized
 
 
 def checkpoint_hash(model: M2ORT, card: ModelCard, checkpoint_path: str | os.PathLike | None = None) -> str:
@@ -37,6 +37,10 @@ def checkpoint_hash(model: M2ORT, card: ModelCard, checkpoint_path: str | os.Pat
 
 def onnx_key(sha: str, precision: str) -> ArtifactKey:
     toolkit = f"torch {torch.__version__}, onnx opset {onnx_export.OPSET}, graph v{GRAPH_VERSION}"
+    if is_quantized(precision):  # quantized by onnxruntime's quantizer: its version is part of the file
+        import onnxruntime
+
+        toolkit += f", onnxruntime {onnxruntime.__version__} quantize_dynamic"
     return ArtifactKey("onnx", sha, toolkit, "portable", check_precision(precision), None)
 
 

@@ -10,6 +10,12 @@ float32 inputs and outputs and casts inside the graph, so the precision lives in
 is what TensorRT's strongly typed networks require) and callers feed the same tensors whatever
 the precision.
 
+An int8 export is the fp32 graph through onnxruntime's dynamic quantizer (:func:`quantize_int8`):
+every Linear layer (MatMul/Gemm with a weight) becomes DynamicQuantizeLinear + MatMulInteger, the
+weights int8 per output channel, the activations uint8 with a scale computed per batch at run time;
+the two attention matmuls, norms, softmax and GELU stay float32. Standard opset-18 ops only, but
+for onnxruntime: TensorRT does not build engines from dynamically quantized graphs.
+
 Opset 18, through ``torch.onnx.export(..., dynamo=True)``: 18 is the opset torch's ONNX function
 library (onnxscript's torchlib) is written in, so no version conversion runs after export; it has
 LayerNormalization as one op (opset 17+); and it lies inside every TensorRT 10.x parser's range
@@ -38,6 +44,7 @@ from m2ort_fast.checkpoint import METADATA_KEY, ModelCard
 from m2ort_fast.errors import M2ORTError
 from m2ort_fast.export.graph import export_model, sample_inputs
 from m2ort_fast.model import M2ORT
+from m2ort_fast.precision import is_quantized
 
 if TYPE_CHECKING:  # onnx (the [onnx] extra) is imported by the functions that use it
     import onnx
@@ -156,11 +163,45 @@ def export_onnx(
     try:
         onnx.save_model(proto, str(tmp))  # weights inside: every variant is far below protobuf's 2 GB
         check_onnx(tmp)
-        check_tensorrt_ops(proto, tmp)  # the proto just saved: no need to read it back
+        if is_quantized(precision):
+            quantize_int8(tmp, tmp)
+            check_onnx(tmp)
+        else:
+            check_tensorrt_ops(proto, tmp)  # the proto just saved: no need to read it back
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """onnxruntime's dynamic quantization of an fp32 export (``src`` may be ``dst``): the weights
+    of every MatMul/Gemm with a constant weight (the Linear layers) int8 per output channel, their
+    activations uint8 per batch at run time. The metadata (card) is kept. Chosen over static
+    (calibrated QDQ) quantization by measurement: on ``small``, batch 64, a 2-core AMX Xeon, one
+    noisy run: dynamic per-channel int8 2.5x fp32 eager, static QDQ 1.9x; and dynamic already
+    holds the quality bound (README, "Precision"), so no calibration data is needed."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src, dst = Path(src), Path(dst)
+    pre = dst.with_name(f".{dst.name}.pre.onnx")
+    out = dst.with_name(f".{dst.name}.int8.onnx")
+    try:
+        with _quiet_exporter():
+            # shape inference + onnxruntime's basic graph optimizations, as the quantizer recommends
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+            quantize_dynamic(
+                str(pre),
+                str(out),
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                op_types_to_quantize=["MatMul", "Gemm"],
+            )
+        os.replace(out, dst)
+    finally:
+        pre.unlink(missing_ok=True)
+        out.unlink(missing_ok=True)
 
 
 def check_onnx(path: str | os.PathLike) -> None:

@@ -34,7 +34,7 @@ import math
 import torch
 
 from m2ort_fast.kernels.fused_linear import fused_linear, reference_row_stats, row_stats
-from m2ort_fast.kernels.runtime import TritonKernel, dot_precision, gpu_configs, size_class, tl, triton
+from m2ort_fast.kernels.runtime import TritonKernel, dot_precision, size_class, tl, triton
 from m2ort_fast.model import HEAD_DIM, ITMM
 
 LOG2_E = 1.4426950408889634
@@ -162,18 +162,28 @@ def _ln_qkv_attention_kernel(
 
 
 def _attention_configs():
-    # BLOCK_M 256 covers all 197 queries (no k/v recomputation) but needs 8-16 warps for its
-    # registers; 128/64 trade recomputation for occupancy. BLOCK_K 64 divides every M2ORT d.
-    space = [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64} for m in (64, 128, 256) for n in (32, 64)]
-    warps_for_rows = {64: (4,), 128: (4, 8), 256: (8, 16)}
-    return gpu_configs(
-        space,
-        num_warps=[4, 8, 16],
-        num_stages=[2, 3],
-        keep=lambda meta, warps, stages: (
-            warps in warps_for_rows[meta["BLOCK_M"]] and not (meta["BLOCK_M"] == 256 and stages > 2)
-        ),
-    )
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). A program holds q and the output accumulator
+    # (BLOCK_M x 64) and a key block's k and v (BLOCK_N x 64) in registers, and x / W tiles of
+    # BLOCK_K channels; each config here compiles for sm_80 and sm_90 in fp16/bf16 without spills
+    # (kernels/compile_report.py). With BLOCK_K 64 every 4-warp config spilled and so did 256 rows
+    # on 8 or 16 warps; BLOCK_K 32 (it divides every M2ORT d, as 64 does) makes the room.
+    # BLOCK_M 256 covers all 197 queries (no k/v recomputation, 16 warps at 128 registers);
+    # 128/64/32 trade recomputation for more programs. 32x16 on 4 warps is the one that does not
+    # spill in fp32 either (IEEE products, no tensor cores).
+    tiles = [
+        (256, 32, 32, 16, 2),
+        (128, 32, 64, 8, 2),
+        (128, 32, 64, 8, 3),
+        (128, 64, 32, 8, 2),
+        (128, 32, 32, 4, 2),
+        (64, 32, 64, 8, 2),
+        (64, 32, 32, 4, 2),
+        (64, 64, 32, 4, 2),
+        (32, 16, 32, 4, 2),
+    ]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, n, k, w, s in tiles
+    ]
 
 
 LN_QKV_ATTENTION = TritonKernel(

@@ -69,6 +69,13 @@ def resize_patches(
     (N, size_px, size_px, 3) uint8 C-contiguous array written in place. Returns out.
     """
 
+RESIZE_PRECISION_BITS: int
+
+def resize_taps(in_size: int, out_size: int) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
+    """One axis of resize_patches' arithmetic: (first (out_size,) int32, weights (out_size, K) int32);
+    output i of a pass is clip((sum_k weights[i, k] * in[first[i] + k] + 2**21) >> 22, 0, 255).
+    in_size == out_size gives the identity (K = 1, weight 2**22)."""
+
 def available_cpus() -> int:
     """CPUs this process may run on (its affinity mask; the host's count where there is none): the
     number of threads the kernels use when num_threads is 0 and the batch is large enough."""

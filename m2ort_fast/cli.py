@@ -23,8 +23,9 @@ from typing import Any
 
 from m2ort_fast.errors import M2ORTError
 from m2ort_fast.options import MAX_HEATMAPS, device_name, mpp_value, number, positive_int
-from m2ort_fast.precision import PRECISION_NAMES
+from m2ort_fast.precision import PRECISION_CHOICES
 from m2ort_fast.slide import READERS
+from m2ort_fast.stream import DATA_PATHS, DEFAULT_MAX_GPU_MEMORY_MB, DEFAULT_MAX_MEMORY_MB
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,22 @@ def add_predict(subparsers) -> None:
         "--max-memory-mb",
         type=number(float, 0, what="the memory bound (MB)"),
         default=None,
-        help="streamed engine: bound on decoded slide pixels held at once (default 1024)",
+        help=f"streamed engine: bound on decoded slide pixels held at once (default {DEFAULT_MAX_MEMORY_MB})",
+    )
+    p.add_argument(
+        "--data-path",
+        default="auto",
+        choices=list(DATA_PATHS),
+        help="streamed engine: where pixels live between the reader and the model: host (CPU cores), "
+        "device (the model's device, from the decoded tiles on) or auto (default: device where the model "
+        "runs on a GPU and cuCIM decodes there); same predictions",
+    )
+    p.add_argument(
+        "--max-gpu-memory-mb",
+        type=number(float, 0, what="the GPU memory bound (MB)"),
+        default=None,
+        help=f"device data path: bound on the decoded tiles and batches it holds (default {DEFAULT_MAX_GPU_MEMORY_MB}; "
+        "the model's own memory comes on top)",
     )
     p.add_argument(
         "--profile",
@@ -107,7 +123,13 @@ def add_predict(subparsers) -> None:
     p.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--batch-size", type=number(int, 0, what="the batch size"), default=64)
     p.add_argument("--backend", default="torch", help="inference backend (default: %(default)s)")
-    p.add_argument("--precision", default="fp32", choices=PRECISION_NAMES)
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=PRECISION_CHOICES,
+        help="fp32 (default, the reference), fp16, bf16, int8 (onnxruntime on the CPU), or auto: with "
+        "--backend auto, the fastest backend and precision that held the quality bound (README: Precision)",
+    )
     p.add_argument(
         "--level-source",
         default=None,
@@ -283,6 +305,10 @@ def _run_options(args) -> dict[str, Any]:
     }
     if args.max_memory_mb is not None:
         options["max_memory_mb"] = args.max_memory_mb
+    if args.data_path != "auto":
+        options["data_path"] = args.data_path
+    if args.max_gpu_memory_mb is not None:
+        options["max_gpu_memory_mb"] = args.max_gpu_memory_mb
     return options
 
 

@@ -14,7 +14,9 @@ concurrently, so their seconds overlap.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -49,7 +51,19 @@ from m2ort_fast.outputs import (
 from m2ort_fast.profiling import StageTimer
 from m2ort_fast.slide import Slide, open_slide, require_mpp
 from m2ort_fast.spots import Spots, SpotsLike, as_spots, check_spots_inside, grid_spots
-from m2ort_fast.stream import DEFAULT_MAX_MEMORY_MB, plan_slide_reads, run_stream
+from m2ort_fast.stream import (
+    DEFAULT_MAX_GPU_MEMORY_MB,
+    DEFAULT_MAX_MEMORY_MB,
+    check_data_path,
+    plan_slide_reads,
+    run_stream,
+)
+from m2ort_fast.stream_device import (
+    DeviceMemory,
+    resolve_data_path,
+    run_stream_on_device,
+)
+from m2ort_fast.stream_device import reserved_bytes as device_reserved_bytes
 from m2ort_fast.tissue import tissue_mask
 
 if TYPE_CHECKING:
@@ -108,6 +122,11 @@ class Predictor:
     ``streamed``: use the streamed engine (each tile decoded once, stages overlapped, output
     written in chunks; :mod:`m2ort_fast.stream`) rather than one read per spot per level; both
     give the same predictions. ``max_memory_mb``: the streamed engine's bound on decoded pixels.
+    ``data_path``: where the streamed engine's pixels live between the reader and the model:
+    "host" (crop, resize and batches on the CPU cores), "device" (on the model's device, from the
+    decoded tiles on: :mod:`m2ort_fast.stream_device`) or "auto" (device where the model runs on
+    a GPU and cuCIM decodes there); same predictions. ``max_gpu_memory_mb``: the device path's
+    bound on the memory it holds (decoded tiles and batches; not the model's own).
     """
 
     def __init__(
@@ -124,11 +143,17 @@ class Predictor:
         backend_options: dict | None = None,
         streamed: bool = True,
         max_memory_mb: float = DEFAULT_MAX_MEMORY_MB,
+        data_path: str = "auto",
+        max_gpu_memory_mb: float = DEFAULT_MAX_GPU_MEMORY_MB,
     ):
         if batch_size < 1:
             raise M2ORTError(f"batch size must be at least 1, got {batch_size}")
         if not max_memory_mb > 0:
             raise M2ORTError(f"the memory bound must be a positive number of MB, got {max_memory_mb}")
+        if not max_gpu_memory_mb > 0:
+            raise M2ORTError(f"the GPU memory bound must be a positive number of MB, got {max_gpu_memory_mb}")
+        if check_data_path(data_path) == "device" and not streamed:
+            raise M2ORTError("the device data path is the streamed engine's; it does not run with the naive engine")
         self.checkpoint = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
         model, self.card = load_checkpoint(self.checkpoint)
         self.checkpoint_sha256 = file_sha256(self.checkpoint)
@@ -137,7 +162,7 @@ class Predictor:
             options.setdefault("trial_batch_size", batch_size)
         self.backend = make_backend(backend, model, self.card, device=device, **options)
         self.backend_name = backend
-        self.precision = precision
+        self.precision = getattr(self.backend, "precision", precision)  # --precision auto: the one picked
         self.batch_size = batch_size
         # None: as the model was trained (the checkpoint says), so inputs match what it learned from
         self.level_source = level_source or self.card.level_source
@@ -145,6 +170,8 @@ class Predictor:
         self.progress = progress
         self.streamed = streamed
         self.max_memory_mb = max_memory_mb
+        self.data_path = data_path
+        self.max_gpu_memory_mb = max_gpu_memory_mb
 
     @property
     def genes(self) -> list[str]:
@@ -496,6 +523,8 @@ class Predictor:
         resumed_spots = int(len(centers) - len(todo))
         if not len(todo):
             return {"spots": len(centers), "resumed_spots": resumed_spots}
+        data_path = self._data_path_for(slide)
+        on_device = data_path == "device"
         with timer.stage("plan"):
             plan = plan_slide_reads(
                 slide,
@@ -503,7 +532,13 @@ class Predictor:
                 self.card.level_mpp,
                 self.card.patch_sizes_px,
                 level_source=self.level_source,
-                max_memory_mb=self.max_memory_mb,
+                max_memory_mb=self.max_gpu_memory_mb if on_device else self.max_memory_mb,
+                reserved_bytes=functools.partial(
+                    device_reserved_bytes, batch_size=self.batch_size, kernel="auto", device=self.backend.device
+                )
+                if on_device
+                else None,
+                bound_option="--max-gpu-memory-mb" if on_device else "--max-memory-mb",
             )
 
         def write_batch(rows: np.ndarray, predictions: np.ndarray) -> None:
@@ -515,23 +550,33 @@ class Predictor:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(todo), desc=slide.path.name, unit="spot", leave=False)
+        stream_args = (slide, plan, self.backend, self.card.pixel_mean, self.card.pixel_std, write_batch)
+        progress = bar.update if bar else None
+        memory = DeviceMemory(self.backend.device) if on_device else None
         try:
-            run_stream(
-                slide,
-                plan,
-                self.backend,
-                self.card.pixel_mean,
-                self.card.pixel_std,
-                write_batch,
-                batch_size=self.batch_size,
-                timer=timer,
-                num_threads=self.num_threads,
-                progress=bar.update if bar else None,
-            )
+            if on_device:
+                run_stream_on_device(
+                    *stream_args, batch_size=self.batch_size, timer=timer, progress=progress, memory=memory
+                )
+            else:
+                run_stream(
+                    *stream_args,
+                    batch_size=self.batch_size,
+                    timer=timer,
+                    progress=progress,
+                    num_threads=self.num_threads,
+                )
         finally:
             if bar is not None:
                 bar.close()
-        return {**plan.stats(), "resumed_spots": resumed_spots}
+        stats = {**plan.stats(), "resumed_spots": resumed_spots, "data_path": data_path}
+        if memory is not None:
+            stats["device_peak_mb"] = round(memory.peak_bytes / 2**20, 1)
+        return stats
+
+    def _data_path_for(self, slide: Slide) -> str:
+        """The data path this predictor's streamed engine takes for ``slide``: "host" or "device"."""
+        return resolve_data_path(self.data_path, slide, self.backend.device)
 
     def _warn_on_upsampling(self, slide_path: Path, slide_mpp: float) -> None:
         needed = self.card.level_mpp[0]
@@ -570,6 +615,7 @@ class Predictor:
             "precision": self.precision,
             "batch_size": self.batch_size,
             "level_source": self.level_source,
+            "data_path": self._data_path_for(slide) if params.get("streamed", self.streamed) else "host",
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in params.items()},
         }
 
@@ -695,18 +741,7 @@ def predict_slides(
             f"several slides would write {repeated[0]}.h5ad into {out_dir}: slides need distinct "
             f"file names (or run them into different --out folders)"
         )
-    predictor_keys = {
-        "backend",
-        "device",
-        "precision",
-        "batch_size",
-        "level_source",
-        "num_threads",
-        "progress",
-        "backend_options",
-        "streamed",
-        "max_memory_mb",
-    }
+    predictor_keys = set(inspect.signature(Predictor.__init__).parameters) - {"self", "checkpoint"}
     if isinstance(model, Predictor):
         predictor = model
     else:

@@ -33,6 +33,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -45,8 +46,18 @@ from m2ort_fast.slide import Slide
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MEMORY_MB = 1024
+# Where pixels live between the reader and the model (m2ort_fast.stream_device for "device").
+DATA_PATHS = ("host", "device", "auto")
+DEFAULT_MAX_GPU_MEMORY_MB = 2048
 STEP_SPOTS = 256  # most spots per plan step
 QUEUE_DEPTH = 2  # items in flight between two stages
+
+
+def check_data_path(data_path: str) -> str:
+    """``data_path`` when it is one of DATA_PATHS, else M2ORTError (one line)."""
+    if data_path not in DATA_PATHS:
+        raise M2ORTError(f"unknown data path {data_path!r}; use one of {', '.join(DATA_PATHS)}")
+    return data_path
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,16 +130,31 @@ def plan_slide_reads(
     level_source: str = "pyramid",
     max_memory_mb: float = DEFAULT_MAX_MEMORY_MB,
     step_spots: int = STEP_SPOTS,
-    reads_in_flight: int = QUEUE_DEPTH + 1,
+    reads_in_flight: int = QUEUE_DEPTH + 2,
+    reserved_bytes: Callable[[list[SpotSquares], list[int]], int] | None = None,
+    bound_option: str = "--max-memory-mb",
 ) -> ReadPlan:
     """Plan the streamed reads of the model inputs of spots ``centers_px`` ((N, 2) level-0 px).
 
-    ``max_memory_mb`` bounds the decoded pixels the engine holds (windows plus ``reads_in_flight``
-    steps' reads); M2ORTError when even the narrowest plan needs more."""
+    ``max_memory_mb`` bounds the decoded pixels the engine holds: windows plus ``reads_in_flight``
+    steps' reads (the one being decoded, QUEUE_DEPTH queued and the one being appended), less
+    ``reserved_bytes(squares read, derived sizes)`` where the same bound covers other buffers (the
+    device path's batches). M2ORTError naming ``bound_option`` when even the narrowest plan needs
+    more."""
     check_model_inputs(level_mpp, sizes_px, level_source)
     centers_px = np.asarray(centers_px, dtype=np.float64).reshape(-1, 2)
     read_inputs = range(len(sizes_px)) if level_source == "pyramid" else range(1)
     squares = [spot_squares(slide, centers_px, level_mpp[i], sizes_px[i]) for i in read_inputs]
+    derived_sizes = [int(size) for size in sizes_px[1:]] if level_source == "resize" else []
+    max_bytes = int(max_memory_mb * 2**20)
+    if reserved_bytes is not None:
+        reserved = reserved_bytes(squares, derived_sizes)
+        if reserved >= max_bytes:
+            raise M2ORTError(
+                f"{slide.path.name}: {bound_option} {max_memory_mb:g} leaves nothing for decoded tiles: the batches "
+                f"and buffers take {reserved / 2**20:.0f} MB (raise {bound_option} or lower --batch-size)"
+            )
+        max_bytes -= reserved
     sources = sorted({s.level for s in squares})
     tiles = slide.level_tile_sizes_px
     source_specs = [(*slide.level_dimensions[level], *tiles[level]) for level in sources]
@@ -139,13 +165,12 @@ def plan_slide_reads(
             centers_px,
             source_specs,
             patch_sets,
-            max_bytes=int(max_memory_mb * 2**20),
+            max_bytes=max_bytes,
             max_step_spots=step_spots,
             reads_in_flight=reads_in_flight,
         )
     except RuntimeError as exc:
-        raise M2ORTError(f"{slide.path.name}: {exc} (raise --max-memory-mb)") from None
-    derived_sizes = [int(size) for size in sizes_px[1:]] if level_source == "resize" else []
+        raise M2ORTError(f"{slide.path.name}: {exc} (raise {bound_option})") from None
     return ReadPlan(sources=sources, inputs=inputs, derived_sizes=derived_sizes, **raw)
 
 
@@ -158,8 +183,10 @@ class _Window:
     plan's most rows: when appending reaches the end, the live rows move to the front, and they
     never overlap their new place (so no temporary copy; see csrc/read_plan.cpp)."""
 
-    def __init__(self, max_rows: int, width_px: int):
-        self.buffer = np.empty((2 * max(max_rows, 1), width_px, 3), dtype=np.uint8)
+    def __init__(self, max_rows: int, width_px: int, empty: Callable[[tuple[int, int, int]], Any] | None = None):
+        shape = (2 * max(max_rows, 1), width_px, 3)
+        # empty(shape) -> a uint8 buffer: a numpy array here, a device tensor on the device path.
+        self.buffer = empty(shape) if empty is not None else np.empty(shape, dtype=np.uint8)
         self.start = 0  # buffer row of source row `top`
         self.top = 0
         self.live = 0
@@ -182,8 +209,25 @@ class _Window:
         self.buffer[self.start + self.live : self.start + self.live + n] = rows
         self.live += n
 
-    def region(self) -> np.ndarray:
+    def region(self):
+        """The live rows, (live, width, 3): a view of the buffer."""
         return self.buffer[self.start : self.start + self.live]
+
+
+def stripe_windows(plan: ReadPlan, stripe: int, empty: Callable[[tuple[int, int, int]], Any] | None = None):
+    """One empty window per source for ``stripe`` (``empty``: the buffers' allocator, see _Window)."""
+    return [
+        _Window(int(rows), int(x1 - x0), empty)
+        for rows, (x0, x1) in zip(plan.stripe_rows[stripe], plan.stripe_columns[stripe], strict=True)
+    ]
+
+
+def advance_windows(windows: list[_Window], plan: ReadPlan, step: int, decoded: list[tuple[int, int, Any]]) -> None:
+    """Drop the rows no spot from ``step`` on needs, then append the rows ``step`` decoded."""
+    for source, window in enumerate(windows):
+        window.drop_above(int(plan.step_rows[step, source, 0]))
+    for source, y0, rows in decoded:
+        windows[source].append(y0, rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,17 +257,61 @@ class _Pipe:
             except queue.Full:
                 continue
 
-    def __iter__(self):
+    def get(self):
+        """The next item (DONE included), waiting for it."""
         while True:
             if self.failed.is_set():
                 raise _Stop
             try:
-                item = self.queue.get(timeout=0.1)
+                return self.queue.get(timeout=0.1)
             except queue.Empty:
                 continue
-            if item is self.DONE:
-                return
+
+    def __iter__(self):
+        while (item := self.get()) is not self.DONE:
             yield item
+
+
+class _Stages:
+    """The threads of one streamed run, joined by bounded queues (:meth:`pipe`): the first
+    exception in any stage stops them all and is raised on the calling thread."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.failed = threading.Event()
+        self.errors: list[BaseException] = []
+        self.threads: list[threading.Thread] = []
+
+    def pipe(self, depth: int = QUEUE_DEPTH) -> _Pipe:
+        return _Pipe(self.failed, depth)
+
+    def start(self, *stages: Callable[[], None]) -> None:
+        """Run each stage on its own thread."""
+        for stage in stages:
+            thread = threading.Thread(
+                target=self._guarded, args=(stage,), name=f"m2ort-{self.name}-{stage.__name__}", daemon=True
+            )
+            thread.start()
+            self.threads.append(thread)
+
+    def _guarded(self, stage: Callable[[], None]) -> None:
+        try:
+            stage()
+        except _Stop:
+            pass
+        except BaseException as exc:  # handed to the calling thread
+            self.errors.append(exc)
+            self.failed.set()
+
+    def run_here(self, stage: Callable[[], None]) -> None:
+        """Run the calling thread's own stage, join the others, raise the first exception of any."""
+        try:
+            self._guarded(stage)
+        finally:
+            for thread in self.threads:
+                thread.join()
+        if self.errors:
+            raise self.errors[0]
 
 
 @dataclass
@@ -255,15 +343,9 @@ def iter_streamed_patches(
         stripe = int(plan.step_stripe[step])
         with timer.stage("crop"):
             if stripe != current_stripe:
-                windows = [
-                    _Window(int(rows), int(x1 - x0))
-                    for rows, (x0, x1) in zip(plan.stripe_rows[stripe], plan.stripe_columns[stripe], strict=True)
-                ]
+                windows = stripe_windows(plan, stripe)
                 current_stripe = stripe
-            for source, window in enumerate(windows):
-                window.drop_above(int(plan.step_rows[step, source, 0]))
-            for source, y0, pixels in decoded:
-                windows[source].append(y0, pixels)
+            advance_windows(windows, plan, step, decoded)
             del decoded
             spots = plan.step_spots(step)
             crops = {}  # inputs read at the same level and size (a 1,4,16 pyramid's first two) share a crop
@@ -315,24 +397,11 @@ def run_stream(
     import torch
 
     timer = timer or StageTimer()
-    failed = threading.Event()
-    errors: list[BaseException] = []
-    decoded_q, batch_q, write_q = _Pipe(failed), _Pipe(failed), _Pipe(failed)
+    stages = _Stages("host")
+    decoded_q, batch_q, write_q = stages.pipe(), stages.pipe(), stages.pipe()
     device = torch.device(getattr(backend, "device", "cpu"))
     on_gpu = device.type == "cuda"
     stats = StreamStats(plan=plan.stats())
-
-    def guarded(fn):
-        def body():
-            try:
-                fn()
-            except _Stop:
-                pass
-            except BaseException as exc:  # handed to the caller's thread
-                errors.append(exc)
-                failed.set()
-
-        return body
 
     def reader():
         for step in range(plan.n_steps):
@@ -397,16 +466,10 @@ def run_stream(
                 on_batch(spots, predictions)
         stats.spots = plan.n_spots
 
-    threads = [
-        threading.Thread(target=guarded(fn), name=f"m2ort-{fn.__name__}", daemon=True)
-        for fn in (reader, assembler, writer)
-    ]
-    for thread in threads:
-        thread.start()
-    # The model runs here, on its own CUDA stream on a GPU, so that the host-to-device copies and
-    # kernels of one batch overlap the next batch's assembly.
-    cuda_stream = torch.cuda.Stream(device=device) if on_gpu else None
-    try:
+    def model():
+        # Here, on its own CUDA stream on a GPU, so that the host-to-device copies and kernels of
+        # one batch overlap the next batch's assembly.
+        cuda_stream = torch.cuda.Stream(device=device) if on_gpu else None
         with torch.cuda.stream(cuda_stream) if on_gpu else contextlib.nullcontext():
             for spots, buffers, n in batch_q:
                 with timer.stage("model"):
@@ -418,14 +481,7 @@ def run_stream(
                 if progress is not None:
                     progress(len(spots))
         write_q.put(_Pipe.DONE)
-    except _Stop:
-        pass
-    except BaseException as exc:
-        errors.append(exc)
-        failed.set()
-    finally:
-        for thread in threads:
-            thread.join()
-    if errors:
-        raise errors[0]
+
+    stages.start(reader, assembler, writer)
+    stages.run_here(model)
     return stats

@@ -15,6 +15,7 @@ from m2ort_fast.export.aoti import load_aoti
 from m2ort_fast.export.artifacts import aoti_artifact, checkpoint_hash
 from m2ort_fast.export.cache import DEFAULT_BATCH_PROFILE, parse_batch_profile
 from m2ort_fast.model import M2ORT
+from m2ort_fast.precision import check_backend_precision
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class AOTIBackend:
         use_kernels: bool = True,
     ):
         self.device = torch.device(device)
-        self.precision = precision
+        self.precision = check_backend_precision(self.name, precision, self.device.type)
         self.batch_profile = parse_batch_profile(batch_profile)
         sha = checkpoint_hash(model, card, checkpoint_path)
         self.package_path, reused = aoti_artifact(

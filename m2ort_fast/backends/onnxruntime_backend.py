@@ -1,6 +1,7 @@
 """The `onnxruntime` backend: the model exported to ONNX (cached, see m2ort_fast.export) run by
-onnxruntime. CPU provider on the CPU (fp32 or fp16; onnxruntime has no bf16 CPU kernels), CUDA
-provider on a GPU when this onnxruntime build has it."""
+onnxruntime. CPU provider on the CPU (fp32, fp16, or int8: the Linear layers dynamically quantized,
+see export.onnx_export.quantize_int8; onnxruntime has no bf16 CPU kernels), CUDA provider on a GPU
+when this onnxruntime build has it."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from m2ort_fast.errors import M2ORTError
 from m2ort_fast.export.artifacts import checkpoint_hash, onnx_artifact
 from m2ort_fast.export.onnx_export import INPUT_NAMES, read_onnx_card
 from m2ort_fast.model import M2ORT
-from m2ort_fast.precision import check_precision
+from m2ort_fast.precision import check_backend_precision
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,11 @@ class OnnxRuntimeBackend:
 
     ``onnx_path``: use this exported file instead of exporting (its card must match ``card``).
     ``num_threads``: onnxruntime's intra-op threads (default: torch's, so comparisons with the
-    torch backend use the same threads). ``graph_optimization``: disable/basic/extended/all."""
+    torch backend use the same threads). ``graph_optimization``: disable/basic/extended/all.
+    ``spin``: let onnxruntime's threads spin-wait between ops and runs (its default). Off here: a
+    spinning pool keeps the cores busy after each batch, starving the streamed engine's other
+    stages (and, in a benchmark, the backend timed next: on 2 cores the eager model ran 10-100x
+    slower right after a spinning session)."""
 
     name = "onnxruntime"
 
@@ -49,11 +54,12 @@ class OnnxRuntimeBackend:
         cache_dir: str | os.PathLike | None = None,
         num_threads: int | None = None,
         graph_optimization: str = "all",
+        spin: bool = False,
     ):
         import onnxruntime as ort
 
         self.device = torch.device(device)
-        self.precision = check_precision(precision)
+        self.precision = check_backend_precision(self.name, precision, self.device.type)
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise M2ORTError(
@@ -61,8 +67,6 @@ class OnnxRuntimeBackend:
                 )
             providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), "CPUExecutionProvider"]
         else:
-            if precision == "bf16":
-                raise M2ORTError("onnxruntime has no bf16 kernels on the CPU; use --precision fp32 (or fp16)")
             providers = ["CPUExecutionProvider"]
         if onnx_path is None:
             sha = checkpoint_hash(model, card, checkpoint_path)
@@ -75,6 +79,7 @@ class OnnxRuntimeBackend:
         options.intra_op_num_threads = num_threads or torch.get_num_threads()
         options.inter_op_num_threads = 1  # one chain of ops: parallelism is inside each op
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION[graph_optimization])
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
 
     def __call__(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from m2ort_fast.export.artifacts import checkpoint_hash, tensorrt_artifact
 from m2ort_fast.export.cache import DEFAULT_BATCH_PROFILE, parse_batch_profile
 from m2ort_fast.export.tensorrt_engine import TensorRTRunner, require_tensorrt
 from m2ort_fast.model import M2ORT
+from m2ort_fast.precision import check_backend_precision
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,8 @@ class TensorRTBackend:
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise M2ORTError("the tensorrt backend needs a CUDA device (use --device cuda, or another backend)")
+        self.precision = check_backend_precision(self.name, precision, self.device.type)
         require_tensorrt()
-        self.precision = precision
         self.batch_profile = parse_batch_profile(batch_profile)
         sha = checkpoint_hash(model, card, checkpoint_path)
         self.engine_path, reused = tensorrt_artifact(

@@ -1,12 +1,18 @@
-"""The reference backend: the eager PyTorch model, on CPU or GPU, fp32/fp16/bf16."""
+"""The reference backend: the eager PyTorch model, on CPU or GPU, fp32/fp16/bf16.
+
+fp32 runs the reference model as written (attention as matmul -> softmax -> matmul). Below fp32
+the attention is the one fused ``scaled_dot_product_attention`` op (``set_fused_attention``): the
+same math, with the softmax accumulated in float32 inside the op rather than on a bf16/fp16 score
+matrix, and on the CPU 3x faster than the literal form in bf16 (small, batch 64).
+"""
 
 from __future__ import annotations
 
 import torch
 
 from m2ort_fast.checkpoint import ModelCard
-from m2ort_fast.model import M2ORT
-from m2ort_fast.precision import torch_dtype
+from m2ort_fast.model import M2ORT, set_fused_attention
+from m2ort_fast.precision import check_backend_precision, torch_dtype
 
 
 class TorchBackend:
@@ -21,11 +27,18 @@ class TorchBackend:
         precision: str = "fp32",
         checkpoint_path: str | None = None,
     ):
-        self.device = device
+        self.device = torch.device(device)
+        self.precision = check_backend_precision(self.name, precision, self.device.type)
         self.dtype = torch_dtype(precision)
-        self.model = model.to(device=device, dtype=self.dtype).eval()
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        if precision != "fp32":
+            set_fused_attention(self.model, True)
+
+    def __call__(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:
+        return self.forward_on_device(level1, level2, level3).cpu()
 
     @torch.inference_mode()
-    def __call__(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:
+    def forward_on_device(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:
+        """(B, G) float32 predictions left on the backend's device (no host synchronisation)."""
         levels = [x.to(self.device, self.dtype, non_blocking=True) for x in (level1, level2, level3)]
-        return self.model(*levels).float().cpu()
+        return self.model(*levels).float()

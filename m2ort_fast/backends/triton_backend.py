@@ -19,7 +19,7 @@ from m2ort_fast.kernels.icmm import ICMMWeights, icmm
 from m2ort_fast.kernels.itmm import ITMMWeights, itmm
 from m2ort_fast.kernels.runtime import check_can_run
 from m2ort_fast.model import M2ORT
-from m2ort_fast.precision import check_precision, torch_dtype
+from m2ort_fast.precision import check_backend_precision, check_precision, torch_dtype
 
 
 class TritonBackend:
@@ -40,7 +40,9 @@ class TritonBackend:
         self.device = torch.device(device)
         if precision is None:
             precision = "bf16" if self.device.type == "cuda" else "fp32"
-        self.precision = check_precision(precision, "the triton backend")
+        self.precision = check_backend_precision(
+            self.name, check_precision(precision, "the triton backend"), self.device.type
+        )
         self.dtype = torch_dtype(precision)
         check_can_run(self.device, self.dtype)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
@@ -60,8 +62,12 @@ class TritonBackend:
             tokens = icmm(itmm(tokens, itmm_weights), icmm_weights)
         return self.model.norm(tokens[:, 0])
 
-    @torch.inference_mode()
     def __call__(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:
+        return self.forward_on_device(level1, level2, level3).cpu()
+
+    @torch.inference_mode()
+    def forward_on_device(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:
+        """(B, G) float32 predictions left on the backend's device (no host synchronisation)."""
         levels = [x.to(self.device, self.dtype, non_blocking=True) for x in (level1, level2, level3)]
         tokens = self.model.embed(*levels)
-        return self.model.head(self.encode(tokens)).float().cpu()
+        return self.model.head(self.encode(tokens)).float()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +18,8 @@ from PIL import Image
 from m2ort_fast.errors import SlideError, exception_detail
 
 if TYPE_CHECKING:
+    import torch
+
     from m2ort_fast.slide._tiff import _TileVerifier
 
 log = logging.getLogger(__name__)
@@ -155,6 +157,37 @@ class Slide:
         self, level: int, x_level_px: int, y_level_px: int, width_px: int, height_px: int
     ) -> np.ndarray:
         """Like read_region, with the top-left corner in pixels of ``level`` itself."""
+        return self._read_clipped(
+            level,
+            x_level_px,
+            y_level_px,
+            width_px,
+            height_px,
+            self._read_level,
+            lambda shape: np.full(shape, 255, dtype=np.uint8),
+        )
+
+    def read_level_region_tensor(
+        self, level: int, x_level_px: int, y_level_px: int, width_px: int, height_px: int
+    ) -> torch.Tensor:
+        """read_level_region as a (height_px, width_px, 3) uint8 torch tensor: in GPU memory where
+        the reader decodes on the GPU (cuCIM; no copy), else a host tensor sharing the array."""
+        import torch
+
+        return torch.from_numpy(self.read_level_region(level, x_level_px, y_level_px, width_px, height_px))
+
+    def _read_clipped(
+        self,
+        level: int,
+        x_level_px: int,
+        y_level_px: int,
+        width_px: int,
+        height_px: int,
+        read: Callable[[int, int, int, int, int], Any],
+        white: Callable[[tuple[int, int, int]], Any],
+    ) -> Any:
+        """The part of a region inside the level read by ``read`` (checked: _guarded_read) into
+        ``white(shape)`` where the region reaches outside the level."""
         self._check_level(level)
         if width_px <= 0 or height_px <= 0:
             raise ValueError(f"region size must be positive, got {width_px}x{height_px}")
@@ -162,11 +195,11 @@ class Slide:
         x0, y0 = max(x_level_px, 0), max(y_level_px, 0)
         x1, y1 = min(x_level_px + width_px, level_w), min(y_level_px + height_px, level_h)
         if x0 == x_level_px and y0 == y_level_px and x1 - x0 == width_px and y1 - y0 == height_px:
-            return self._guarded_read(level, x0, y0, width_px, height_px)
-        out = np.full((height_px, width_px, 3), 255, dtype=np.uint8)
+            return self._guarded_read(level, x0, y0, width_px, height_px, read)
+        out = white((height_px, width_px, 3))
         if x1 > x0 and y1 > y0:
             out[y0 - y_level_px : y1 - y_level_px, x0 - x_level_px : x1 - x_level_px] = self._guarded_read(
-                level, x0, y0, x1 - x0, y1 - y0
+                level, x0, y0, x1 - x0, y1 - y0, read
             )
         return out
 
@@ -252,11 +285,21 @@ class Slide:
         """(N, size_px, size_px, 3) uint8 for squares that lie inside ``level``."""
         return np.stack([self._read_level(level, int(x), int(y), size_px, size_px) for x, y in top_left_px])
 
-    def _guarded_read(self, level: int, x_px: int, y_px: int, width_px: int, height_px: int) -> np.ndarray:
+    def _guarded_read(
+        self,
+        level: int,
+        x_px: int,
+        y_px: int,
+        width_px: int,
+        height_px: int,
+        read: Callable[[int, int, int, int, int], Any] | None = None,
+    ) -> Any:
+        """``read`` (default: ``_read_level``) of a region inside the level, after the tile check;
+        a decoder's failure becomes one SlideError naming the file."""
         if self.tile_verifier is not None:
             self.tile_verifier.verify_region(level, x_px, y_px, width_px, height_px)
         try:
-            return self._read_level(level, x_px, y_px, width_px, height_px)
+            return (read or self._read_level)(level, x_px, y_px, width_px, height_px)
         except SlideError:
             raise
         except Exception as exc:  # a decoder's error on damaged tiles, a truncated file...

@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,10 +48,49 @@ class CuCIMSlide(Slide):
             )[..., :3]
         )
 
+    @property
+    def decodes_on_gpu(self) -> bool:
+        """True while cuCIM decodes into GPU memory (it falls back to the CPU after a GPU failure)."""
+        return self._device != "cpu"
+
+    def read_level_region_tensor(self, level, x_level_px, y_level_px, width_px, height_px):
+        """On the GPU: the decoded region handed to torch through the CUDA array interface (no copy
+        to the host), white outside the level; on the CPU, the base class's host tensor."""
+        if not self.decodes_on_gpu:
+            return super().read_level_region_tensor(level, x_level_px, y_level_px, width_px, height_px)
+        import torch
+
+        device = torch.device(self._device)
+        return self._read_clipped(
+            level,
+            x_level_px,
+            y_level_px,
+            width_px,
+            height_px,
+            self._read_level_on_gpu,
+            lambda shape: torch.full(shape, 255, dtype=torch.uint8, device=device),
+        )
+
+    def _read_level_on_gpu(self, level, x_px, y_px, width_px, height_px):
+        location = self._level0_location(level, x_px, y_px)
+        return self._on_device(
+            lambda: self._to_tensor(
+                self._image.read_region(location, (width_px, height_px), level, device=self._device)
+            )
+        )
+
+    def _to_tensor(self, region):
+        import torch
+
+        if self._device == "cpu":  # after a GPU failure
+            return torch.from_numpy(self._to_numpy(region)[..., :3])
+        # torch.as_tensor keeps `region` alive as long as the tensor (__cuda_array_interface__).
+        return torch.as_tensor(region, device=self._device)[..., :3]
+
     def _read_level_batch(self, level, top_left_px, size_px):
         return self._on_device(lambda: self._read_batch(level, top_left_px, size_px))
 
-    def _on_device(self, read: Callable[[], np.ndarray]) -> np.ndarray:
+    def _on_device(self, read: Callable[[], Any]) -> Any:
         if self._device == "cpu":
             return read()
         try:
