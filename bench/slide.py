@@ -176,12 +176,10 @@ def decode_only_seconds(slide, plan, on_device: bool) -> float:
     """Seconds to decode the plan's tiles alone, one step after another (the data path's floor)."""
     from m2ort_fast.profiling import StageTimer
     from m2ort_fast.stream import read_step
-    from m2ort_fast.stream_device import read_step_tensors
 
-    read = read_step_tensors if on_device else read_step
     start = time.perf_counter()
     for step in range(plan.n_steps):
-        read(slide, plan, step, StageTimer())
+        read_step(slide, plan, step, StageTimer(), as_tensors=on_device)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - start

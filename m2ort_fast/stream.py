@@ -368,12 +368,17 @@ def iter_streamed_patches(
         yield spots, patches
 
 
-def read_step(slide: Slide, plan: ReadPlan, step: int, timer: StageTimer) -> list[tuple[int, int, np.ndarray]]:
-    """Decode the rows ``step`` appends: [(source index, first row, (rows, width, 3) uint8)]."""
+def read_step(
+    slide: Slide, plan: ReadPlan, step: int, timer: StageTimer, *, as_tensors: bool = False
+) -> list[tuple[int, int, Any]]:
+    """Decode the rows ``step`` appends: [(source index, first row, (rows, width, 3) uint8)], numpy
+    arrays, or with ``as_tensors`` torch tensors (on the GPU where the reader decodes there: the
+    device path's, ``Slide.read_level_region_tensor``)."""
+    read = slide.read_level_region_tensor if as_tensors else slide.read_level_region
     out = []
     with timer.stage("read"):
         for source, x0, y0, width, height in plan.step_reads(step):
-            out.append((source, y0, slide.read_level_region(plan.sources[source], x0, y0, width, height)))
+            out.append((source, y0, read(plan.sources[source], x0, y0, width, height)))
     return out
 
 

@@ -61,6 +61,7 @@ from m2ort_fast.stream import (
     _Window,
     advance_windows,
     check_data_path,
+    read_step,
     stripe_windows,
 )
 
@@ -159,17 +160,6 @@ class DeviceMemory:
     def _release(self, size: int) -> None:
         with self._lock:
             self.bytes -= size
-
-
-def read_step_tensors(
-    slide: Slide, plan: ReadPlan, step: int, timer: StageTimer
-) -> list[tuple[int, int, torch.Tensor]]:
-    """The rows ``step`` appends, as tensors: [(source index, first row, (rows, width, 3) uint8)]."""
-    out = []
-    with timer.stage("read"):
-        for source, x0, y0, width, height in plan.step_reads(step):
-            out.append((source, y0, slide.read_level_region_tensor(plan.sources[source], x0, y0, width, height)))
-    return out
 
 
 class _Assembler:
@@ -287,7 +277,7 @@ def run_stream_on_device(
 
     def reader():
         for step in range(plan.n_steps):
-            decoded = read_step_tensors(slide, plan, step, timer)
+            decoded = read_step(slide, plan, step, timer, as_tensors=True)
             for _, _, rows in decoded:
                 if rows.device.type == device.type:  # device memory the path holds until it is copied
                     memory.track(rows)
