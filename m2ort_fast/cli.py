@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from m2ort_fast.errors import M2ORTError
-from m2ort_fast.options import MAX_HEATMAPS, device_name, mpp_value, number, positive_int
+from m2ort_fast.options import DEFAULT_OUT_DIR, MAX_HEATMAPS, device_name, mpp_value, number, positive_int
 from m2ort_fast.precision import PRECISION_CHOICES
 from m2ort_fast.slide import READERS
 from m2ort_fast.stream import DATA_PATHS, DEFAULT_MAX_GPU_MEMORY_MB, DEFAULT_MAX_MEMORY_MB
@@ -119,7 +119,7 @@ def add_predict(subparsers) -> None:
         choices=["auto", *READERS],
         help="slide reader (default auto: cuCIM, else tiffslide, else OpenSlide; flat images: flat)",
     )
-    p.add_argument("--out", default="m2ort-fast-out", help="output folder (default: %(default)s)")
+    p.add_argument("--out", default=DEFAULT_OUT_DIR, help="output folder (default: %(default)s)")
     p.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--batch-size", type=number(int, 0, what="the batch size"), default=64)
     p.add_argument("--backend", default="torch", help="inference backend (default: %(default)s)")

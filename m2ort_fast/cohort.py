@@ -47,7 +47,8 @@ from typing import Any
 
 from m2ort_fast.checkpoint import file_sha256
 from m2ort_fast.errors import M2ORTError, OutputError, exception_detail
-from m2ort_fast.outputs import STAGING_SUFFIX, StagedOutput, ensure_out_dir, output_errors
+from m2ort_fast.options import DEFAULT_OUT_DIR
+from m2ort_fast.outputs import STAGING_SUFFIX, StagedOutput, ensure_out_dir, h5ad_path, output_errors
 from m2ort_fast.predict import DEFAULT_CHECKPOINT, Predictor, SlideResult, _close_when_opened, _OpenedSlide
 from m2ort_fast.spots import Spots
 
@@ -345,7 +346,7 @@ class CohortWorker:
             log.exception("%s: unexpected error", task.slide)
             return {**fields, "status": FAILED, "error": f"unexpected {type(exc).__name__}: {exception_detail(exc)}"}
         if result.skipped:  # finished by another run since the driver looked
-            return {**fields, "status": SKIPPED, "h5ad": str(self.out_dir / f"{task.stem}.h5ad")}
+            return {**fields, "status": SKIPPED, "h5ad": str(h5ad_path(self.out_dir, task.stem))}
         return {**fields, **_result_fields(result, self.predictor.checkpoint_sha256)}
 
     def _take(self, task: SlideTask) -> Future[_OpenedSlide]:
@@ -403,7 +404,7 @@ def predict_cohort(
     slides: Iterable[str | os.PathLike],
     *,
     model: str | os.PathLike | None = None,
-    out_dir: str | os.PathLike = "m2ort-fast-out",
+    out_dir: str | os.PathLike = DEFAULT_OUT_DIR,
     spots: Sequence[str | os.PathLike | Spots | None] | None = None,
     ray_address: str | None = "auto",
     workers: int | None = None,
@@ -538,7 +539,7 @@ def _plan(
     for i in positions:
         row = earlier.pop(stems[i], None)
         fresh = ManifestRow(slide=paths[i], stem=stems[i], size_bytes=sizes[i])
-        h5ad = out / f"{stems[i]}.h5ad"
+        h5ad = h5ad_path(out, stems[i])
         if overwrite or row is None or row.status not in (DONE, FAILED, SKIPPED):
             row = fresh
         elif row.status == DONE and row.checkpoint_sha256 and row.checkpoint_sha256 != sha and h5ad.exists():

@@ -374,6 +374,11 @@ def close_geojson(path: Path) -> None:
         fh.write("\n]}\n")
 
 
+def h5ad_path(out_dir: str | os.PathLike, stem: str) -> Path:
+    """Where a slide's ``.h5ad`` is published: ``out_dir/<stem>.h5ad``."""
+    return Path(out_dir) / f"{stem}.h5ad"
+
+
 def publish_staged(staging: Path, out_dir: Path, stem: str, heatmap_genes: list[str]) -> SlideOutputs:
     """Rename what ``staging`` holds of ``<stem>.csv``, ``<stem>.geojson``, ``<stem>_heatmaps/``
     and ``<stem>.h5ad`` into ``out_dir``, the ``.h5ad`` last: an ``.h5ad`` that exists is complete."""
@@ -392,10 +397,10 @@ def publish_staged(staging: Path, out_dir: Path, stem: str, heatmap_genes: list[
             if published[suffix].is_dir():  # a store from an earlier run (--overwrite)
                 shutil.rmtree(published[suffix])
             os.replace(staging / f"{stem}{suffix}", published[suffix])
-    h5ad_path = out_dir / f"{stem}.h5ad"
-    os.replace(staging / f"{stem}.h5ad", h5ad_path)
+    published_h5ad = h5ad_path(out_dir, stem)
+    os.replace(h5ad_path(staging, stem), published_h5ad)
     return SlideOutputs(
-        h5ad=h5ad_path,
+        h5ad=published_h5ad,
         csv=published.get(".csv"),
         heatmaps=heatmaps,
         geojson=published.get(".geojson"),
@@ -507,7 +512,7 @@ class StagedOutput:
 
     @property
     def h5ad(self) -> Path:
-        return self.out_dir / f"{self.stem}.h5ad"
+        return h5ad_path(self.out_dir, self.stem)
 
     def _lock(self) -> int:
         for _ in range(5):
@@ -611,7 +616,7 @@ class ChunkedH5adWriter:
         self.n_spots = skeleton.n_obs
         # the CSV and GeoJSON name spots as their table does (one file per slide: no clash)
         self.ids = [str(i) for i in (skeleton.obs["spot_id"] if "spot_id" in skeleton.obs else skeleton.obs_names)]
-        self.h5ad = staged.folder / f"{self.stem}.h5ad"
+        self.h5ad = h5ad_path(staged.folder, self.stem)
         self.progress_path = staged.folder / "written.npy"
         self.file: Any = None  # the open h5py.File
         with output_errors(staged.folder):

@@ -35,6 +35,7 @@ from m2ort_fast.backends import make_backend
 from m2ort_fast.checkpoint import ModelCard, file_sha256, load_checkpoint
 from m2ort_fast.crop import read_spot_patches
 from m2ort_fast.errors import M2ORTError, SpotsError
+from m2ort_fast.options import DEFAULT_OUT_DIR
 from m2ort_fast.outputs import (
     FORMATS,
     HIRES_MAX_SIDE_PX,
@@ -46,6 +47,7 @@ from m2ort_fast.outputs import (
     check_heatmap_genes,
     check_out_dir,
     existing_run_settings,
+    h5ad_path,
     run_key,
 )
 from m2ort_fast.profiling import StageTimer
@@ -228,7 +230,7 @@ class Predictor:
         spot_format: str = "auto",
         spacing_um: float | None = None,
         mpp: float | None = None,
-        out_dir: str | os.PathLike = "m2ort-fast-out",
+        out_dir: str | os.PathLike = DEFAULT_OUT_DIR,
         heatmap_genes: Sequence[str] | None = None,
         n_heatmaps: int = 4,
         write_csv: bool = True,
@@ -296,8 +298,8 @@ class Predictor:
             )
             if result.error:
                 raise M2ORTError(result.error)
-            out_dir = Path(write_options.get("out_dir", "m2ort-fast-out"))
-            return anndata.read_h5ad(out_dir / f"{write_options.get('stem') or Path(slide_path).stem}.h5ad")
+            stem = write_options.get("stem") or Path(slide_path).stem
+            return anndata.read_h5ad(h5ad_path(write_options.get("out_dir", DEFAULT_OUT_DIR), stem))
         if write_options:
             raise TypeError(f"write options without write=True: {', '.join(write_options)}")
         opened = self._open_slide(
@@ -709,7 +711,7 @@ def predict_slides(
     slides: Iterable[str | os.PathLike],
     *,
     model: str | os.PathLike | Predictor | None = None,
-    out_dir: str | os.PathLike = "m2ort-fast-out",
+    out_dir: str | os.PathLike = DEFAULT_OUT_DIR,
     spots: Sequence[SpotsLike | None] | None = None,
     stop_on_error: bool = False,
     overwrite: bool = False,
@@ -764,7 +766,7 @@ def predict_slides(
     todo = []
     results: dict[int, SlideResult] = {}
     for i, slide_path in enumerate(slide_paths):
-        h5ad = out_dir / f"{run_options['stem'] or slide_path.stem}.h5ad"
+        h5ad = h5ad_path(out_dir, run_options["stem"] or slide_path.stem)
         if overwrite or not h5ad.exists():
             todo.append(i)
             continue

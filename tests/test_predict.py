@@ -162,6 +162,20 @@ def test_spots_from_an_anndata_give_the_table_predictions(predictor, tmp_path):
     )
 
 
+def test_predict_with_write_returns_what_it_published(predictor, tmp_path):
+    """``predict(write=True)`` writes as ``predict_slide`` does (here under another stem) and returns
+    that .h5ad read back: the in-memory predictions, the stem's file and nothing under the slide's."""
+    in_memory = predictor.predict(DEMO_SLIDE, spots=DEMO_SPOTS)
+    written = predictor.predict(
+        DEMO_SLIDE, spots=DEMO_SPOTS, write=True, out_dir=tmp_path, stem="renamed", n_heatmaps=0, write_csv=False
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["renamed.h5ad"]
+    np.testing.assert_array_equal(written.X, in_memory.X)
+    np.testing.assert_array_equal(written.X, read_h5ad(tmp_path / "renamed.h5ad").X)
+    with pytest.raises(TypeError, match="out_dir"):
+        predictor.predict(DEMO_SLIDE, spots=DEMO_SPOTS, out_dir=tmp_path)
+
+
 def test_visium_anndata_as_scanpy_reads_it(predictor, tmp_path):
     """squidpy's real Visium sample (49 spots on its H&E crop, ``uns["spatial"]`` from Space
     Ranger): the mpp comes from spot_diameter_fullres (a 65 um spot there), obs kept."""
