@@ -8,8 +8,8 @@ import math
 
 from m2ort_fast.slide import MPP_RANGE
 
-# The output folder when none is given, for the CLI and the Python API alike (here: the CLI imports
-# this module without the writers' dependencies).
+# The output folder when none is given, for the CLI and the Python API alike; here rather than in
+# outputs.py because the CLI imports this module at start-up, before the writers' dependencies.
 DEFAULT_OUT_DIR = "m2ort-fast-out"
 
 # More heatmaps than this is a mistake, not a wish (one PNG each, ~0.4 s apiece).

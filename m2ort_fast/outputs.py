@@ -374,9 +374,9 @@ def close_geojson(path: Path) -> None:
         fh.write("\n]}\n")
 
 
-def h5ad_path(out_dir: str | os.PathLike, stem: str) -> Path:
-    """Where a slide's ``.h5ad`` is published: ``out_dir/<stem>.h5ad``."""
-    return Path(out_dir) / f"{stem}.h5ad"
+def h5ad_path(folder: str | os.PathLike, stem: str) -> Path:
+    """A slide's ``.h5ad`` in ``folder`` (the output folder, or its staging folder): ``folder/<stem>.h5ad``."""
+    return Path(folder) / f"{stem}.h5ad"
 
 
 def publish_staged(staging: Path, out_dir: Path, stem: str, heatmap_genes: list[str]) -> SlideOutputs:
