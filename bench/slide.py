@@ -22,6 +22,11 @@ path's torch buffers are counted by its own ledger instead, ``peak_buffers_mb``)
 seconds (streamed stages overlap, so they add up to more than the wall time), and each reader
 (cuCIM, tiffslide, OpenSlide) on the same regions (a compact block of the grid). Predictions of
 the two paths are checked equal bit for bit.
+
+``--baseline BACKEND[:PRECISION]`` (e.g. ``aoti:fp32``) also runs the streamed host path and the
+model alone with that backend, in the same process right after the others, and reports the
+end-to-end ratio against it: a speed-up measured on one VM in one sitting, where the same command
+on another day may run ~1.6x faster or slower.
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ def prepare_slide(section: Path, region_px: int, out: Path):
     return path, spots.mpp_from_pitch
 
 
-def make_predictor(args, mpp: float, tmp: Path):
+def make_predictor(args, mpp: float, tmp: Path, backend: str | None = None, precision: str | None = None):
     from m2ort_fast.checkpoint import ModelCard, read_card, save_checkpoint
     from m2ort_fast.model import build_model
     from m2ort_fast.predict import DEFAULT_CHECKPOINT, Predictor
@@ -93,9 +98,9 @@ def make_predictor(args, mpp: float, tmp: Path):
         save_checkpoint(checkpoint, model, card)
     return Predictor(
         checkpoint,
-        backend=args.backend,
+        backend=backend or args.backend,
         device=args.device,
-        precision=args.precision,
+        precision=precision or args.precision,
         batch_size=args.batch_size,
         level_source=args.level_source,
         progress=False,
@@ -202,6 +207,27 @@ def model_only_spots_per_s(backend, sizes_px, batch_size: int, n_spots: int) -> 
     return repeats * batch_size / (time.perf_counter() - start)
 
 
+def bench_baseline(baseline, args, slide, centers: np.ndarray, predictions: np.ndarray, report: dict):
+    """The streamed host path and the model alone with ``baseline`` (the ``--baseline`` predictor),
+    on the same slide and spots; the ratio of this run's streamed spots/s to the baseline's."""
+    baseline.backend(*[torch.zeros(2, 3, s, s) for s in baseline.card.patch_sizes_px])  # warm
+    n = len(centers)
+    model_only = model_only_spots_per_s(baseline.backend, baseline.card.patch_sizes_px, args.batch_size, n)
+    streamed = run_streamed(baseline, slide, centers, args.max_memory_mb)
+    streamed_spots_per_s = n / streamed[1]
+    return {
+        "backend": baseline.backend_name,
+        "precision": baseline.precision,
+        "model_only_spots_per_s": round(model_only, 1),
+        "streamed_spots_per_s": round(streamed_spots_per_s, 1),
+        "streamed_stages_s": streamed[3],
+        "streamed_vs_baseline": round(
+            report["runs"]["end_to_end"]["streamed"]["spots_per_s"] / streamed_spots_per_s, 2
+        ),
+        "max_abs_diff": float(np.abs(streamed[0] - predictions).max()),
+    }
+
+
 def bench_readers(path: Path, mpp: float, centers: np.ndarray, card, max_memory_mb: float) -> list[dict]:
     """Each reader on the same regions: naive squares and the streamed engine's planned rows."""
     from m2ort_fast.crop import read_spot_patches
@@ -271,6 +297,12 @@ def main(argv=None) -> int:
         default=300,
         help="spots for the per-reader comparison (the block nearest the tissue's middle)",
     )
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="BACKEND[:PRECISION]",
+        help="also time this backend (e.g. aoti:fp32) streamed end to end and alone, and report the ratio",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args(argv)
 
@@ -294,6 +326,10 @@ def main(argv=None) -> int:
         else:
             path, mpp = prepare_slide(section, args.region_px, tmp)
         predictor = make_predictor(args, mpp, tmp)
+        baseline = None
+        if args.baseline:  # built before the timed runs: a wrong name fails at once, a compile is not timed
+            backend, _, precision = args.baseline.partition(":")
+            baseline = make_predictor(args, mpp, tmp, backend=backend, precision=precision or "fp32")
         with open_slide(path, reader=args.reader) as slide:
             thumbnail, _ = slide.thumbnail(1600)
             spots = grid_spots(slide, spacing_um=args.spacing_um, mask=tissue_mask(thumbnail))
@@ -325,6 +361,7 @@ def main(argv=None) -> int:
                 device = run_streamed(predictor, slide, centers, args.max_gpu_memory_mb, "device")
                 plan = streamed[4]
                 if label == "end_to_end":
+                    end_to_end_predictions = streamed[0]
                     report["bit_equal"] = bool(np.array_equal(naive[0], streamed[0]))
                     report["device_path_bit_equal"] = bool(np.array_equal(streamed[0], device[0]))
                 report["runs"][label] = {
@@ -362,6 +399,8 @@ def main(argv=None) -> int:
             report["end_to_end_vs_model_only"] = round(
                 report["runs"]["end_to_end"]["streamed"]["spots_per_s"] / report["model_only_spots_per_s"], 3
             )
+            if baseline is not None:
+                report["baseline"] = bench_baseline(baseline, args, slide, centers, end_to_end_predictions, report)
         # A compact block of the dense grid (the spots nearest the tissue's middle), as a dense
         # map is read: spots scattered over the whole slide would make every planned band span it.
         middle = np.median(centers, axis=0)
@@ -385,6 +424,13 @@ def main(argv=None) -> int:
         f"{report['decode_only_spots_per_s']} spots/s"
     )
     print(f"predictions bit-equal: naive/streamed {report['bit_equal']}, host/device {report['device_path_bit_equal']}")
+    if "baseline" in report:
+        b = report["baseline"]
+        print(
+            f"baseline {b['backend']} {b['precision']}: streamed {b['streamed_spots_per_s']} spots/s, model alone "
+            f"{b['model_only_spots_per_s']}; this run's streamed is {b['streamed_vs_baseline']}x it (same process), "
+            f"predictions differ by at most {b['max_abs_diff']:.2e}"
+        )
     for r in report["readers"]:
         print(r)
     if args.json:
