@@ -10,7 +10,7 @@ hexagonal grid over the tissue. Both paths use the same backend, spots and batch
 - naive: ``Predictor.predict_centers`` (one ``read_region`` per spot per level, then the model);
 - streamed: ``stream.run_stream`` (read plan, each tile decoded once, stages overlapped), the host
   data path (crop, resize, batches on the CPU cores);
-- device: ``stream_device.run_stream_on_device``, the same plan with the pixels on the model's
+- device: ``engine.run_stream_on_device``, the same plan with the pixels on the model's
   device from the decoded tiles on (on the CPU: CPU tensors and the host kernels).
 
 Each is run twice: with the model (end to end) and with a zero "model" (the data path alone:
@@ -136,9 +136,8 @@ def run_naive(predictor, slide, centers):
 def run_streamed(predictor, slide, centers, max_memory_mb, data_path="host"):
     import functools
 
+    from m2ort_fast.engine import DeviceMemory, plan_slide_reads, reserved_bytes, run_stream, run_stream_on_device
     from m2ort_fast.profiling import StageTimer
-    from m2ort_fast.stream import plan_slide_reads, run_stream
-    from m2ort_fast.stream_device import DeviceMemory, reserved_bytes, run_stream_on_device
 
     device = predictor.backend.device
     on_device = data_path == "device"
@@ -179,8 +178,8 @@ def run_streamed(predictor, slide, centers, max_memory_mb, data_path="host"):
 
 def decode_only_seconds(slide, plan, on_device: bool) -> float:
     """Seconds to decode the plan's tiles alone, one step after another (the data path's floor)."""
+    from m2ort_fast.engine import read_step
     from m2ort_fast.profiling import StageTimer
-    from m2ort_fast.stream import read_step
 
     start = time.perf_counter()
     for step in range(plan.n_steps):
@@ -231,9 +230,9 @@ def bench_baseline(
 def bench_readers(path: Path, mpp: float, centers: np.ndarray, card, max_memory_mb: float) -> list[dict]:
     """Each reader on the same regions: naive squares and the streamed engine's planned rows."""
     from m2ort_fast.crop import read_spot_patches
+    from m2ort_fast.engine import iter_streamed_patches, plan_slide_reads
     from m2ort_fast.errors import M2ORTError
     from m2ort_fast.slide import open_slide
-    from m2ort_fast.stream import iter_streamed_patches, plan_slide_reads
 
     rows = []
     for reader in ("cucim", "tiffslide", "openslide"):

@@ -46,7 +46,7 @@ def _row_stats_kernel(
 
 def _row_stats_configs():
     # 16 rows on 4 warps spill for D = 1152 (16 x 2048 values over 128 threads); 8 warps do not
-    # (every config here compiles spill-free for sm_80 and sm_90: kernels/compile_report.py).
+    # (every config here compiles spill-free for sm_80 and sm_90: tools/compile_report.py).
     return gpu_configs(
         [{"BLOCK_M": m} for m in (1, 2, 4, 8, 16)],
         num_warps=[4, 8],
@@ -174,7 +174,7 @@ def _linear_configs():
     # Hopper: 128-row tiles with 8 warps (two warpgroups of wgmma) and 3-4 smem stages do best
     # for these K (192-1152) and N (192-1152); smaller tiles for the small-N layers. Each config
     # compiles for sm_80 and sm_90 in fp16/bf16 without register spills and within shared memory
-    # (kernels/compile_report.py). Dropped because they spill with the LayerNorm prologue and the
+    # (tools/compile_report.py). Dropped because they spill with the LayerNorm prologue and the
     # epilogue in registers: 128x256 and 256x128 (on 8 warps, and on 16), 128x128 on 4 warps
     # (128x128x32 moved to 8 warps). In fp32 only 64x64 is spill-free (tolerated: see the report).
     tiles = [

@@ -165,7 +165,7 @@ def _attention_configs():
     # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). A program holds q and the output accumulator
     # (BLOCK_M x 64) and a key block's k and v (BLOCK_N x 64) in registers, and x / W tiles of
     # BLOCK_K channels; each config here compiles for sm_80 and sm_90 in fp16/bf16 without spills
-    # (kernels/compile_report.py). With BLOCK_K 64 every 4-warp config spilled and so did 256 rows
+    # (tools/compile_report.py). With BLOCK_K 64 every 4-warp config spilled and so did 256 rows
     # on 8 or 16 warps; BLOCK_K 32 (it divides every M2ORT d, as 64 does) makes the room.
     # BLOCK_M 256 covers all 197 queries (no k/v recomputation, 16 warps at 128 registers);
     # 128/64/32 trade recomputation for more programs. 32x16 on 4 warps is the one that does not

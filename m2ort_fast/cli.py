@@ -21,11 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from m2ort_fast.engine import DATA_PATHS, DEFAULT_MAX_GPU_MEMORY_MB, DEFAULT_MAX_MEMORY_MB
 from m2ort_fast.errors import M2ORTError
 from m2ort_fast.options import DEFAULT_OUT_DIR, MAX_HEATMAPS, device_name, mpp_value, number, positive_int
 from m2ort_fast.precision import PRECISION_CHOICES
 from m2ort_fast.slide import READERS
-from m2ort_fast.stream import DATA_PATHS, DEFAULT_MAX_GPU_MEMORY_MB, DEFAULT_MAX_MEMORY_MB
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +150,10 @@ def add_predict(subparsers) -> None:
         type=_csv_list,
         default=None,
         metavar="FMT[,FMT]",
-        help="what to write beside the .h5ad (always written): csv (default), geojson (QuPath detections: "
-        "each spot's model window with its predictions as measurements), spatialdata (a SpatialData zarr "
-        "store: the slide, spots, windows, tissue and the table; needs the [spatial] extra); e.g. "
-        "--format csv,geojson",
+        help="what to write beside the .h5ad and the CSV (both always written; --no-csv: no CSV): geojson "
+        "(QuPath detections: each spot's model window with its predictions as measurements), spatialdata (a "
+        "SpatialData zarr store: the slide, spots, windows, tissue and the table; needs the [spatial] extra); "
+        "e.g. --format geojson,spatialdata. A rerun that adds a format writes it from the stored predictions",
     )
     p.add_argument("--no-csv", action="store_true", help="do not write the CSV")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -194,8 +194,15 @@ def run_predict(args) -> int:
             continue
         if result.skipped:
             print(
-                f"{result.slide.name}: skipped, its .h5ad in {args.out} was made with the same model, spots and "
-                f"settings (--overwrite to redo it)"
+                f"{result.slide.name}: skipped, its .h5ad in {args.out} was made from the same run record "
+                f"(model, spots, settings and formats; --overwrite to redo it)"
+            )
+            continue
+        if result.added:
+            assert result.outputs is not None
+            print(
+                f"{result.slide.name}: added {', '.join(result.added) or 'heatmaps'} to {result.outputs.h5ad} "
+                f"from its stored predictions (the model did not run)"
             )
             continue
         stages = ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items())
@@ -225,7 +232,7 @@ def _read_slide_list(path: str) -> list[str]:
     return slides
 
 
-# --- Cohort runs (m2ort_fast/cohort.py): Ray workers or a job-array shard, with OUT/manifest.csv ---
+# --- Cohort runs (m2ort_fast/cohort/): Ray workers or a job-array shard, with OUT/manifest.csv ---
 
 
 def _shard_spec(text: str) -> tuple[int, int]:

@@ -29,7 +29,7 @@ from m2ort_fast.crop import resize_rgb
 from m2ort_fast.errors import M2ORTError, SlideError
 from m2ort_fast.options import mpp_value, number, positive_int
 from m2ort_fast.outputs import output_errors
-from m2ort_fast.slide import open_slide
+from m2ort_fast.slide import FlatSlide, open_slide
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +206,6 @@ def convert_to_pyramid(
             log.warning(
                 "%s: no mpp in the source and none given (--mpp); %s is written without one", src.name, dst.name
             )
-        from m2ort_fast.slide._flat import FlatSlide
-
         if isinstance(slide, FlatSlide):  # decoded whole already
             image = slide.image
         else:

@@ -8,7 +8,7 @@ A spot's three model inputs cover the same physical square at the model's workin
 from the pyramid level chosen by physical resolution (``best_level_for_mpp``); where no level has
 the needed resolution it reads the next finer one and resizes (bilinear, antialiased:
 :func:`resize_patches`, the one resize used everywhere). ``spot_squares`` says which squares; the
-streamed engine (:mod:`m2ort_fast.stream`) reads the same ones.
+streamed engine (:mod:`m2ort_fast.engine`) reads the same ones.
 """
 
 from __future__ import annotations

@@ -20,9 +20,13 @@ class M2ORTError(Exception):
         super().__init__(message)
 
 
-def exception_detail(exc: BaseException, limit: int = 200) -> str:
-    """A library exception as one short line for our messages (its type name when it has no text)."""
-    return " ".join(str(exc).split())[:limit] or type(exc).__name__
+def exception_detail(exc: BaseException, limit: int | None = 200) -> str:
+    """A library exception as one line for our messages (its type name when it has no text), at
+    most ``limit`` characters (None: whole), cut between words with "..." when it is longer."""
+    text = " ".join(str(exc).split())
+    if limit is not None and len(text) > limit:
+        text = text[: text.rfind(" ", 0, limit - 3) if " " in text[: limit - 3] else limit - 3] + " ..."
+    return text or type(exc).__name__
 
 
 class SlideError(M2ORTError):

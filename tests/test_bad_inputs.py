@@ -22,11 +22,12 @@ from PIL import Image
 from pyramids import tissue_pixels, write_test_pyramid
 from readers import installed_readers
 
-from m2ort_fast import outputs as outputs_module
 from m2ort_fast import slide as slide_module
 from m2ort_fast.checkpoint import load_checkpoint
 from m2ort_fast.cli import main
 from m2ort_fast.outputs import StagedOutput
+from m2ort_fast.outputs import folders as output_folders
+from m2ort_fast.outputs import heatmaps as heatmaps_module
 from m2ort_fast.predict import DEFAULT_CHECKPOINT, DEMO_SLIDE, DEMO_SPOTS
 from m2ort_fast.slide import _flat as flat_module
 
@@ -390,13 +391,13 @@ def test_disk_full_reported_by_a_library_in_its_own_way(capfd, tmp_path, monkeyp
     def odd(*args, **kwargs):
         raise AttributeError("'_idat' object has no attribute 'fileno'")
 
-    monkeypatch.setattr(outputs_module, "write_heatmap", odd)
-    monkeypatch.setattr(outputs_module, "_disk_full", lambda path: True)
+    monkeypatch.setattr(heatmaps_module, "write_heatmap", odd)
+    monkeypatch.setattr(output_folders, "_disk_full", lambda path: True)
     out = tmp_path / "o"
     code, stdout, err = run_cli(capfd, "predict", "--out", out, "--quiet")
     assert_one_line_error(code, stdout, err, "no space left on the device")
     assert_no_output(out)
-    monkeypatch.setattr(outputs_module, "_disk_full", lambda path: False)  # not full: a bug, shown as one
+    monkeypatch.setattr(output_folders, "_disk_full", lambda path: False)  # not full: a bug, shown as one
     with pytest.raises(AttributeError):
         main(["predict", "--out", str(out), "--quiet"])
     assert_no_output(out)

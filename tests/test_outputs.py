@@ -14,6 +14,8 @@ import pytest
 from m2ort_fast.cli import main
 from m2ort_fast.outputs import HIRES_MAX_SIDE_PX, LOWRES_MAX_SIDE_PX
 from m2ort_fast.predict import DEMO_SLIDE, DEMO_SPOTS, Predictor
+from m2ort_fast.predict.opening import slide_view
+from m2ort_fast.predict.record import DERIVED_SETTINGS, VALUE_SETTINGS
 from m2ort_fast.slide import open_slide
 
 
@@ -56,8 +58,9 @@ def test_h5ad_is_laid_out_as_space_ranger_and_scanpy_expect(demo_run, predictor)
     assert meta["model_window_um"] == pytest.approx(predictor.card.field_of_view_um)
     assert meta["model_window_px"] == pytest.approx(predictor.card.field_of_view_um / mpp)
     assert len(table) == adata.n_obs
-    settings = json.loads(adata.uns["m2ort_fast"]["run_settings"])
-    assert set(settings) == {"checkpoint", "slide", "spots", "mpp", "level_source", "precision"}
+    record = json.loads(adata.uns["m2ort_fast"]["run_record"])
+    assert set(VALUE_SETTINGS) | set(DERIVED_SETTINGS) <= set(record)
+    assert record["formats"] == ["csv", "geojson"] and record["heatmaps"] == "the 2 that vary most"
 
 
 def test_geojson_is_one_qupath_detection_per_spot(demo_run, predictor):
@@ -101,9 +104,9 @@ def test_heatmaps_and_overview_name_the_model_and_why_these_genes(demo_run):
 
 
 def test_heatmap_title_says_whether_the_slide_was_in_training(predictor):
-    opened = predictor._open_slide(DEMO_SLIDE, spots=DEMO_SPOTS)
+    opened = predictor.open(DEMO_SLIDE, DEMO_SPOTS)
     with opened.slide:
-        view = predictor._view(opened, "demo_slide")
+        view = slide_view(opened, predictor.card, "demo_slide")
     assert view.in_training is True  # the demo slide is a crop of her2st C3, a training section
     title = view.title("ERBB2")
     assert "ERBB2" in title and predictor.card.model_id in title and "in its training data" in title
@@ -130,7 +133,7 @@ def test_a_rerun_skips_only_what_was_made_with_the_same_settings(tmp_path, capsy
 
     assert main(["predict", *common, "--spacing-um", "55", "--overwrite"]) == 0
     assert h5ad.stat().st_mtime_ns != made
-    assert "grid every 55 um" in json.loads(anndata.read_h5ad(h5ad).uns["m2ort_fast"]["run_settings"])["spots"]
+    assert "grid every 55 um" in json.loads(anndata.read_h5ad(h5ad).uns["m2ort_fast"]["run_record"])["spots"]
 
 
 def test_an_output_without_recorded_settings_is_not_silently_kept(tmp_path, capsys):

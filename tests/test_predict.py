@@ -9,10 +9,10 @@ import torch
 from pyramids import write_test_pyramid
 from real_data import HER2ST_SECTIONS, SQUIDPY_VISIUM, her2st_section, require
 
-from m2ort_fast import outputs as outputs_module
 from m2ort_fast.checkpoint import load_checkpoint
 from m2ort_fast.convert import convert_to_pyramid
 from m2ort_fast.crop import read_spot_patches
+from m2ort_fast.outputs import heatmaps as heatmaps_module
 from m2ort_fast.predict import DEFAULT_CHECKPOINT, DEMO_SLIDE, DEMO_SPOTS, Predictor, predict_slides
 from m2ort_fast.slide import open_slide
 from m2ort_fast.spots import load_spots
@@ -111,7 +111,7 @@ def test_failed_write_leaves_no_complete_looking_output(predictor, tmp_path, mon
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(outputs_module, "write_heatmap", broken)
+    monkeypatch.setattr(heatmaps_module, "write_heatmap", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         predictor.predict_slide(DEMO_SLIDE, spots=DEMO_SPOTS, out_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []

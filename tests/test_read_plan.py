@@ -10,9 +10,9 @@ import pytest
 from pyramids import write_test_pyramid
 
 from m2ort_fast import _core
+from m2ort_fast.engine import iter_streamed_patches, plan_slide_reads
 from m2ort_fast.errors import M2ORTError
 from m2ort_fast.slide import open_slide
-from m2ort_fast.stream import iter_streamed_patches, plan_slide_reads
 
 LEVEL_MPP = (0.5, 1.0, 2.0)  # test pyramids are 0.5 um/px: level 1 exact, the others from levels 1/2 or resized
 SIZES = (224, 112, 56)

@@ -1,5 +1,5 @@
-"""The device data path (m2ort_fast.stream_device) on CPU tensors against the host path
-(m2ort_fast.stream): the model's input batches equal bit for bit (so the predictions too), for
+"""The device data path (m2ort_fast.engine.device) on CPU tensors against the host path
+(m2ort_fast.engine): the model's input batches equal bit for bit (so the predictions too), for
 each assemble kernel (the host C++ kernels, the PyTorch reference, the Triton kernel in the
 interpreter); the memory bound holds; --data-path in the CLI and in the .h5ad. GPU tests (marked
 gpu) run the same checks on CUDA tensors and skip, with their reason, where there is no GPU.
@@ -18,12 +18,18 @@ from pyramids import write_test_pyramid
 from real_data import her2st_section
 
 from m2ort_fast.cli import main
+from m2ort_fast.engine import (
+    DeviceMemory,
+    plan_slide_reads,
+    reserved_bytes,
+    resolve_data_path,
+    run_stream,
+    run_stream_on_device,
+)
 from m2ort_fast.errors import M2ORTError
 from m2ort_fast.kernels.testing import triton_interpreter
 from m2ort_fast.predict import DEMO_SLIDE, DEMO_SPOTS, Predictor
 from m2ort_fast.slide import open_slide
-from m2ort_fast.stream import plan_slide_reads, run_stream
-from m2ort_fast.stream_device import DeviceMemory, reserved_bytes, resolve_data_path, run_stream_on_device
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SIZES = (224, 112, 56)

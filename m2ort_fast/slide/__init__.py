@@ -36,10 +36,11 @@ from m2ort_fast.slide._base import (
     Slide,
     require_mpp,
 )
-from m2ort_fast.slide._flat import FLAT_DECODE_COPIES, FLAT_MAX_PIXELS
+from m2ort_fast.slide._flat import FLAT_DECODE_COPIES, FLAT_MAX_PIXELS, FlatSlide
 from m2ort_fast.slide._open import READERS, open_slide
 
 __all__ = [
+    "FlatSlide",
     "Slide",
     "SlideError",
     "open_slide",

@@ -20,7 +20,7 @@ from m2ort_fast.errors import SlideError, exception_detail
 if TYPE_CHECKING:
     import torch
 
-    from m2ort_fast.slide._tiff import _TileVerifier
+    from m2ort_fast.slide._tiff import TileVerifier
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,8 @@ class Slide:
                 mpp,
                 *MPP_RANGE,
             )
-        # Checks tile data before the reader decodes it (TIFF-based slides; see _TileVerifier).
-        self.tile_verifier: _TileVerifier | None = None
+        # Checks tile data before the reader decodes it (TIFF-based slides; see TileVerifier).
+        self.tile_verifier: TileVerifier | None = None
         # (tile_width_px, tile_height_px) per level where the reader knows them (_set_tile_sizes).
         self._tile_sizes_px: tuple[tuple[int, int], ...] | None = None
 
@@ -327,7 +327,7 @@ def _read_error(path: Path, level: int, exc: BaseException) -> SlideError:
     return SlideError(f"cannot read level {level} (damaged or truncated tile data?): {exception_detail(exc)}", path)
 
 
-def _positive_float(value: Any) -> float | None:
+def positive_float(value: Any) -> float | None:
     try:
         number = float(value)
     except (TypeError, ValueError):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from m2ort_fast.errors import SlideError, exception_detail
 from m2ort_fast.slide._base import Slide
-from m2ort_fast.slide._tiff import TiffLayout, _resolution_mpp, _TileVerifier, _verify_jpeg, is_tiff_header
+from m2ort_fast.slide._tiff import TiffLayout, TileVerifier, is_tiff_header, resolution_mpp, verify_jpeg
 
 # The flat reader keeps the whole image in memory (3 bytes per pixel); refuse absurd sizes.
 FLAT_MAX_PIXELS = 2_000_000_000
@@ -60,7 +60,7 @@ def _large_images_allowed():
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def _pil_recognises(path: Path) -> bool:
+def pil_recognises(path: Path) -> bool:
     try:
         with _large_images_allowed(), Image.open(path) as image:
             return bool(image.format)
@@ -85,7 +85,7 @@ def _decode_flat(
             _check_rgb_mode(path, image.mode)
             vendor = (image.format or "image").lower()
             if image.format == "JPEG":
-                _verify_jpeg(path.read_bytes(), path, "the image")
+                verify_jpeg(path.read_bytes(), path, "the image")
             image.load()
             rgb = _pil_to_rgb(image)
     except SlideError:
@@ -111,21 +111,21 @@ def _decode_flat_tiff(
             _check_flat_size(path, page.imagewidth, page.imagelength, max_decoded_mb)
             level0 = [(page.imagewidth, page.imagelength)]
             verifier = (
-                _TileVerifier.from_layout(tiff, level0)
+                TileVerifier.from_layout(tiff, level0)
                 if tiff is not None
-                else _TileVerifier.for_slide(path, level0, tif)
+                else TileVerifier.for_slide(path, level0, tif)
             )
             with contextlib.closing(verifier):
                 verifier.verify_region(0, 0, 0, page.imagewidth, page.imagelength)
             pixels = tif.series[0].levels[0].asarray()
-            mpp = _resolution_mpp(page)
+            mpp = resolution_mpp(page)
     except SlideError:
         raise
     except Exception as exc:
         raise SlideError(f"cannot decode the TIFF (truncated or damaged?): {exception_detail(exc)}", path) from None
     if pixels.dtype != np.uint8:
         raise SlideError(f"unsupported pixel type {pixels.dtype} (8-bit RGB expected)", path)
-    return _as_rgb(pixels, path), "tiff", mpp
+    return as_rgb(pixels, path), "tiff", mpp
 
 
 def _check_flat_size(path: Path, width_px: int, height_px: int, max_decoded_mb: float | None = None) -> None:
@@ -190,7 +190,7 @@ def _pil_to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def _as_rgb(pixels: np.ndarray, path: Path) -> np.ndarray:
+def as_rgb(pixels: np.ndarray, path: Path) -> np.ndarray:
     """(H, W, 3) uint8 from RGB or RGBA (transparent areas become white); grayscale is refused."""
     pixels = np.asarray(pixels)
     if pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] in (1, 2)):

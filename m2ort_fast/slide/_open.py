@@ -12,9 +12,9 @@ from pathlib import Path
 from m2ort_fast.errors import SlideError, exception_detail
 from m2ort_fast.slide._base import MPP_TOLERANCE, Slide
 from m2ort_fast.slide._cucim import CuCIMSlide
-from m2ort_fast.slide._flat import FlatSlide, _pil_recognises
+from m2ort_fast.slide._flat import FlatSlide, pil_recognises
 from m2ort_fast.slide._openslide import OpenSlideSlide
-from m2ort_fast.slide._tiff import TiffLayout, _TileVerifier, is_tiff_header, read_tiff_layout
+from m2ort_fast.slide._tiff import TiffLayout, TileVerifier, is_tiff_header, read_tiff_layout
 from m2ort_fast.slide._tiffslide import TiffSlideSlide
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def open_slide(
             slide = _open_auto(path, tiff, options)
         try:
             if tiff is not None and verify_tiles and slide.reader_name != "flat":  # flat verifies as it decodes
-                slide.tile_verifier = _TileVerifier.from_layout(tiff, slide.level_dimensions)
+                slide.tile_verifier = TileVerifier.from_layout(tiff, slide.level_dimensions)
             if mpp is not None:
                 if slide.mpp is not None and abs(slide.mpp - mpp) > MPP_TOLERANCE * slide.mpp:
                     log.warning(
@@ -111,7 +111,7 @@ def _open_auto(path: Path, tiff: TiffLayout | None, options: dict) -> Slide:
     tiff_levels = tiff.level_count if tiff is not None else None
     if is_tiff:
         order = ["cucim", "tiffslide", "openslide"] + (["flat"] if tiff_levels == 1 else [])
-    elif _pil_recognises(path):
+    elif pil_recognises(path):
         order = ["flat"]
     else:
         order = ["openslide"]  # MIRAX, DICOM and other vendor formats

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from m2ort_fast.slide._base import DEFAULT_TILE_PX, Slide, _positive_float
-from m2ort_fast.slide._flat import _as_rgb
+from m2ort_fast.slide._base import DEFAULT_TILE_PX, Slide, positive_float
+from m2ort_fast.slide._flat import as_rgb
 from m2ort_fast.slide._tiff import TiffLayout
 
 
@@ -29,7 +29,7 @@ class OpenSlideSlide(Slide):
             path,
             props.get("openslide.vendor") or "unknown",
             self._slide.level_dimensions,
-            _positive_float(props.get("openslide.mpp-x")),
+            positive_float(props.get("openslide.mpp-x")),
         )
         self._set_downsamples(self._slide.level_downsamples)
         if tiff is not None and tiff.tile_sizes_px is not None:
@@ -41,7 +41,7 @@ class OpenSlideSlide(Slide):
         rgba = np.asarray(
             self._slide.read_region(self._level0_location(level, x_px, y_px), level, (width_px, height_px))
         )
-        return _as_rgb(rgba, self.path)
+        return as_rgb(rgba, self.path)
 
     def close(self):
         self._slide.close()

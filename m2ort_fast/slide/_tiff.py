@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from m2ort_fast.errors import SlideError, exception_detail
-from m2ort_fast.slide._base import _positive_float
+from m2ort_fast.slide._base import positive_float
 
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
@@ -175,9 +175,9 @@ def _metadata_of(tif) -> dict:
     page = tif.pages[0]
     if tif.is_svs:
         match = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", page.description or "")
-        return {"vendor": "aperio", "mpp": _positive_float(match.group(1)) if match else None}
+        return {"vendor": "aperio", "mpp": positive_float(match.group(1)) if match else None}
     vendor = "hamamatsu" if tif.is_ndpi else "generic-tiff"
-    return {"vendor": vendor, "mpp": _resolution_mpp(page)}
+    return {"vendor": vendor, "mpp": resolution_mpp(page)}
 
 
 def _tile_sizes_of(tif) -> dict[tuple[int, int], tuple[int, int]]:
@@ -273,7 +273,7 @@ def _ifd_chain_runs_past(path: Path, file_size: int) -> bool:
     return False
 
 
-def _resolution_mpp(page) -> float | None:
+def resolution_mpp(page) -> float | None:
     tags = page.tags
     if "XResolution" not in tags or "ResolutionUnit" not in tags:
         return None
@@ -297,7 +297,7 @@ def _resolution_mpp(page) -> float | None:
 # The tile check
 
 
-class _TileVerifier:
+class TileVerifier:
     """Checks a TIFF's tile (or strip) data with a strict decoder before a reader decodes it.
 
     The readers do not all fail on damaged data: cuCIM prints libjpeg's errors to stdout and
@@ -317,14 +317,14 @@ class _TileVerifier:
         self._fd = os.open(path, os.O_RDONLY)
 
     @classmethod
-    def from_layout(cls, layout: TiffLayout, level_dimensions: Sequence[tuple[int, int]]) -> _TileVerifier:
+    def from_layout(cls, layout: TiffLayout, level_dimensions: Sequence[tuple[int, int]]) -> TileVerifier:
         """Match the slide's levels to the TIFF's by size (a level no TIFF level matches is not
         checked); SlideError for tile tables that do not match their level."""
         by_size = layout.tile_levels()
         return cls(layout.path, [by_size.get((int(w), int(h))) for w, h in level_dimensions])
 
     @classmethod
-    def for_slide(cls, path: Path, level_dimensions: Sequence[tuple[int, int]], tif=None) -> _TileVerifier:
+    def for_slide(cls, path: Path, level_dimensions: Sequence[tuple[int, int]], tif=None) -> TileVerifier:
         """Like from_layout, from the file itself. ``tif``: the file already open as a
         tifffile.TiffFile (else it is opened here)."""
         import tifffile
@@ -385,7 +385,7 @@ class _TileVerifier:
             tables = geometry.tables
             if tables and data[:2] == b"\xff\xd8":  # abbreviated tile: splice in the shared tables
                 data = tables[:-2] + data[2:]
-            _verify_jpeg(data, self.path, where)
+            verify_jpeg(data, self.path, where)
             return
         try:
             geometry.page.decode(data, index, jpegtables=geometry.tables)
@@ -398,7 +398,7 @@ class _TileVerifier:
             self._fd = -1
 
 
-def _verify_jpeg(data: bytes, path: Path, where: str) -> None:
+def verify_jpeg(data: bytes, path: Path, where: str) -> None:
     """SlideError unless libjpeg-turbo decodes ``data`` without an error or a warning (1/8 scale)."""
     import simplejpeg
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from m2ort_fast.slide._base import Slide, _positive_float
-from m2ort_fast.slide._flat import _as_rgb
+from m2ort_fast.slide._base import Slide, positive_float
+from m2ort_fast.slide._flat import as_rgb
 from m2ort_fast.slide._tiff import TiffLayout, tiff_layout_for
 
 
@@ -29,7 +29,7 @@ class TiffSlideSlide(Slide):
             path,
             props.get("tiffslide.vendor") or tiff_meta["vendor"],
             self._slide.level_dimensions,
-            _positive_float(props.get("tiffslide.mpp-x")) or tiff_meta["mpp"],
+            positive_float(props.get("tiffslide.mpp-x")) or tiff_meta["mpp"],
         )
         self._set_downsamples(self._slide.level_downsamples)
         self._set_tile_sizes(tile_sizes)
@@ -38,7 +38,7 @@ class TiffSlideSlide(Slide):
         region = self._slide.read_region(
             self._level0_location(level, x_px, y_px), level, (width_px, height_px), as_array=True
         )
-        return _as_rgb(region, self.path)
+        return as_rgb(region, self.path)
 
     def close(self):
         self._slide.close()

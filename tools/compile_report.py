@@ -18,7 +18,7 @@ compiled, spilled nothing and fits the target's shared memory per block. The aut
 skip a config over the shared limit (OutOfResources) and time a spilling one; neither belongs in
 the lists. Which rows fail the check: :func:`judge` (fp32 is tolerated while another config is ok).
 
-    python -m m2ort_fast.kernels.compile_report [--json PATH] [--all] [--jobs N]
+    python tools/compile_report.py [--json PATH] [--all] [--jobs N]
 
 prints the table (one line per kernel x config x target x dtype, the worst case over the problem
 sizes; ``--all``: every row) and exits 1 when a row fails the check. Compiles go to Triton's cache
@@ -568,9 +568,7 @@ def summary(rows: Sequence[Row]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m m2ort_fast.kernels.compile_report", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python tools/compile_report.py", description=__doc__.split("\n")[0])
     parser.add_argument("--json", metavar="PATH", help="also write every row to this JSON file")
     parser.add_argument("--all", action="store_true", help="print every row (default: worst case per config)")
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: the CPU count)")

@@ -23,7 +23,7 @@ import numpy as np
 from m2ort_fast.errors import M2ORTError
 
 if TYPE_CHECKING:
-    from m2ort_fast.outputs import SlideView
+    from m2ort_fast.outputs.h5ad import SlideView
     from m2ort_fast.slide import Slide
 
 CHUNK_PX = 2048  # image chunks read (and stored) at a time

@@ -4,7 +4,7 @@
                             reserved_bytes=partial(reserved_bytes, batch_size=64, kernel="auto", device=device))
     run_stream_on_device(slide, plan, backend, mean, std, on_batch, batch_size=64)
 
-The same read plan, windows and predictions as the host path (:func:`m2ort_fast.stream.run_stream`);
+The same read plan, windows and predictions as the host path (:func:`m2ort_fast.engine.host.run_stream`);
 what differs is where the pixels live and who touches them:
 
 1. ``read`` (reader thread): each step's planned rows, as tensors (``Slide.read_level_region_tensor``):
@@ -48,22 +48,14 @@ import torch
 
 from m2ort_fast import _core
 from m2ort_fast.crop import SpotSquares
+from m2ort_fast.engine.host import StreamStats, read_step
+from m2ort_fast.engine.plan import ReadPlan, check_data_path
+from m2ort_fast.engine.stages import QUEUE_DEPTH, Pipe, Stages
+from m2ort_fast.engine.windows import Window, advance_windows, stripe_windows
 from m2ort_fast.errors import M2ORTError
 from m2ort_fast.kernels.assemble import assemble, normalization_table, reference_assemble
 from m2ort_fast.profiling import StageTimer
 from m2ort_fast.slide import Slide
-from m2ort_fast.stream import (
-    QUEUE_DEPTH,
-    ReadPlan,
-    StreamStats,
-    _Pipe,
-    _Stages,
-    _Window,
-    advance_windows,
-    check_data_path,
-    read_step,
-    stripe_windows,
-)
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +167,7 @@ class _Assembler:
         shapes = _scratch_shapes(self.kernel, [(r, s) for _, r, s in self.inputs], self.derived_sizes, batch_size)
         self.scratch = {name: memory.empty(shape, dtype) for name, (shape, dtype) in shapes.items()}
 
-    def __call__(self, windows: list[_Window], origins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
+    def __call__(self, windows: list[Window], origins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
         """origins: per plan input, (n, 2) int64 top-left in its window's px; outs: per model input
         (plan inputs, then derived), (n, 3, S, S) float32 rows of the batch."""
         if self.kernel == "host":
@@ -200,7 +192,7 @@ class _Assembler:
         for derived_px, out in zip(self.derived_sizes, outs[len(self.inputs) :], strict=True):
             run(region, at, read_px, derived_px, self.table, out)
 
-    def _host(self, windows: list[_Window], origins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
+    def _host(self, windows: list[Window], origins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
         """The host path's kernels on CPU tensors (the same arithmetic: bit for bit)."""
         n = len(origins[0])
         first: np.ndarray | None = None  # the first input's patches: the coarser inputs come from them
@@ -237,7 +229,7 @@ def run_stream_on_device(
     memory: DeviceMemory | None = None,
 ) -> StreamStats:
     """Predict every planned spot on ``backend.device``; ``on_batch(spot indices (B,), predictions
-    (B, G) float32)`` runs on the writer thread, in plan order (as :func:`m2ort_fast.stream.run_stream`).
+    (B, G) float32)`` runs on the writer thread, in plan order (as :func:`m2ort_fast.engine.host.run_stream`).
     Threads: reader, this one (assemble), model, writer, joined by bounded queues; an exception in
     any stops them all and is raised here. ``memory``: the ledger of the device bytes held."""
     timer = timer or StageTimer()
@@ -252,7 +244,7 @@ def run_stream_on_device(
     batches = [[memory.empty((batch_size, 3, s, s), torch.float32) for s in sizes_px] for _ in range(BATCHES_IN_FLIGHT)]
     consumed: list[torch.cuda.Event | None] = [None] * BATCHES_IN_FLIGHT  # the model has read batch k
     stats = StreamStats(plan=plan.stats())
-    stages = _Stages("device")
+    stages = Stages("device")
     decoded_q, batch_q, write_q = stages.pipe(), stages.pipe(), stages.pipe()
     free_batches = stages.pipe(BATCHES_IN_FLIGHT)  # batch k may be refilled once the model took it
     for k in range(BATCHES_IN_FLIGHT):
@@ -282,7 +274,7 @@ def run_stream_on_device(
                 if rows.device.type == device.type:  # device memory the path holds until it is copied
                     memory.track(rows)
             decoded_q.put(decoded)
-        decoded_q.put(_Pipe.DONE)
+        decoded_q.put(Pipe.DONE)
 
     def model():
         with on_stream(model_stream):
@@ -301,7 +293,7 @@ def run_stream_on_device(
                     predictions[:n].copy_(out, non_blocking=on_gpu)
                 write_q.put((spots, predictions, n, event(model_stream)))
                 stats.batches += 1
-        write_q.put(_Pipe.DONE)
+        write_q.put(Pipe.DONE)
 
     def writer():
         for spots, predictions, n, copied in write_q:
@@ -316,7 +308,7 @@ def run_stream_on_device(
 
     def fill_batches():
         held: collections.deque = collections.deque()  # (event, decoded step) until its copy has run
-        windows: list[_Window] = []
+        windows: list[Window] = []
         current_stripe = -1
         k, filled = -1, 0  # the batch being filled (-1: none yet) and its rows filled
         batch_spots: list[np.ndarray] = []
@@ -374,7 +366,7 @@ def run_stream_on_device(
                         emit()
             if filled:
                 emit()
-        batch_q.put(_Pipe.DONE)
+        batch_q.put(Pipe.DONE)
 
     stages.start(reader, model, writer)
     stages.run_here(fill_batches)
