@@ -39,6 +39,18 @@ def _csv_list(text: str) -> list[str]:
 
 def add_predict(subparsers) -> None:
     p = subparsers.add_parser("predict", help="predict per-spot expression for slides (no slide: the demo)")
+    for add, title in (
+        (_add_input_arguments, "slides, their spots and scale"),
+        (_add_model_arguments, "the model and how it runs"),
+        (_add_engine_arguments, "the engine"),
+        (_add_output_arguments, "outputs"),
+    ):
+        add(p.add_argument_group(title))
+    add_cohort_arguments(p)
+    p.set_defaults(func=run_predict)
+
+
+def _add_input_arguments(p) -> None:
     p.add_argument(
         "slides", nargs="*", help="slides (.svs, pyramidal TIFF, or flat JPEG/PNG/TIFF); none: the shipped demo"
     )
@@ -50,11 +62,56 @@ def add_predict(subparsers) -> None:
         help="text file naming slides, one per line (added after SLIDE ...; # starts a comment)",
     )
     p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="redo slides whose .h5ad exists in --out (default: skip those made with the same model, spots "
-        "and settings, so a stopped batch resumes; refuse those made otherwise)",
+        "--spots",
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="spot table, once per slide: Visium spatial/ folder or tissue_positions file, legacy ST "
+        "spot table, or CSV of centres in level-0 px; none: a grid over the tissue",
     )
+    p.add_argument("--spot-format", default="auto", choices=["auto", "visium", "st", "csv"])
+    p.add_argument(
+        "--spacing-um",
+        type=number(float, 0, what="the grid spacing (um)"),
+        default=None,
+        help="grid spacing when no spot table is given (default 100 um, Visium; smaller for dense maps)",
+    )
+    p.add_argument(
+        "--mpp",
+        type=mpp_value,
+        default=None,
+        help="level-0 microns per pixel, for slides without it (overrides the slide's own, with a warning)",
+    )
+    p.add_argument(
+        "--reader",
+        default="auto",
+        choices=["auto", *READERS],
+        help="slide reader (default auto: cuCIM, else tiffslide, else OpenSlide; flat images: flat)",
+    )
+
+
+def _add_model_arguments(p) -> None:
+    p.add_argument("--checkpoint", default=None, help="model checkpoint (.safetensors); default: the package's model")
+    p.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--batch-size", type=number(int, 0, what="the batch size"), default=64)
+    p.add_argument("--backend", default="torch", help="inference backend (default: %(default)s)")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=PRECISION_CHOICES,
+        help="fp32 (default, the reference), fp16, bf16, int8 (onnxruntime on the CPU), or auto: with "
+        "--backend auto, the fastest backend and precision that held the quality bound (README: Precision)",
+    )
+    p.add_argument(
+        "--level-source",
+        default=None,
+        choices=["pyramid", "resize"],
+        help="levels 2 and 3 read from the pyramid or resized from level 1 as the paper's code does "
+        "(default: as the checkpoint's model was trained)",
+    )
+
+
+def _add_engine_arguments(p) -> None:
     p.add_argument(
         "--engine",
         default="streamed",
@@ -91,51 +148,15 @@ def add_predict(subparsers) -> None:
         metavar="FILE",
         help="write a per-stage timing summary as JSON (default file: OUT/profile.json) and print it",
     )
-    p.add_argument(
-        "--spots",
-        action="append",
-        default=None,
-        metavar="FILE",
-        help="spot table, once per slide: Visium spatial/ folder or tissue_positions file, legacy ST "
-        "spot table, or CSV of centres in level-0 px; none: a grid over the tissue",
-    )
-    p.add_argument("--spot-format", default="auto", choices=["auto", "visium", "st", "csv"])
-    p.add_argument(
-        "--spacing-um",
-        type=number(float, 0, what="the grid spacing (um)"),
-        default=None,
-        help="grid spacing when no spot table is given (default 100 um, Visium; smaller for dense maps)",
-    )
-    p.add_argument(
-        "--mpp",
-        type=mpp_value,
-        default=None,
-        help="level-0 microns per pixel, for slides without it (overrides the slide's own, with a warning)",
-    )
-    p.add_argument("--checkpoint", default=None, help="model checkpoint (.safetensors); default: the package's model")
-    p.add_argument(
-        "--reader",
-        default="auto",
-        choices=["auto", *READERS],
-        help="slide reader (default auto: cuCIM, else tiffslide, else OpenSlide; flat images: flat)",
-    )
+
+
+def _add_output_arguments(p) -> None:
     p.add_argument("--out", default=DEFAULT_OUT_DIR, help="output folder (default: %(default)s)")
-    p.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--batch-size", type=number(int, 0, what="the batch size"), default=64)
-    p.add_argument("--backend", default="torch", help="inference backend (default: %(default)s)")
     p.add_argument(
-        "--precision",
-        default="fp32",
-        choices=PRECISION_CHOICES,
-        help="fp32 (default, the reference), fp16, bf16, int8 (onnxruntime on the CPU), or auto: with "
-        "--backend auto, the fastest backend and precision that held the quality bound (README: Precision)",
-    )
-    p.add_argument(
-        "--level-source",
-        default=None,
-        choices=["pyramid", "resize"],
-        help="levels 2 and 3 read from the pyramid or resized from level 1 as the paper's code does "
-        "(default: as the checkpoint's model was trained)",
+        "--overwrite",
+        action="store_true",
+        help="redo slides whose .h5ad exists in --out (default: skip those made with the same model, spots "
+        "and settings, so a stopped batch resumes; refuse those made otherwise)",
     )
     p.add_argument("--genes", type=_csv_list, default=None, help="comma-separated genes to draw heatmaps of")
     p.add_argument(
@@ -157,8 +178,6 @@ def add_predict(subparsers) -> None:
     )
     p.add_argument("--no-csv", action="store_true", help="do not write the CSV")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_cohort_arguments(p)
-    p.set_defaults(func=run_predict)
 
 
 def run_predict(args) -> int:

@@ -12,6 +12,7 @@ from real_data import HER2ST_SECTIONS, SQUIDPY_VISIUM, her2st_section, require
 from m2ort_fast.checkpoint import load_checkpoint
 from m2ort_fast.convert import convert_to_pyramid
 from m2ort_fast.crop import read_spot_patches
+from m2ort_fast.errors import M2ORTError
 from m2ort_fast.outputs import heatmaps as heatmaps_module
 from m2ort_fast.predict import DEFAULT_CHECKPOINT, DEMO_SLIDE, DEMO_SPOTS, Predictor, predict_slides
 from m2ort_fast.slide import open_slide
@@ -191,3 +192,16 @@ def test_visium_anndata_as_scanpy_reads_it(predictor, tmp_path):
     assert result.uns["m2ort_fast"]["slide_mpp"] == pytest.approx(65 / scalefactors["spot_diameter_fullres"])
     np.testing.assert_array_equal(result.obsm["spatial"], adata.obsm["spatial"])
     assert np.isfinite(result.X).all()
+
+
+def test_predict_takes_one_slide_or_many(predictor, tmp_path):
+    """One path: an AnnData. A list (or any iterable) of paths: one AnnData per slide, in order,
+    each predicted when asked for; spots= then one source per slide."""
+    one = predictor.predict(DEMO_SLIDE, spots=DEMO_SPOTS)
+    many = predictor.predict([DEMO_SLIDE, DEMO_SLIDE], spots=[DEMO_SPOTS, None], spacing_um=200)
+    assert not isinstance(many, list) and hasattr(many, "__next__")  # lazy: nothing predicted yet
+    first, second = list(many)
+    assert np.array_equal(first.X, one.X) and first.obs_names.equals(one.obs_names)
+    assert second.n_obs != one.n_obs and "grid every 200 um" in second.uns["m2ort_fast"]["run_record"]
+    with pytest.raises(M2ORTError, match="one per slide"):
+        predictor.predict([DEMO_SLIDE, DEMO_SLIDE], spots=[DEMO_SPOTS])  # at once, before any slide

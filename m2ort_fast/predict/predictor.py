@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -143,34 +143,60 @@ class Predictor:
 
     def predict(
         self,
-        slide_path: str | os.PathLike,
+        slides: str | os.PathLike | Iterable[str | os.PathLike],
         *,
-        spots: SpotsLike | None = None,
+        spots: SpotsLike | Sequence[SpotsLike | None] | None = None,
         spot_format: str = "auto",
         spacing_um: float | None = None,
         mpp: float | None = None,
         reader: str = "auto",
         write: bool = False,
         **write_options: Any,
-    ) -> anndata.AnnData:
-        """Predict every spot of one slide and return the AnnData (as written to ``<stem>.h5ad``).
+    ) -> anndata.AnnData | Iterator[anndata.AnnData]:
+        """Predict every spot of a slide and return its AnnData (as written to ``<stem>.h5ad``);
+        given several slides (a list or any iterable of paths), yield one AnnData per slide, in
+        order, each predicted when it is asked for (``spots``: then one source per slide, or None).
 
         ``write=False``: in memory, nothing written. ``write=True``: written as
         :meth:`predict_slide` writes (``write_options``: out_dir, formats, overwrite, ...), then
         read back."""
-        if write:
-            return self._predict_written(
-                slide_path, spots, OpenOptions(spot_format, spacing_um, mpp, reader), write_options
-            )
-        if write_options:
+        if write_options and not write:
             raise TypeError(f"write options without write=True: {', '.join(write_options)}")
-        opened = self.open(slide_path, spots, OpenOptions(spot_format, spacing_um, mpp, reader))
+        options = OpenOptions(spot_format, spacing_um, mpp, reader)
+        if isinstance(slides, (str, os.PathLike)):
+            return self._predict_one(slides, spots, options, write_options if write else None)
+        return self._predict_many(slides, spots, options, write_options if write else None)
+
+    def _predict_many(
+        self,
+        slides: Iterable[str | os.PathLike],
+        spots: SpotsLike | Sequence[SpotsLike | None] | None,
+        options: OpenOptions,
+        write_options: dict | None,
+    ) -> Iterator[anndata.AnnData]:
+        slides = list(slides)
+        if spots is not None and not (isinstance(spots, Sequence) and not isinstance(spots, str)):
+            raise M2ORTError("spots= for several slides takes one spot source per slide (a list), or None")
+        sources = list(spots) if spots is not None else [None] * len(slides)
+        if len(sources) != len(slides):
+            raise M2ORTError(f"spots= has {len(sources)} spot sources for {len(slides)} slides: give one per slide")
+        return (
+            self._predict_one(path, source, options, write_options)
+            for path, source in zip(slides, sources, strict=True)
+        )
+
+    def _predict_one(
+        self, slide_path: str | os.PathLike, spots: SpotsLike | None, options: OpenOptions, write_options: dict | None
+    ) -> anndata.AnnData:
+        if write_options is not None:
+            return self._predict_written(slide_path, spots, options, write_options)
+        opened = self.open(slide_path, spots, options)
         with opened.slide as slide:
             centers = np.asarray(opened.spots.centers_px, dtype=np.float64)
             predictions = self.predict_centers_streamed(slide, centers, opened.timer)
             view = slide_view(opened, self.card, opened.path.stem)
-            uns = self.run_metadata(slide, opened.spots, spacing_um=spacing_um, streamed=self.streamed)
-            uns["run_record"] = self.record_for(opened.path, opened.spots, opened.options, OutputOptions()).to_json()
+            uns = self.run_metadata(slide, opened.spots, spacing_um=options.spacing_um, streamed=self.streamed)
+            uns["run_record"] = self.record_for(opened.path, opened.spots, options, OutputOptions()).to_json()
             return build_anndata(predictions, self.genes, opened.spots.ids, centers, opened.spots.columns, uns, view)
 
     def _predict_written(
