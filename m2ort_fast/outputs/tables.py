@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,37 +21,54 @@ def write_csv_rows(
     table.to_csv(path, mode="a" if append else "w", header=not append, index_label="spot_id", float_format="%.6g")
 
 
+# QuPath drops object ids that are not UUIDs: each spot's is derived from its slide and spot id,
+# so that the same run writes the same file.
+GEOJSON_ID_NAMESPACE = uuid.UUID("0f6d1b8e-6c35-5d0b-9a51-5e2f3c4b7a10")
+GEOJSON_COORDINATE_DECIMALS = 2  # 0.01 level-0 px
+
+
+def geojson_id(stem: str, spot_id: str) -> str:
+    """A spot's GeoJSON feature id: a UUID (QuPath keeps only those), the same for the same slide and spot."""
+    return str(uuid.uuid5(GEOJSON_ID_NAMESPACE, f"{stem}/{spot_id}"))
+
+
 def write_geojson(
     path: Path,
     ids: Sequence[str],
     centers_px: np.ndarray,
     window_px: float,
     genes: Sequence[str],
-    rows,
+    rows: np.ndarray,
     append: bool,
 ) -> None:
     """QuPath-ready GeoJSON: a FeatureCollection with one detection per spot, its geometry the
-    model's square in level-0 px, its predictions as QuPath measurements (a name -> number map).
-    ``append`` adds the features of the next row chunk; :func:`close_geojson` ends the file."""
+    model's square in level-0 px (rounded to 0.01 px), its predictions (N, G) float32 as QuPath
+    measurements (a name -> number map, each number the float32's shortest exact text), the spot's
+    id as its name and a UUID as its id. ``append`` adds the features of the next row chunk;
+    :func:`close_geojson` ends the file."""
     half = window_px / 2
     with open(path, "a" if append else "w") as fh:
         if not append:
-            fh.write('{"type": "FeatureCollection", "features": [\n')
+            fh.write('{"type":"FeatureCollection","features":[\n')
         for k, (spot_id, (x, y)) in enumerate(zip(ids, centers_px, strict=True)):
-            ring = [[x - half, y - half], [x + half, y - half], [x + half, y + half], [x - half, y + half]]
+            ring = [
+                [round(float(cx), GEOJSON_COORDINATE_DECIMALS), round(float(cy), GEOJSON_COORDINATE_DECIMALS)]
+                for cx, cy in ((x - half, y - half), (x + half, y - half), (x + half, y + half), (x - half, y + half))
+            ]
             feature = {
                 "type": "Feature",
-                "id": str(spot_id),
+                "id": geojson_id(path.stem, str(spot_id)),
                 "geometry": {"type": "Polygon", "coordinates": [[*ring, ring[0]]]},
                 "properties": {
                     "objectType": "detection",
                     "name": str(spot_id),
                     "classification": {"name": "M2ORT spot", "color": [64, 160, 96]},
                     "isLocked": True,
-                    "measurements": {g: float(v) for g, v in zip(genes, rows[k], strict=True)},
+                    "measurements": {g: float(str(v)) for g, v in zip(genes, rows[k].astype(np.float32), strict=True)},
                 },
             }
-            fh.write(("" if not append and k == 0 else ",\n") + json.dumps(feature, allow_nan=False))
+            text = json.dumps(feature, allow_nan=False, separators=(",", ":"))
+            fh.write(("" if not append and k == 0 else ",\n") + text)
 
 
 def close_geojson(path: Path) -> None:
