@@ -383,11 +383,6 @@ def test_no_ray_worker_outlives_the_run(lost_node_run):
     assert not lost_node_run["workers_left"], lost_node_run["workers_left"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cohort.py _manifest_lock closes its lock file but never removes it (issue 23 item 6); "
-    "fix: /work/wt23ray/cohort_fix.patch",
-)
 def test_no_manifest_lock_left(lost_node_run):
     out = lost_node_run["out"]
     assert not list(out.glob(".manifest*.lock")), sorted(p.name for p in out.iterdir())
