@@ -192,3 +192,28 @@ def test_an_old_output_without_a_record_names_overwrite(tmp_path):
     with pytest.raises(M2ORTError, match="--overwrite"):
         read_record(h5ad)
     assert read_record(Path(tmp_path / "none.h5ad")) is None
+
+
+def test_a_slide_another_process_still_writes_is_left_pending_not_failed(tmp_path, monkeypatch):
+    """A killed driver's worker can outlive it (Ray ends it within about a minute) and still hold
+    a slide's staging lock: the next run's worker waits for it, then leaves the slide pending, so
+    that a plain rerun (no --retry-failed) does it."""
+    from m2ort_fast.cohort import PENDING, CohortWorker, SlideTask
+    from m2ort_fast.cohort import worker as worker_module
+    from m2ort_fast.outputs import StagedOutput
+    from m2ort_fast.predict import OpenOptions, OutputOptions
+
+    out = tmp_path / "out"
+    held = StagedOutput(out, "demo_slide")  # another run's lock (flock: per open file, so per "process")
+    monkeypatch.setattr(worker_module, "STAGING_LOCK_WAIT_S", 0.5)
+    worker = CohortWorker("w", None, {"progress": False}, OpenOptions(), OutputOptions(out_dir=out, n_heatmaps=0))
+    try:
+        fields = worker.run(SlideTask(str(DEMO_SLIDE), str(DEMO_SPOTS), "demo_slide"))
+    finally:
+        worker.close()
+        held.discard()
+    assert fields["status"] == PENDING and "another m2ort-fast run" in fields["error"]
+    rerun = predict_cohort(
+        [DEMO_SLIDE], spots=[DEMO_SPOTS], out_dir=out, ray_address=None, n_heatmaps=0, progress=False
+    )
+    assert rerun.count(DONE) == 1
