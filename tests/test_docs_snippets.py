@@ -18,7 +18,7 @@ verbatim.
 
 A comment right before a fence says more:
 ``<!-- snippet: skip (REASON) -->``: not run here (reported as skipped with REASON);
-``<!-- snippet: slow -->``: run only where ``M2ORT_SLOW_SNIPPETS=1`` (CI sets it);
+``<!-- snippet: slow -->``: run only where ``M2ORT_SLOW_SNIPPETS=1`` (CI may set it);
 ``<!-- snippet: requires MODULE ... -->``: skipped, naming the module, where it does not import.
 A block that names ``../shared/`` skips where the real data is absent; a python block skips where
 one of the modules it imports is not installed (the ``[spatial]`` extra).
@@ -85,14 +85,19 @@ SNIPPETS = [s for doc in DOCS for s in extract(doc)]
 README_COMMANDS = next((s for s in SNIPPETS if s.doc.name == "README.md"), None)
 
 
+DIRECTIVE_PART = re.compile(r"\s*(\w+)\s*(\([^)]*\)|[^;]*?)\s*(?:;|$)")
+
+
 def _parse_directive(text: str) -> dict[str, str]:
-    """'skip (needs a GPU); requires ray' -> {"skip": "needs a GPU", "requires": "ray"}."""
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(";"))):
-        word, _, rest = part.partition(" ")
-        if word not in ("skip", "slow", "requires"):
-            raise AssertionError(f"unknown snippet directive {part!r}")
-        out[word] = rest.strip().removeprefix("(").removesuffix(")")
+    """'skip (needs a GPU; and cuCIM)' -> {"skip": "needs a GPU; and cuCIM"};
+    'slow; requires ray' -> {"slow": "", "requires": "ray"}."""
+    out, position = {}, 0
+    while position < len(text):
+        part = DIRECTIVE_PART.match(text, position)
+        if part is None or part.end() == position or part.group(1) not in ("skip", "slow", "requires"):
+            raise AssertionError(f"unknown snippet directive {text[position:]!r}: skip (REASON), slow, requires M")
+        out[part.group(1)] = part.group(2).strip().removeprefix("(").removesuffix(")")
+        position = part.end()
     return out
 
 
