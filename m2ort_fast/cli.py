@@ -101,7 +101,7 @@ def _add_model_arguments(p) -> None:
         default="fp32",
         choices=PRECISION_CHOICES,
         help="fp32 (default, the reference), fp16, bf16, int8 (onnxruntime on the CPU), or auto: with "
-        "--backend auto, the fastest backend and precision that held the quality bound (README: Precision)",
+        "--backend auto, the fastest backend and precision that held the quality bound (docs/precision.md)",
     )
     p.add_argument(
         "--level-source",

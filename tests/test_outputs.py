@@ -154,3 +154,11 @@ def test_unknown_format_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "parquet" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_a_copy_of_the_demo_is_known_as_a_training_section(predictor, tmp_path):
+    copy = tmp_path / "slide.tiff"
+    copy.write_bytes(DEMO_SLIDE.read_bytes())
+    opened = predictor.open(copy, DEMO_SPOTS)
+    with opened.slide:
+        assert slide_view(opened, predictor.card, "slide").in_training is True

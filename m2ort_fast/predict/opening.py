@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from m2ort_fast.checkpoint import ModelCard
+from m2ort_fast.checkpoint import ModelCard, file_sha256
 from m2ort_fast.errors import SpotsError
 from m2ort_fast.outputs import HIRES_MAX_SIDE_PX, SlideView
 from m2ort_fast.predict.assets import DEMO_SLIDE, DEMO_SOURCE_SECTION
@@ -159,7 +159,7 @@ def in_training(card: ModelCard, slide_path: Path, spots_path: Path | None = Non
     if not data:
         return None if card.trained else False
     seen = [d for d in data if isinstance(d, dict) and d.get("role", "train") in ("train", "val")]
-    if Path(slide_path).resolve() == DEMO_SLIDE.resolve():
+    if _is_demo_slide(Path(slide_path)):
         return any(d.get("section") == DEMO_SOURCE_SECTION for d in seen)
     table = spots_path.name if spots_path is not None else ""
     return any(
@@ -168,6 +168,18 @@ def in_training(card: ModelCard, slide_path: Path, spots_path: Path | None = Non
         or (d.get("section") and table.startswith(f"{d['section']}_"))
         for d in seen
     )
+
+
+def _is_demo_slide(slide_path: Path) -> bool:
+    """The shipped demo slide, or a copy of it (same size, same bytes)."""
+    if slide_path.resolve() == DEMO_SLIDE.resolve():
+        return True
+    try:
+        return slide_path.stat().st_size == DEMO_SLIDE.stat().st_size and file_sha256(slide_path) == file_sha256(
+            DEMO_SLIDE
+        )
+    except OSError:
+        return False
 
 
 def close_when_opened(future: Future[OpenedSlide]) -> None:
