@@ -8,7 +8,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from m2ort_fast.outputs import ChunkedH5adWriter, SlideView, StagedOutput, build_anndata, check_heatmap_genes
+from m2ort_fast.outputs import (
+    ChunkedH5adWriter,
+    SlideView,
+    StagedOutput,
+    build_anndata,
+    check_heatmap_genes,
+    check_targets,
+)
 from m2ort_fast.predict.batches import predict_streamed
 from m2ort_fast.predict.opening import OpenedSlide, slide_view
 from m2ort_fast.predict.options import OutputOptions
@@ -30,6 +37,7 @@ def run_opened(
     stem = output.stem or opened.path.stem
     if output.heatmap_genes:
         check_heatmap_genes(predictor.genes, output.heatmap_genes)  # before any spot is read
+    check_targets(output.out_dir, stem)
     with opened.slide as slide:
         wanted = predictor.record_for(opened.path, opened.spots, opened.options, output)
         staged = StagedOutput(output.out_dir, stem, predictor.staging_key(slide, opened.spots, streamed))
