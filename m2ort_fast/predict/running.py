@@ -35,10 +35,10 @@ def run_opened(
     started = time.perf_counter()
     streamed = predictor.streamed if streamed is None else streamed
     stem = output.stem or opened.path.stem
-    if output.heatmap_genes:
-        check_heatmap_genes(predictor.genes, output.heatmap_genes)  # before any spot is read
-    check_targets(output.out_dir, stem)
     with opened.slide as slide:
+        if output.heatmap_genes:
+            check_heatmap_genes(predictor.genes, output.heatmap_genes)  # before any spot is read
+        check_targets(output.out_dir, stem)
         wanted = predictor.record_for(opened.path, opened.spots, opened.options, output)
         staged = StagedOutput(output.out_dir, stem, predictor.staging_key(slide, opened.spots, streamed))
         try:
