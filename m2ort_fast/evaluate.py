@@ -344,6 +344,8 @@ def evaluate_sections(
     from m2ort_fast.datasets import read_sample
     from m2ort_fast.patch_cache import PatchCache
 
+    if not isinstance(sections, (str, os.PathLike)):
+        sections = list(sections)  # read twice: checked first, evaluated after
     out = check_inputs(sections, baseline_sections, out_dir)  # wrong inputs fail before any work
     torch_device = resolve_device(device)
     model, card = load_checkpoint(checkpoint, device=torch_device)

@@ -799,8 +799,8 @@ def grid_spots(
     check_spot_count(
         expected,
         max_spots,
-        what=f"a grid every {spacing_um:g} um over {math.sqrt(tissue_px2) * mpp / 1000:.3g} mm x mm of tissue "
-        f"at {mpp:.4g} um/px",
+        what=f"a grid every {spacing_um:g} um over {tissue_px2 * mpp**2 / 1e6:.4g} mm2 of tissue (at {mpp:.4g} um/px "
+        f"the slide is {width_px * mpp / 1000:.3g} x {height_px * mpp / 1000:.3g} mm)",
         path=slide_path,
         options=options,
     )

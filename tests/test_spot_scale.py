@@ -170,6 +170,20 @@ def test_our_own_h5ad_fed_back_as_spots(tmp_path):
     assert spots.mpp_source.startswith("the array pitch of obs array_row, array_col (hexagonal, 150 um)")
 
 
+def test_cli_takes_an_h5ad_as_spots(tmp_path, capfd):
+    """Before: "'utf-8' codec can't decode byte 0x89" (AnnData spots worked only from Python)."""
+    from m2ort_fast.cli import main
+    from m2ort_fast.predict import DEMO_SLIDE
+
+    quiet = ["--heatmaps", "0", "--no-csv", "--quiet"]
+    assert main(["predict", str(DEMO_SLIDE), "--spots", str(DEMO_SPOTS), "--out", str(tmp_path / "a"), *quiet]) == 0
+    spots = tmp_path / "a" / "demo_slide.h5ad"
+    assert main(["predict", str(DEMO_SLIDE), "--spots", str(spots), "--out", str(tmp_path / "b"), *quiet]) == 0
+    first, again = (anndata.read_h5ad(tmp_path / d / "demo_slide.h5ad") for d in ("a", "b"))
+    np.testing.assert_array_equal(again.X, first.X)
+    assert list(again.obs_names) == list(first.obs_names) and (again.obs["in_tissue"] == 1).all()
+
+
 # ----------------------------------------------------------------------------- part 3: every input form
 
 
