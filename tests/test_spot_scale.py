@@ -128,6 +128,15 @@ def test_space_ranger_zero_diameter_blames_the_scalefactors_file(tmp_path, caplo
     assert "scalefactors_json.json: spot_diameter_fullres is 0" in caplog.text
 
 
+def test_anndata_zero_diameter_blames_its_scale_factors():
+    """squidpy's layout with spot_diameter_fullres 0 and no array positions: the line names the key."""
+    adata = anndata.AnnData(obs=pd.DataFrame(index=[f"AC{i}-1" for i in range(5)]))
+    adata.obsm["spatial"] = np.arange(10, dtype=np.float64).reshape(5, 2) * 100
+    adata.uns["spatial"] = {"lib": {"scalefactors": {"spot_diameter_fullres": 0.0}, "metadata": {}}}
+    with pytest.raises(SpotsError, match=r"^AnnData spots: uns\['spatial'\]\['lib'\]\['scalefactors'\]\['spot_diam"):
+        as_spots(adata, options=API_OPTIONS)
+
+
 def test_pitch_and_diameter_disagreeing_is_one_line_naming_both(tmp_path, caplog):
     write_visium(tmp_path, header=True, scalefactors={"spot_diameter_fullres": 65 / 0.8})  # says 0.8, pitch 0.5
     with pytest.raises(SpotsError) as e:
