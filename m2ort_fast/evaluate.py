@@ -296,25 +296,24 @@ def evaluate_sample(
 
 def check_inputs(sections, baseline_sections=None, out_dir=None) -> Path | None:
     """Every input checked before the checkpoint, the training sections or any patch is read:
-    each section (and baseline section) a sample folder of a known layout, the output folder one
-    that can be made and written. One line (M2ORTError, exit 2) naming the first that is not;
+    the output folder one that can be made and written, each section (and baseline section) a
+    sample folder of a known layout. One line (M2ORTError, exit 2) naming the first that is not;
     returns the output folder (None without one)."""
     from m2ort_fast.datasets import detect_format
 
+    out = check_out_dir(out_dir) if out_dir else None
+    if out is not None:
+        existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+        if not existing.is_dir():
+            raise OutputError(f"cannot make the output folder: {existing} is not a folder", out)
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise OutputError(f"cannot make or write the output folder: {existing} is not writable", out)
     if isinstance(sections, (str, os.PathLike)):
         raise M2ORTError(f"sections= takes a list of section folders, not one path ({os.fspath(sections)!r})")
     for folder in [*sections, *(baseline_sections or [])]:
         if not Path(folder).is_dir():
             raise M2ORTError("no such sample folder", folder)
         detect_format(Path(folder))
-    if not out_dir:
-        return None
-    out = check_out_dir(out_dir)
-    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        raise OutputError(f"cannot make the output folder: {existing} is not a folder", out)
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot make or write the output folder: {existing} is not writable", out)
     return out
 
 
