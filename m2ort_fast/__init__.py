@@ -13,6 +13,8 @@ __all__ = [
     "load_checkpoint",
     "build_model",
     "open_slide",
+    "Spots",
+    "as_spots",
 ]
 
 
@@ -38,4 +40,14 @@ def __getattr__(name: str) -> object:
         from m2ort_fast.slide import open_slide
 
         return open_slide
+    if name in ("Spots", "as_spots"):
+        from m2ort_fast import spots
+
+        return getattr(spots, name)
     raise AttributeError(f"module 'm2ort_fast' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # The lazy exports above are not module globals until first used: list them for dir() and
+    # tab completion, with the names the module does hold.
+    return sorted({*globals(), *__all__})

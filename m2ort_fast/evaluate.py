@@ -44,7 +44,7 @@ import torch
 from m2ort_fast import metrics as M
 from m2ort_fast.checkpoint import ModelCard
 from m2ort_fast.device import resolve_device
-from m2ort_fast.errors import M2ORTError
+from m2ort_fast.errors import M2ORTError, OutputError
 from m2ort_fast.options import device_name, positive_int
 from m2ort_fast.outputs import check_out_dir, ensure_out_dir, output_errors
 from m2ort_fast.predict import normalize_levels
@@ -294,6 +294,29 @@ def evaluate_sample(
     return result
 
 
+def check_inputs(sections, baseline_sections=None, out_dir=None) -> Path | None:
+    """Every input checked before the checkpoint, the training sections or any patch is read:
+    the output folder one that can be made and written, each section (and baseline section) a
+    sample folder of a known layout. One line (M2ORTError, exit 2) naming the first that is not;
+    returns the output folder (None without one)."""
+    from m2ort_fast.datasets import detect_format
+
+    out = check_out_dir(out_dir) if out_dir else None
+    if out is not None:
+        existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+        if not existing.is_dir():
+            raise OutputError(f"cannot make the output folder: {existing} is not a folder", out)
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise OutputError(f"cannot make or write the output folder: {existing} is not writable", out)
+    if isinstance(sections, (str, os.PathLike)):
+        raise M2ORTError(f"sections= takes a list of section folders, not one path ({os.fspath(sections)!r})")
+    for folder in [*sections, *(baseline_sections or [])]:
+        if not Path(folder).is_dir():
+            raise M2ORTError("no such sample folder", folder)
+        detect_format(Path(folder))
+    return out
+
+
 def _write_json(path: Path, data) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     tmp.write_text(json.dumps(data, indent=2, default=float))
@@ -320,7 +343,9 @@ def evaluate_sections(
     from m2ort_fast.datasets import read_sample
     from m2ort_fast.patch_cache import PatchCache
 
-    out = check_out_dir(out_dir) if out_dir else None  # a wrong --out fails before any work
+    if not isinstance(sections, (str, os.PathLike)):
+        sections = list(sections)  # read twice: checked first, evaluated after
+    out = check_inputs(sections, baseline_sections, out_dir)  # wrong inputs fail before any work
     torch_device = resolve_device(device)
     model, card = load_checkpoint(checkpoint, device=torch_device)
     level_source = level_source or card.level_source

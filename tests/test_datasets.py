@@ -74,7 +74,7 @@ def test_visium_space_ranger_folder(tmp_path):
         rows.append(f"{code},{0 if i == 0 else 1},{r},{c},{1000 + r * 173.2:.1f},{2000 + c * 100.0:.1f}")
     (spatial / "tissue_positions.csv").write_text("\n".join(rows) + "\n")
     (spatial / "scalefactors_json.json").write_text(
-        json.dumps({"spot_diameter_fullres": 110.0, "tissue_hires_scalef": 0.1})
+        json.dumps({"spot_diameter_fullres": 130.0, "tissue_hires_scalef": 0.1})  # 65 um at 0.5 um/px
     )
     _write_image(spatial / "tissue_hires_image.png")
     _write_image(tmp_path / "slide.tif", (256, 256))

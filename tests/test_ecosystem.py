@@ -4,9 +4,14 @@ defaults. Each test skips, saying so, where its package is not installed (``pip 
 
 from __future__ import annotations
 
+import runpy
+import sys
+from pathlib import Path
+
 import anndata
 import matplotlib
 import numpy as np
+import pandas as pd
 import pytest
 
 from m2ort_fast.predict import DEMO_SLIDE, DEMO_SPOTS, Predictor
@@ -88,9 +93,19 @@ def test_spatialdata_store_read_back_and_drawn(tmp_path):
     np.testing.assert_allclose(store.shapes["windows"].geometry.area, (predictor.card.field_of_view_um / mpp) ** 2)
     assert store.shapes["tissue"].geometry.area.sum() > 0.9 * full.shape[1] * full.shape[2]  # the demo is all tissue
 
-    pytest.importorskip("spatialdata_plot", reason="spatialdata-plot is not installed")
+    # issue 24: the store was 19x its 1.7 MB source (31 MB), 14 MB of it the table's 2000 px image
+    store_bytes = sum(p.stat().st_size for p in result.outputs.spatialdata.rglob("*") if p.is_file())
+    image_raw_bytes = full.size * 1.25  # the full image and its 2x downsample, uncompressed
+    assert store_bytes < 1.1 * image_raw_bytes and store_bytes < 22e6
+    library = table.uns["spatial"]["demo_slide"]
+    assert set(library["images"]) == {"hires"} and max(library["images"]["hires"].shape) <= 600
+    sq = pytest.importorskip("squidpy", reason="squidpy is not installed")
     import matplotlib.pyplot as plt
 
+    sq.pl.spatial_scatter(table, color=adata.var_names[0])  # the store's own table, at squidpy's defaults
+    plt.close("all")
+
+    pytest.importorskip("spatialdata_plot", reason="spatialdata-plot is not installed")
     gene = adata.var_names[0]
     store.pl.render_images("slide").pl.render_shapes("spots", color=gene, table_name="table").pl.show(
         coordinate_systems="global"
@@ -98,3 +113,27 @@ def test_spatialdata_store_read_back_and_drawn(tmp_path):
     plt.savefig(tmp_path / "sdata.png")
     plt.close("all")
     assert (tmp_path / "sdata.png").stat().st_size > 10_000
+
+
+def test_leiden_at_scanpys_defaults(two_slides):
+    """Issue 24: sc.tl.leiden failed at its defaults with the [spatial] extra installed (igraph and
+    leidenalg were not in it)."""
+    sc = pytest.importorskip("scanpy", reason="scanpy is not installed (pip install 'm2ort-fast[spatial]')")
+    adata = two_slides[1].copy()
+    sc.pp.pca(adata, n_comps=10)
+    sc.pp.neighbors(adata)
+    sc.tl.leiden(adata)
+    assert adata.obs["leiden"].nunique() >= 1 and adata.obs["leiden"].notna().all()
+
+
+def test_scverse_walkthrough_runs_end_to_end(tmp_path, monkeypatch):
+    """docs/scverse_walkthrough.py: predict the demo -> neighbours -> Leiden -> Moran's I -> spatial_scatter."""
+    for package in ("scanpy", "squidpy", "leidenalg", "igraph"):
+        pytest.importorskip(package, reason=f"{package} is not installed (pip install 'm2ort-fast[spatial]')")
+    script = Path(__file__).resolve().parents[1] / "docs" / "scverse_walkthrough.py"
+    monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path)])
+    runpy.run_path(str(script), run_name="__main__")
+    assert (tmp_path / "spatial_scatter.png").stat().st_size > 10_000
+    morans = pd.read_csv(tmp_path / "morans_i.csv", index_col=0)
+    assert len(morans) == 250 and np.isfinite(morans["I"]).all()
+    assert "leiden" in anndata.read_h5ad(tmp_path / "walkthrough.h5ad").obs

@@ -12,6 +12,7 @@ import pytest
 from real_data import HER2ST_SECTIONS, her2st_section
 from scipy.spatial import cKDTree
 
+from m2ort_fast.bounds import API_OPTIONS
 from m2ort_fast.errors import SpotsError
 from m2ort_fast.spots import Spots, check_spots_inside, grid_spots, load_spots
 from m2ort_fast.tissue import tissue_mask
@@ -337,8 +338,10 @@ def test_grid_spots_errors():
     with pytest.raises(SpotsError, match=r"stub.svs: no tissue found in stub.svs"):
         grid_spots(StubSlide(glass, 10.0, 0.5))
     image, _ = he_disc_thumbnail()
-    with pytest.raises(SpotsError, match=r"stub.svs: no mpp: pass --mpp"):
+    with pytest.raises(SpotsError, match=r"stub.svs: no mpp: .* give it with --mpp / mpp=$"):
         grid_spots(StubSlide(image, 20.0, None))
+    with pytest.raises(SpotsError, match=r"give it with mpp=$"):  # the API's message names its keyword
+        grid_spots(StubSlide(image, 20.0, None), options=API_OPTIONS)
     with pytest.raises(SpotsError, match="no grid spot falls on the tissue"):
         grid_spots(StubSlide(image, 20.0, 0.5), spacing_um=50_000)
 

@@ -7,7 +7,13 @@ Elements, in two coordinate systems (``global``: level-0 px of the slide; ``micr
   readers are not all thread-safe);
 - ``shapes/spots``: the spots as circles of their diameter; ``shapes/windows``: the model's
   squares (what its three levels see); ``shapes/tissue``: the tissue mask as polygons;
-- ``tables/table``: the ``.h5ad``'s AnnData, annotating ``spots`` (``region`` / ``instance_id``).
+- ``tables/table``: the ``.h5ad``'s AnnData, annotating ``spots`` (``region`` / ``instance_id``),
+  its ``uns["spatial"]`` holding the 600 px image as ``hires`` (squidpy and scanpy draw on the
+  table at their defaults; the full image is ``images/slide``).
+
+Size: the image is stored losslessly (zstd), as zarr readers decode at their defaults; H&E decoded
+from a JPEG compresses ~1.1x that way, so the store is about the image's raw size (the demo: 20 MB
+from a 1.7 MB JPEG-tiled TIFF, 31 MB when the table also held the 2000 px ``hires`` image).
 
 Needs the ``[spatial]`` extra (spatialdata, geopandas, shapely, scikit-image, dask).
 """
@@ -75,7 +81,7 @@ def write_spatialdata(path: Path, h5ad: Path, slide: Slide, view: SlideView) -> 
         chunks=(3, CHUNK_PX, CHUNK_PX),
     )
 
-    table = anndata.read_h5ad(h5ad)
+    table = _with_small_images(anndata.read_h5ad(h5ad))
     centers = np.asarray(table.obsm["spatial"], dtype=np.float64)
     instance_ids = np.arange(table.n_obs)
     spots = ShapesModel.parse(
@@ -111,6 +117,18 @@ def write_spatialdata(path: Path, h5ad: Path, slide: Slide, view: SlideView) -> 
     with dask.config.set(scheduler="synchronous"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*autosharding", category=UserWarning)  # zarr's notice
         store.write(path)
+
+
+def _with_small_images(table):
+    """The table with its uns["spatial"] images cut to the 600 px lowres one, kept as ``hires``
+    with its scale factor: the 2000 px hires image made the table 14 MB of the demo's 31 MB
+    store, and the store holds the slide itself."""
+    for library in (table.uns.get("spatial") or {}).values():
+        images, scalefactors = library.get("images") or {}, library.get("scalefactors") or {}
+        if "lowres" in images and "tissue_lowres_scalef" in scalefactors:
+            images["hires"] = images.pop("lowres")  # stored once, under the key the tools look for first
+            scalefactors["tissue_hires_scalef"] = scalefactors.pop("tissue_lowres_scalef")
+    return table
 
 
 def _mask_polygons(mask: np.ndarray, downsample: float, find_contours) -> list:

@@ -85,6 +85,7 @@ def _decode_flat(
             _check_rgb_mode(path, image.mode)
             vendor = (image.format or "image").lower()
             if image.format == "JPEG":
+                _check_jpeg_data_at_an_eighth(path, image.width, image.height)
                 verify_jpeg(path.read_bytes(), path, "the image")
             image.load()
             rgb = _pil_to_rgb(image)
@@ -96,6 +97,22 @@ def _decode_flat(
         ) from None
     # JPEG/PNG resolution fields are screen/print settings, not the microscope's: no mpp.
     return rgb, vendor, None
+
+
+def _check_jpeg_data_at_an_eighth(path: Path, width_px: int, height_px: int) -> None:
+    """Decode the JPEG at 1/8 scale (libjpeg's DCT scaling: 1/64 of the pixels) and refuse data
+    that ends early, before the strict check, which holds a full-size buffer: a 632-byte file
+    claiming 30000 x 30000 px cost 2.7 GB there, now 17 MB."""
+    with _large_images_allowed(), Image.open(path) as draft:
+        draft.draft("RGB", (max(1, width_px // 8), max(1, height_px // 8)))
+        try:
+            draft.load()
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise SlideError(
+                f"corrupt JPEG data in the image: Premature end of JPEG file or damaged data (the data does not "
+                f"hold the {width_px}x{height_px} px its header claims: {exception_detail(exc)})",
+                path,
+            ) from None
 
 
 def _decode_flat_tiff(
