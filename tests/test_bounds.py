@@ -76,7 +76,7 @@ def test_jpeg_header_claiming_30000_px_is_refused_before_a_full_size_buffer(tmp_
     """Before: with --max-memory-mb 20000 the strict check decoded into a 2.7 GB buffer (3.0 GB
     peak, 17 s) before "premature end of data"; now a 1/8-scale decode (17 MB) refuses it."""
     monkeypatch.setattr(flat_module, "available_memory_bytes", lambda: 64 * 2**30)
-    monkeypatch.setattr(flat_module, "_verify_jpeg", lambda *a: pytest.fail("the full-size check ran"))
+    monkeypatch.setattr(flat_module, "verify_jpeg", lambda *a: pytest.fail("the full-size check ran"))
     rng = np.random.default_rng(0)
     small = tmp_path / "small.jpg"
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(small, quality=90)

@@ -72,7 +72,7 @@ def one_input(data: bytes) -> None:
 
 def _sniff_tiff(path: Path) -> None:
     """What open_slide does to a TIFF before any reader decodes: the one parse, then the tile check."""
-    from m2ort_fast.slide._tiff import _TileVerifier, read_tiff_layout
+    from m2ort_fast.slide._tiff import TileVerifier, read_tiff_layout
 
     with read_tiff_layout(path) as layout:
         try:
@@ -81,7 +81,7 @@ def _sniff_tiff(path: Path) -> None:
             pass
         page = layout.tif.series[0].levels[0].keyframe
         width_px, height_px = page.imagewidth, page.imagelength
-        verifier = _TileVerifier.from_layout(layout, [(width_px, height_px)])
+        verifier = TileVerifier.from_layout(layout, [(width_px, height_px)])
     try:
         if 0 < width_px * height_px <= MAX_CHECKED_PIXELS:
             verifier.verify_region(0, 0, 0, width_px, height_px)
