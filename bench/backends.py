@@ -11,10 +11,12 @@ precision, latency p50/p99 per batch, peak memory during the warm-up batch (CUDA
 torch; CPU: peak process RSS, sampled), and the max error vs the fp32 eager reference on the same
 inputs (relative to max |reference|). Rows are timed round-robin (one batch of each in turn) so
 that load from other processes on a shared machine hits them alike. Build time (export/compile on
-first use; cached afterwards) is reported separately. Two rows are not registered backends:
-"compile" (torch.compile of the eager model) and "torch-fused" (the eager model with its attention
+first use; cached afterwards) is reported separately. Three rows are not registered backends:
+"compile" (torch.compile of the eager model), "torch-fused" (the eager model with its attention
 as one fused op, ``set_fused_attention``), which shows how much of the compiled backends' gain that
-op alone gives.
+op alone gives, and "torch-v1" (the eager model's forward as written before issue 26,
+``m2ort_fast.model_v1``, run as the torch backend ran it: the old-vs-new comparison of the model
+stage in one process). "spots/s IQR": spots/s of the 25% and 75% quantiles of the batch times.
 
 GFLOP/s: spots/s x the reference model's FLOPs per spot (``flops_per_spot``: 2 per multiply-add of
 the linear layers and the two attention matmuls), for every row alike, although the compiled
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
 import threading
 import time
@@ -44,15 +47,16 @@ from m2ort_fast.checkpoint import ModelCard
 from m2ort_fast.device import resolve_device
 from m2ort_fast.errors import M2ORTError
 from m2ort_fast.model import IMAGE_SIZES_PX, build_model, flops_per_spot, set_fused_attention
+from m2ort_fast.model_v1 import forward_v1
 from m2ort_fast.precision import BACKEND_PRECISIONS, check_precision, torch_dtype
 
 DEFAULT_BACKENDS = {
-    "cpu": "torch,torch-fused,onnxruntime,aoti",
+    "cpu": "torch,torch-v1,torch-fused,onnxruntime,aoti",
     "cuda": "torch,torch-fused,compile,triton,aoti,tensorrt,onnxruntime",
 }
 DEFAULT_PRECISIONS = {"cpu": "fp32,bf16,int8", "cuda": "fp32,bf16,fp16"}
 # the rows that are not registered backends run what the eager model runs
-PSEUDO_BACKENDS = {"torch-fused": "torch", "compile": "torch"}
+PSEUDO_BACKENDS = {"torch-fused": "torch", "compile": "torch", "torch-v1": "torch"}
 
 # operations per cycle per core, by precision: (cpu flag, ops) from the widest unit down
 OPS_PER_CYCLE = {
@@ -137,6 +141,34 @@ class CompileBackend:
         return self.fn(*(x.to(self.device, self.dtype) for x in levels)).float().cpu()
 
 
+class TorchV1Backend:
+    """The eager model's forward before issue 26 (m2ort_fast.model_v1), as the torch backend ran it:
+    the model cast to the precision's dtype, the fused attention op below fp32, inputs cast first."""
+
+    name = "torch-v1"
+
+    def __init__(self, model, device, precision):
+        self.device, self.dtype = device, torch_dtype(precision)
+        self.model = model.to(device, self.dtype).eval()
+        set_fused_attention(self.model, precision != "fp32")
+
+    @torch.inference_mode()
+    def __call__(self, *levels):
+        return forward_v1(self.model, *(x.to(self.device) for x in levels)).float().cpu()
+
+
+def cpu_model() -> str:
+    """/proc/cpuinfo's model name (or the platform's processor string)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def runs(name: str, precision: str, device_type: str) -> bool:
     """Whether backend ``name`` (or the pseudo backend's base) runs ``precision`` on the device."""
     if name == "torch-fused" and precision != "fp32":
@@ -151,6 +183,8 @@ def build(name, model, card, device, precision, cache_dir):
     fresh.load_state_dict(model.state_dict())
     if name == "compile":
         return CompileBackend(fresh, device, precision)
+    if name == "torch-v1":
+        return TorchV1Backend(fresh, device, precision)
     if name == "torch-fused":  # eager with the fused attention op: how much of a compiled gain is that op
         backend = make_backend("torch", set_fused_attention(fresh, True), card, device=device, precision=precision)
         backend.name = name
@@ -188,7 +222,8 @@ def main(argv=None) -> int:
     if "fp32" not in precisions:
         precisions.insert(0, "fp32")  # the reference row
     cores = torch.get_num_threads()
-    device_label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {cores} threads"
+    device_label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model()}, {cores} threads"
+    print(f"# {device_label}, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f} at the start")
     peaks = {}
     if device.type == "cpu":
         for precision in precisions:
@@ -207,9 +242,8 @@ def bench_variant(variant, names, precisions, batch_sizes, device, args, peaks) 
     model = build_model(variant, seed=0)
     card = ModelCard.for_variant(variant, [f"G{i}" for i in range(model.cfg.n_genes)], mpp=0.5)
     flops = flops_per_spot(model.cfg)
-    device_label = (
-        torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    )
+    threads = torch.get_num_threads()
+    device_label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model()}, {threads} threads"
     print(
         f"\n# {variant} ({card.dim}x{card.depth}, {flops / 1e9:.2f} GFLOP/spot), device: {device_label}, "
         f"torch {torch.__version__}"
@@ -254,6 +288,7 @@ def bench_variant(variant, names, precisions, batch_sizes, device, args, peaks) 
         for (name, precision), lat in latencies.items():
             p50 = float(np.median(lat))
             spots = batch / p50
+            q25_s, q75_s = np.percentile(lat, [25, 75])
             peak = peaks.get(precision, (None, ""))[0]
             rows.append(
                 {
@@ -261,6 +296,7 @@ def bench_variant(variant, names, precisions, batch_sizes, device, args, peaks) 
                     "precision": precision,
                     "batch": batch,
                     "spots_per_s": spots,
+                    "spots_per_s_iqr": (batch / q75_s, batch / q25_s),
                     "gflops": spots * flops / 1e9,
                     "peak_share": spots * flops / 1e9 / peak if peak else None,
                     "p50_ms": p50 * 1e3,
@@ -273,15 +309,16 @@ def bench_variant(variant, names, precisions, batch_sizes, device, args, peaks) 
 
     eager = {r["batch"]: r["spots_per_s"] for r in rows if r["backend"] == "torch" and r["precision"] == "fp32"}
     print(
-        "| backend | precision | batch | spots/s | vs fp32 eager | GFLOP/s | of peak | p50 ms | p99 ms | "
+        "| backend | precision | batch | spots/s | spots/s IQR | vs fp32 eager | GFLOP/s | of peak | p50 ms | p99 ms | "
         "peak MiB | max rel err | build s |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ratio = f"{r['spots_per_s'] / eager[r['batch']]:.2f}x" if r["batch"] in eager else "-"
         share = f"{100 * r['peak_share']:.1f}%" if r["peak_share"] is not None else "-"
         print(
-            f"| {r['backend']} | {r['precision']} | {r['batch']} | {r['spots_per_s']:.1f} | {ratio} | "
+            f"| {r['backend']} | {r['precision']} | {r['batch']} | {r['spots_per_s']:.1f} | "
+            f"{r['spots_per_s_iqr'][0]:.1f}-{r['spots_per_s_iqr'][1]:.1f} | {ratio} | "
             f"{r['gflops']:.1f} | {share} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['peak_mib']:.0f} | "
             f"{r['max_rel_err']:.1e} | {r['build_s']:.1f} |"
         )

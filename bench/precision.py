@@ -2,7 +2,7 @@
 
     python bench/precision.py [SECTION_DIR ...] [--checkpoint CKPT] [--device cpu]
                               [--runs torch:fp32,torch:bf16,aoti:bf16,onnxruntime:int8]
-                              [--batch-size 64] [--json out.json]
+                              [--batch-size 64] [--mates-batch-size 23] [--json out.json]
 
 Default: the shipped model on the four her2st sections (../shared/data/her2st/C2..C5). Each
 section goes through what `m2ort-fast evaluate` does (the same patch cache, targets and
@@ -12,6 +12,12 @@ the reference (log1p-CPM units) and how far each evaluate metric moved from the 
 PCC per spot, PCC per gene, RMSE (per spot), and, beside them, MAE and PCC per gene over the top
 50. A run holds the bound when, on every section, PCC per spot, PCC per gene and RMSE each moved
 by at most ``QUALITY_BOUND`` (0.005; m2ort_fast.precision).
+
+"batch-mates": each run predicts every section a second time, in reverse spot order at
+``--mates-batch-size`` spots a batch, and the column is the largest move of any spot's prediction
+between the two passes (log1p-CPM): how much a spot's prediction depends on the other spots of its
+batch. ``--precision auto`` only picks precisions whose move is the precision's rounding (not int8:
+its activation scales are per batch; m2ort_fast.precision.BATCH_DEPENDENT).
 """
 
 from __future__ import annotations
@@ -65,6 +71,12 @@ def deviation(pred: np.ndarray, ref: np.ndarray, true: np.ndarray, ref_metrics: 
     return out
 
 
+def batch_mates_move(backend, card, levels: list[np.ndarray], mates: int, preds: np.ndarray) -> float:
+    """Largest move of a spot's prediction when predicted in reverse order at ``mates`` a batch."""
+    backwards = predict_levels(backend, card, [np.ascontiguousarray(x[::-1]) for x in levels], batch_size=mates)
+    return float(np.abs(backwards[::-1] - preds).max())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sections", nargs="*", default=DEFAULT_SECTIONS)
@@ -74,6 +86,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--mates-batch-size", type=int, default=23, help="the batch-mates pass's batch size")
     parser.add_argument("--cache-dir", default=None, help="artifact cache (default: $M2ORT_FAST_CACHE or ~/.cache)")
     parser.add_argument("--patch-cache", default=None, help="patch cache (default: evaluate's)")
     parser.add_argument("--json", default=None)
@@ -102,14 +115,18 @@ def main(argv=None) -> int:
         keep = np.flatnonzero(targets.keep)
         levels = [np.asarray(level[keep]) for level in section_patches(sample, card, cache, card.level_source)]
         preds = {run: predict_levels(b, card, levels, batch_size=args.batch_size) for run, b in backends.items()}
+        n_mates = args.mates_batch_size
+        mates = {run: batch_mates_move(b, card, levels, n_mates, preds[run]) for run, b in backends.items()}
         ref = preds[runs[0]]
         ref_metrics = M.summarize(ref, targets.values)
-        rows.append({"section": sample.name, "run": ":".join(runs[0]), "reference": True, **ref_metrics})
+        first = {"section": sample.name, "run": ":".join(runs[0]), "reference": True, "mates": mates[runs[0]]}
+        rows.append({**first, **ref_metrics})
         for run in runs[1:]:
             rows.append(
                 {
                     "section": sample.name,
                     "run": ":".join(run),
+                    "mates": mates[run],
                     **deviation(preds[run], ref, targets.values, ref_metrics),
                 }
             )
@@ -118,21 +135,21 @@ def main(argv=None) -> int:
     print(
         "| section | backend:precision | max abs | mean abs | "
         + " | ".join(f"d {v}" for v in labels.values())
-        + " | holds |"
+        + " | holds | batch-mates |"
     )
-    print("|---|---|---:|---:|" + "---:|" * len(labels) + "---|")
+    print("|---|---|---:|---:|" + "---:|" * len(labels) + "---|---:|")
     for r in rows:
         if r.get("reference"):
             print(
                 f"| {r['section']} | {r['run']} (reference) | - | - | "
                 + " | ".join(f"{r[k]:.4f}" for k in labels)
-                + " | - |"
+                + f" | - | {r['mates']:.2g} |"
             )
             continue
         print(
             f"| {r['section']} | {r['run']} | {r['max_abs']:.4f} | {r['mean_abs']:.5f} | "
             + " | ".join(f"{r['d_' + k]:+.5f}" for k in labels)
-            + f" | {'yes' if r['holds'] else 'NO'} |"
+            + f" | {'yes' if r['holds'] else 'NO'} | {r['mates']:.2g} |"
         )
     verdict = {}
     for run in runs[1:]:
@@ -144,10 +161,12 @@ def main(argv=None) -> int:
             "worst_abs_move": worst,
             "max_abs": max(r["max_abs"] for r in mine),
             "mean_abs": float(np.mean([r["mean_abs"] for r in mine])),
+            "batch_mates_max_abs": max(r["mates"] for r in mine),
         }
         moves = ", ".join(f"{BOUND_METRICS[k]} {v:.5f}" for k, v in worst.items())
         holds = "holds" if verdict[label]["holds"] else "does NOT hold"
-        print(f"# {label}: {holds} the {QUALITY_BOUND} bound (worst moves: {moves})")
+        mates = verdict[label]["batch_mates_max_abs"]
+        print(f"# {label}: {holds} the {QUALITY_BOUND} bound (worst moves: {moves}); batch-mates move {mates:.2g}")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device_label, "rows": rows, "verdict": verdict}, indent=2))
     return 0

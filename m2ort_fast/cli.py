@@ -320,6 +320,17 @@ def add_info(subparsers) -> None:
     p.add_argument("--genes", type=positive_int, default=250, help="gene panel size for --model (default 250)")
     p.add_argument("--mpp", type=mpp_value, default=None, help="level-0 mpp to assume for a slide without it")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--backends",
+        action="store_true",
+        help="what --backend auto would pick here for --checkpoint (default: the shipped model): figures and why",
+    )
+    p.add_argument("--retime", action="store_true", help="with --backends: time the candidates again now")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto", help="with --backends (default auto)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="with --backends: the run's (default 64)")
+    p.add_argument("--device", type=device_name, default="auto", help="with --backends: cpu, cuda, cuda:N, auto")
+    p.add_argument("--candidates", type=_csv_list, default=None, help="with --backends: backends to try")
+    p.add_argument("--budget-s", type=number(float, 0), default=60.0, help="with --backends: most seconds of timing")
     p.set_defaults(func=run_info)
 
 
@@ -350,6 +361,21 @@ def run_info(args) -> int:
             "provenance": card.provenance,
             **{k: v for k, v in describe(card.config).items() if k in ("params", "params_M", "gflops_per_spot")},
         }
+    if args.backends:
+        from m2ort_fast.backends.auto_info import auto_info
+        from m2ort_fast.predict import DEFAULT_CHECKPOINT
+
+        report["backends"] = auto_info(
+            args.checkpoint or str(DEFAULT_CHECKPOINT),
+            device=args.device,
+            precision=args.precision,
+            batch_size=args.batch_size,
+            candidates=args.candidates,
+            retime=args.retime,
+            budget_s=args.budget_s,
+        )
+    elif args.retime:
+        raise M2ORTError("--retime goes with --backends")
     if args.model or not report:
         names = list(VARIANTS) if args.model in (None, "all") else [args.model]
         try:
@@ -379,6 +405,10 @@ def _print_info(report: dict) -> None:
             f"{'trained' if c['trained'] else 'NOT trained'}), {c['n_genes']} genes, level-1 mpp {c['mpp']}, "
             f"{c['params_M']} M params, {c['gflops_per_spot']} GFLOPs/spot"
         )
+    if "backends" in report:
+        from m2ort_fast.backends.auto_info import format_auto_info
+
+        print(format_auto_info(report["backends"]))
     for m in report.get("models", []):
         note = "" if m["in_paper"] else "  (not in the paper: demo/test size)"
         print(

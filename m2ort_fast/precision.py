@@ -7,6 +7,8 @@ which precisions held the quality bound).
     torch_dtype("bf16")         -> torch.bfloat16; int8 -> torch.float32 (the dtype of what is not quantized)
     is_quantized("int8")        -> True: the Linear layers run in int8 (weights per channel, activations
                                    per batch, quantized at run time), everything else in float32
+    depends_on_batch("int8")    -> True: a spot's prediction depends on its batch-mates (see below)
+    auto_precisions("cpu")      -> ("fp32", "bf16"): what --precision auto may pick there
     check_backend_precision("torch", "int8", "cpu")  -> M2ORTError naming what runs int8
     PRECISIONS                  {"fp32": torch.float32, ..., "int8": torch.float32}
 
@@ -15,6 +17,12 @@ which precisions held the quality bound).
 sections against fp32's, every evaluate metric (PCC per spot, PCC per gene, RMSE) moving by at most
 0.005 (``python bench/precision.py``; table in the README). :data:`HELD_BOUND` lists, per device type,
 the precisions that were measured to hold it there; fp32 is the reference and always holds it.
+
+**Reproducible.** ``--precision auto`` picks only precisions that give a spot the same prediction
+whatever its batch-mates (up to the rounding of that precision, measured by ``bench/precision.py``'s
+batch-mates column). int8 does not: its activation scales are computed per batch at run time, so a
+spot's int8 prediction moves with the other spots of its batch (up to 0.24 log1p-CPM on the demo).
+int8 stays available as an explicit ``--precision int8``, which warns that it depends on the batch.
 
 torch is imported on first use of ``torch_dtype`` / ``PRECISIONS``, not by importing this module, so
 that the CLI's parser (which lists the names) stays quick.
@@ -44,7 +52,8 @@ QUALITY_BOUND = 0.005
 
 # Precisions measured to hold QUALITY_BOUND, per device type (bench/precision.py on the four her2st
 # sections, the shipped model, torch/aoti bf16 and onnxruntime int8; worst move of any of the three
-# metrics on any section 0.0006; README "Precision"). Only these are candidates of --precision auto.
+# metrics on any section 0.0006; README "Precision"). Only these, less BATCH_DEPENDENT, are
+# candidates of --precision auto.
 # Nothing below fp32 has been measured on a GPU yet, so auto keeps fp32 there.
 HELD_BOUND: dict[str, tuple[str, ...]] = {
     "cpu": ("fp32", "bf16", "int8"),
@@ -58,6 +67,14 @@ HELD_BOUND: dict[str, tuple[str, ...]] = {
 # int8 moved single predictions by at most 0.074 and 0.144 (int8 0.24 on the demo at batch 16: its
 # activation scales are per batch, so a spot's int8 prediction depends on its batch-mates).
 GUARD_MAX_ABS = 0.5
+
+# Precisions whose predictions for a spot depend on the other spots of its batch (int8: activation
+# scales computed per batch at run time). Never picked by --precision auto; explicit use warns.
+BATCH_DEPENDENT: frozenset[str] = frozenset({"int8"})
+BATCH_DEPENDENT_WARNING = (
+    "int8 quantizes activations with scales computed per batch: a spot's prediction depends on the other "
+    "spots of its batch (up to ~0.24 log1p-CPM on the demo), so results change with --batch-size and spot order"
+)
 
 # backend -> device type -> precisions it runs there. A backend not listed (registered by a user)
 # is not checked here. Refusals are one-line M2ORTErrors naming a backend that does run it.
@@ -111,9 +128,15 @@ def check_backend_precision(backend: str, precision: str, device_type: str) -> s
     )
 
 
+def depends_on_batch(precision: str) -> bool:
+    """Whether a spot's prediction in ``precision`` (checked) depends on its batch-mates."""
+    return check_precision(precision) in BATCH_DEPENDENT
+
+
 def auto_precisions(device_type: str) -> tuple[str, ...]:
-    """The precisions --precision auto tries on ``device_type``: those that held the bound there."""
-    return HELD_BOUND.get(device_type, ("fp32",))
+    """The precisions --precision auto tries on ``device_type``: those that held the bound there
+    and do not depend on the batch."""
+    return tuple(p for p in HELD_BOUND.get(device_type, ("fp32",)) if p not in BATCH_DEPENDENT)
 
 
 def torch_dtype(precision: str) -> torch.dtype:

@@ -16,7 +16,7 @@ from m2ort_fast.errors import M2ORTError
 from m2ort_fast.export.artifacts import checkpoint_hash, onnx_artifact
 from m2ort_fast.export.onnx_export import INPUT_NAMES, read_onnx_card
 from m2ort_fast.model import M2ORT
-from m2ort_fast.precision import check_backend_precision
+from m2ort_fast.precision import BATCH_DEPENDENT_WARNING, check_backend_precision, depends_on_batch
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ class OnnxRuntimeBackend:
 
         self.device = torch.device(device)
         self.precision = check_backend_precision(self.name, precision, self.device.type)
+        if depends_on_batch(precision):
+            log.warning("onnxruntime %s: %s", precision, BATCH_DEPENDENT_WARNING)
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise M2ORTError(

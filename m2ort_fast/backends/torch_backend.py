@@ -40,5 +40,6 @@ class TorchBackend:
     @torch.inference_mode()
     def forward_on_device(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:
         """(B, G) float32 predictions left on the backend's device (no host synchronisation)."""
-        levels = [x.to(self.device, self.dtype, non_blocking=True) for x in (level1, level2, level3)]
+        # float32 in: the model casts each level in its first copy (patchify), not in a pass of its own
+        levels = [x.to(self.device, non_blocking=True) for x in (level1, level2, level3)]
         return self.model(*levels).float()
