@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from typing import TYPE_CHECKING
 
 from m2ort_fast.errors import M2ORTError
+
+if TYPE_CHECKING:
+    import torch
 
 # A grid of more spots than this is refused before it is built: the issue's 3000 px JPEG read at
 # --mpp 50 (a 150 mm "slide") made 987,290 spots. 500,000 is the largest map the engine has been
@@ -122,6 +127,24 @@ def fit_batch_size(
         f"{_size(activation_bytes)} of model activations per spot), over the memory bound of "
         f"{_size(limit_bytes)} ({limit_option or options.max_memory_mb}); {advice}"
     )
+
+
+def available_memory_bytes(device: str | torch.device = "cpu") -> int:
+    """What a batch may use: free device memory on a GPU, else the host's available memory
+    (``MemAvailable``: free and reclaimable), else its physical memory."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def _size(n_bytes: float) -> str:

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from m2ort_fast.bounds import CLI_OPTIONS, DEFAULT_MAX_SPOTS
 from m2ort_fast.cohort.cli import add_cohort_arguments, is_cohort_run, run_cohort
 from m2ort_fast.engine import DATA_PATHS, DEFAULT_MAX_GPU_MEMORY_MB, DEFAULT_MAX_MEMORY_MB
 from m2ort_fast.errors import M2ORTError
@@ -82,6 +83,17 @@ def _add_input_arguments(p) -> None:
         type=mpp_value,
         default=None,
         help="level-0 microns per pixel, for slides without it (overrides the slide's own, with a warning)",
+    )
+    p.add_argument(
+        "--mpp-force",
+        action="store_true",
+        help="use --mpp even where it disagrees with the slide's own mpp or what the spots imply (else refused)",
+    )
+    p.add_argument(
+        "--max-spots",
+        type=positive_int,
+        default=DEFAULT_MAX_SPOTS,
+        help="the most spots a grid may have, counted before it is built (default %(default)s)",
     )
     p.add_argument(
         "--reader",
@@ -260,6 +272,9 @@ def _run_options(args) -> dict[str, Any]:
         "spot_format": args.spot_format,
         "spacing_um": args.spacing_um,
         "mpp": args.mpp,
+        "mpp_force": args.mpp_force,
+        "max_spots": args.max_spots,
+        "option_names": CLI_OPTIONS,
         "reader": args.reader,
         "heatmap_genes": args.genes,
         "n_heatmaps": args.heatmaps,

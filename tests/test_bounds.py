@@ -168,3 +168,43 @@ def test_user_mpp_disagreeing_with_the_slide_and_slide_with_spots():
     assert resolve_mpp(slide_mpp=0.25, spots_mpp=0.251) == (0.25, "metadata")
     assert resolve_mpp(spots_mpp=0.5) == (0.5, "spots")
     assert resolve_mpp() == (None, None)
+
+
+# The bounds as predict runs them (the CLI's messages name its flags).
+
+
+def predict_cli(capsys, *argv: str) -> tuple[int, str]:
+    from m2ort_fast.cli import main
+
+    code = main(["predict", *argv, "--quiet", "--heatmaps", "0"])
+    return code, capsys.readouterr().err.strip()
+
+
+def test_predict_refuses_an_mpp_that_disagrees_with_the_spots_unless_forced(tmp_path, capsys):
+    from m2ort_fast.predict import DEMO_SLIDE, DEMO_SPOTS
+
+    out = tmp_path / "out"
+    code, err = predict_cli(capsys, str(DEMO_SLIDE), "--spots", str(DEMO_SPOTS), "--mpp", "50", "--out", str(out))
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "--mpp 50" in err and "0.68" in err and "--mpp-force" in err and not out.exists()
+
+
+def test_predict_caps_the_batch_at_the_spots_and_refuses_one_that_cannot_fit(tmp_path, capsys):
+    import anndata
+
+    from m2ort_fast.predict import DEMO_SLIDE, DEMO_SPOTS
+
+    common = [str(DEMO_SLIDE), "--spots", str(DEMO_SPOTS)]
+    code, _ = predict_cli(capsys, *common, "--batch-size", "10000", "--out", str(tmp_path / "a"))
+    assert code == 0  # 65 spots: a batch of 65, not of 10,000
+    assert anndata.read_h5ad(tmp_path / "a" / "demo_slide.h5ad").n_obs == 65
+    dense = [str(DEMO_SLIDE), "--spacing-um", "20", "--batch-size", "100000000", "--out", str(tmp_path / "b")]
+    code, err = predict_cli(capsys, *dense)
+    assert code == 2 and len(err.splitlines()) == 1 and "--batch-size" in err and "memory available" in err
+
+
+def test_predict_refuses_a_grid_over_max_spots_before_building_it(tmp_path, capsys):
+    from m2ort_fast.predict import DEMO_SLIDE
+
+    code, err = predict_cli(capsys, str(DEMO_SLIDE), "--max-spots", "10", "--out", str(tmp_path / "o"))
+    assert code == 2 and len(err.splitlines()) == 1 and "--max-spots" in err

@@ -211,7 +211,9 @@ class RecordMaker:
         return cls(sha, read_card(path), predictor_options, open_options, output)
 
     def __call__(self, slide: str, spots: str | os.PathLike | Spots | None) -> RunRecord:
-        table = as_spots(spots, format=self.open_options.spot_format) if spots is not None else None
+        table = None
+        if spots is not None:
+            table = as_spots(spots, format=self.open_options.spot_format, check_scale=self.open_options.mpp is None)
         return build_record(
             self.card,
             self.sha,

@@ -74,14 +74,15 @@ def check_finite(predictions: np.ndarray, slide: Slide, predictor: Predictor) ->
 def predict_naive(predictor: Predictor, slide: Slide, centers_px: np.ndarray, timer: StageTimer) -> np.ndarray:
     """Predictions (N, n_genes) float32 for spot centres (N, 2) in level-0 px, one read per spot per level."""
     card, n = predictor.card, len(centers_px)
+    batch_size = predictor.batch_for(n)
     predictions = np.empty((n, len(card.genes)), dtype=np.float32)
-    starts = range(0, n, predictor.batch_size)
-    if predictor.progress and n > predictor.batch_size:
+    starts = range(0, n, batch_size)
+    if predictor.progress and n > batch_size:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc=slide.path.name, unit="batch", leave=False)
     for start in starts:
-        stop = min(start + predictor.batch_size, n)
+        stop = min(start + batch_size, n)
         with timer.stage("read"):
             patches = read_spot_patches(
                 slide, centers_px[start:stop], card.level_mpp, card.patch_sizes_px, level_source=predictor.level_source
@@ -113,15 +114,16 @@ def predict_streamed(
         return {"spots": len(centers_px), "resumed_spots": resumed_spots}
     data_path = predictor.data_path_for(slide)
     on_device = data_path == "device"
+    batch_size = predictor.batch_for(len(todo))
     with timer.stage("plan"):
-        plan = _plan(predictor, slide, centers_px[todo], on_device)
+        plan = _plan(predictor, slide, centers_px[todo], on_device, batch_size)
 
     def write_batch(rows: np.ndarray, predictions: np.ndarray) -> None:
         check_finite(predictions, slide, predictor)
         sink.write(todo[rows], predictions)
 
     card, bar = predictor.card, None
-    if predictor.progress and len(todo) > predictor.batch_size:
+    if predictor.progress and len(todo) > batch_size:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc=slide.path.name, unit="spot", leave=False)
@@ -130,11 +132,11 @@ def predict_streamed(
     memory = DeviceMemory(predictor.backend.device) if on_device else None
     try:
         if memory is not None:
-            run_stream_on_device(*args, batch_size=predictor.batch_size, timer=timer, progress=progress, memory=memory)
+            run_stream_on_device(*args, batch_size=batch_size, timer=timer, progress=progress, memory=memory)
         else:
             run_stream(
                 *args,
-                batch_size=predictor.batch_size,
+                batch_size=batch_size,
                 timer=timer,
                 progress=progress,
                 num_threads=predictor.num_threads,
@@ -148,12 +150,12 @@ def predict_streamed(
     return stats
 
 
-def _plan(predictor: Predictor, slide: Slide, centers_px: np.ndarray, on_device: bool) -> ReadPlan:
+def _plan(predictor: Predictor, slide: Slide, centers_px: np.ndarray, on_device: bool, batch_size: int) -> ReadPlan:
     card = predictor.card
     reserved = None
     if on_device:
         reserved = functools.partial(
-            reserved_bytes, batch_size=predictor.batch_size, kernel="auto", device=predictor.backend.device
+            reserved_bytes, batch_size=batch_size, kernel="auto", device=predictor.backend.device
         )
     return plan_slide_reads(
         slide,

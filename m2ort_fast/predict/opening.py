@@ -10,12 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
+from m2ort_fast.bounds import API_OPTIONS, OptionNames
 from m2ort_fast.checkpoint import ModelCard, file_sha256
 from m2ort_fast.errors import SpotsError
 from m2ort_fast.outputs import HIRES_MAX_SIDE_PX, SlideView
 from m2ort_fast.predict.assets import DEMO_SLIDE, DEMO_SOURCE_SECTION
 from m2ort_fast.predict.options import OpenOptions
 from m2ort_fast.profiling import StageTimer
+from m2ort_fast.scale import mpps_agree, resolve_mpp
 from m2ort_fast.slide import Slide, open_slide, require_mpp
 from m2ort_fast.spots import Spots, SpotsLike, as_spots, check_spots_inside, grid_spots
 from m2ort_fast.tissue import tissue_mask
@@ -59,24 +61,36 @@ def open_for_prediction(
     card: ModelCard,
     *,
     max_decoded_mb: float | None,
+    names: OptionNames = API_OPTIONS,
 ) -> OpenedSlide:
     """Open ``slide_path`` and its spots (None: a grid over the tissue), check that they belong
-    together, and take the thumbnails and tissue mask the writers need."""
+    together (the same scale, on the tissue), and take the thumbnails and tissue mask the writers
+    need. ``names``: how messages name the options (the CLI's flags or the API's keywords)."""
     timer = StageTimer()
     with timer.stage("open"):
-        # the streamed engine's memory bound also refuses flat images too large to decode whole
-        slide = open_slide(slide_path, mpp=options.mpp, reader=options.reader, max_decoded_mb=max_decoded_mb)
+        # the streamed engine's memory bound also refuses flat images too large to decode whole;
+        # opened at its own mpp, which the user's is checked against
+        slide = open_slide(slide_path, reader=options.reader, max_decoded_mb=max_decoded_mb)
     try:
         with timer.stage("open"):
-            table = as_spots(spots, format=options.spot_format) if spots is not None else None
-            _mpp_from_spots(slide, table)
+            table = None
+            if spots is not None:
+                table = as_spots(spots, format=options.spot_format, check_scale=options.mpp is None, options=names)
+            _resolve_mpp(slide, table, options, names)
             slide_mpp = require_mpp(slide)
             thumbnail, downsample = slide.thumbnail(THUMBNAIL_MAX_SIDE_PX)
             hires, hires_downsample = slide.thumbnail(HIRES_MAX_SIDE_PX)
             mask = tissue_mask(thumbnail)
             if table is None:
                 spacing_um = VISIUM_PITCH_UM if options.spacing_um is None else options.spacing_um
-                table = grid_spots(slide, spacing_um=spacing_um, spot_diameter_um=VISIUM_SPOT_DIAMETER_UM, mask=mask)
+                table = grid_spots(
+                    slide,
+                    spacing_um=spacing_um,
+                    spot_diameter_um=VISIUM_SPOT_DIAMETER_UM,
+                    mask=mask,
+                    max_spots=options.max_spots,
+                    options=names,
+                )
             else:
                 width_px, height_px = slide.level_dimensions[0]
                 check_spots_inside(table, width_px, height_px, slide_path)
@@ -90,17 +104,30 @@ def open_for_prediction(
     )
 
 
-def _mpp_from_spots(slide: Slide, spots: Spots | None) -> None:
-    """A slide without mpp takes the one its spot table's array pitch implies."""
-    if spots is None or slide.mpp is not None or not spots.mpp_from_pitch:
-        return
-    slide.set_mpp(spots.mpp_from_pitch, "spot-table")
-    log.info(
-        "%s: no mpp in the slide; %.4f um/px derived from the array pitch of %s",
-        slide.path.name,
-        spots.mpp_from_pitch,
-        spots.path.name if spots.path else "the spot table",
+def _resolve_mpp(slide: Slide, spots: Spots | None, options: OpenOptions, names: OptionNames) -> None:
+    """The mpp the slide is read at: the user's (checked against the slide's own and the spots'
+    unless forced), else the slide's metadata, else what its spots imply (their lattice pitch or
+    diameter); ScaleError naming both values where two sources disagree."""
+    mpp, source = resolve_mpp(
+        user_mpp=options.mpp,
+        slide_mpp=slide.mpp,
+        spots_mpp=spots.mpp_from_pitch if spots is not None else None,
+        spots_source=(spots.mpp_source or "the spots") if spots is not None else "the spots",
+        force=options.mpp_force,
+        options=names,
     )
+    if mpp is None or source == "metadata":
+        return
+    if source == "user":
+        if slide.mpp is not None and not mpps_agree(mpp, slide.mpp):
+            log.warning(
+                "%s: %s %g overrides the slide's own %g um/px (forced)", slide.path.name, names.mpp, mpp, slide.mpp
+            )
+        slide.set_mpp(mpp, "user")
+        return
+    assert spots is not None
+    slide.set_mpp(mpp, "spot-table")
+    log.info("%s: no mpp in the slide; %.4f um/px from %s", slide.path.name, mpp, spots.mpp_source or "the spots")
 
 
 def check_spots_on_tissue(spots: Spots, mask: np.ndarray, downsample: float, slide_path: Path) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from m2ort_fast.bounds import DEFAULT_MAX_SPOTS
 from m2ort_fast.errors import M2ORTError
 from m2ort_fast.options import DEFAULT_OUT_DIR
 from m2ort_fast.outputs import DEFAULT_HEATMAP_COUNT, FORMATS
@@ -26,6 +27,7 @@ PREDICTOR_OPTIONS = (
     "max_memory_mb",
     "data_path",
     "max_gpu_memory_mb",
+    "option_names",
 )
 
 
@@ -33,12 +35,15 @@ PREDICTOR_OPTIONS = (
 class OpenOptions:
     """How a slide and its spots are opened: ``spot_format`` of a spot table, ``spacing_um`` of
     the grid when there is none (None: Visium's 100 um), ``mpp`` given by the user (None: the
-    slide's own), ``reader``."""
+    slide's own; checked against the slide's and the spots' unless ``mpp_force``), ``reader``,
+    ``max_spots``: the most spots a grid may have (counted before it is built)."""
 
     spot_format: str = "auto"
     spacing_um: float | None = None
     mpp: float | None = None
     reader: str = "auto"
+    mpp_force: bool = False
+    max_spots: int = DEFAULT_MAX_SPOTS
 
 
 @dataclasses.dataclass(frozen=True)

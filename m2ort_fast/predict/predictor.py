@@ -11,7 +11,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from m2ort_fast.backends import make_backend
+from m2ort_fast.bounds import (
+    API_OPTIONS,
+    OptionNames,
+    available_memory_bytes,
+    fit_batch_size,
+    input_bytes_per_spot,
+    model_activation_bytes_per_spot,
+)
 from m2ort_fast.checkpoint import ModelCard, file_sha256, load_checkpoint
+from m2ort_fast.device import resolve_device
 from m2ort_fast.engine import DEFAULT_MAX_GPU_MEMORY_MB, DEFAULT_MAX_MEMORY_MB, check_data_path, resolve_data_path
 from m2ort_fast.errors import M2ORTError
 from m2ort_fast.options import DEFAULT_OUT_DIR
@@ -43,6 +52,9 @@ class Predictor:
     decoded tiles on: :mod:`m2ort_fast.engine.device`) or "auto" (device where the model runs on
     a GPU and cuCIM decodes there); same predictions. ``max_gpu_memory_mb``: the device path's
     bound on the memory it holds (decoded tiles and batches; not the model's own).
+    ``option_names``: how messages name options (the API's keywords; the CLI passes its flags).
+    ``batch_size`` is capped at a slide's spot count, and a batch whose inputs and activations
+    would not fit the memory available is refused in one line (:mod:`m2ort_fast.bounds`).
 
     A slide goes through stages, each an NVTX range and a timed entry of ``SlideResult.seconds``:
     ``open`` (slide, spots, tissue), ``read``, ``assemble``, ``model``, ``write``; the streamed
@@ -65,14 +77,16 @@ class Predictor:
         max_memory_mb: float = DEFAULT_MAX_MEMORY_MB,
         data_path: str = "auto",
         max_gpu_memory_mb: float = DEFAULT_MAX_GPU_MEMORY_MB,
+        option_names: OptionNames = API_OPTIONS,
     ):
         _check_engine_options(batch_size, max_memory_mb, max_gpu_memory_mb, data_path, streamed)
         self.checkpoint = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
         model, self.card = load_checkpoint(self.checkpoint)
         self.checkpoint_sha256 = file_sha256(self.checkpoint)
         options = {"precision": precision, "checkpoint_path": str(self.checkpoint), **(backend_options or {})}
+        self.option_names = option_names
         if backend == "auto":  # compiled backends rank differently at batch 1 and 64: time the one we run
-            options.setdefault("trial_batch_size", batch_size)
+            options.setdefault("trial_batch_size", self._largest_batch_that_fits(batch_size, device, precision))
         self.backend = make_backend(backend, model, self.card, device=device, **options)
         self.backend_name = backend
         self.precision = getattr(self.backend, "precision", precision)  # --precision auto: the one picked
@@ -90,13 +104,44 @@ class Predictor:
     def genes(self) -> list[str]:
         return self.card.genes
 
+    def batch_for(self, n_spots: int) -> int:
+        """The batch size a slide of ``n_spots`` runs at: ``batch_size`` capped at ``n_spots``;
+        BoundsError (one line naming ``batch_size``) when its inputs and the model's activations
+        would not fit the memory available."""
+        input_bytes, activation_bytes = self._bytes_per_spot(self.precision)
+        return fit_batch_size(
+            self.batch_size,
+            n_spots,
+            input_bytes=input_bytes,
+            activation_bytes=activation_bytes,
+            limit_bytes=available_memory_bytes(self.backend.device),
+            limit_option="the memory available now",
+            options=self.option_names,
+        )
+
+    def _bytes_per_spot(self, precision: str) -> tuple[int, int]:
+        activation_dtype_bytes = 2 if precision in ("bf16", "fp16") else 4
+        input_bytes = input_bytes_per_spot(self.card.patch_sizes_px)
+        return input_bytes, model_activation_bytes_per_spot(self.card.config, activation_dtype_bytes)
+
+    def _largest_batch_that_fits(self, batch_size: int, device: str, precision: str) -> int:
+        """``--backend auto``'s trial batch: the run's, or as many spots as fit the memory available."""
+        input_bytes, activation_bytes = self._bytes_per_spot(precision)
+        fits = available_memory_bytes(resolve_device(device)) // (input_bytes + activation_bytes)
+        return max(1, min(batch_size, int(fits)))
+
     def open(
         self, slide_path: str | os.PathLike, spots: SpotsLike | None = None, options: OpenOptions | None = None
     ) -> OpenedSlide:
         """The ``open`` stage of ``slide_path`` (run ahead of the model for the next slide) -> :class:`OpenedSlide`."""
         max_decoded_mb = self.max_memory_mb if self.streamed else None
         return open_for_prediction(
-            Path(slide_path), spots, options or OpenOptions(), self.card, max_decoded_mb=max_decoded_mb
+            Path(slide_path),
+            spots,
+            options or OpenOptions(),
+            self.card,
+            max_decoded_mb=max_decoded_mb,
+            names=self.option_names,
         )
 
     def run(self, opened: OpenedSlide, output: OutputOptions, *, streamed: bool | None = None) -> SlideResult:

@@ -61,7 +61,8 @@ def predict_slides(
     for i, slide_path in enumerate(slide_paths):
         stem = output.stem or slide_path.stem
         try:  # decided without opening the slide: a resumed batch skips its done slides at once
-            sources[i] = as_spots(sources[i], format=open_options.spot_format) if sources[i] is not None else None
+            if sources[i] is not None:
+                sources[i] = as_spots(sources[i], format=open_options.spot_format, check_scale=open_options.mpp is None)
             wanted = functools.partial(predictor.record_for, slide_path, sources[i], open_options, output)
             if decide_before_opening(wanted, output, stem) == "skip":
                 results[i] = SlideResult(slide=slide_path, skipped=True)
