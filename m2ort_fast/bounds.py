@@ -38,16 +38,24 @@ class OptionNames:
     max_spots: str
     batch_size: str
     max_memory_mb: str
+    overwrite: str
+    out: str
 
 
-CLI_OPTIONS = OptionNames("--mpp", "--mpp-force", "--max-spots", "--batch-size", "--max-memory-mb")
-API_OPTIONS = OptionNames("mpp=", "mpp_force=True", "max_spots=", "batch_size=", "max_memory_mb=")
+CLI_OPTIONS = OptionNames(
+    "--mpp", "--mpp-force", "--max-spots", "--batch-size", "--max-memory-mb", "--overwrite", "another --out"
+)
+API_OPTIONS = OptionNames(
+    "mpp=", "mpp_force=True", "max_spots=", "batch_size=", "max_memory_mb=", "overwrite=True", "another out_dir="
+)
 NEUTRAL_OPTIONS = OptionNames(
     "--mpp / mpp=",
     "--mpp-force / mpp_force=True",
     "--max-spots / max_spots=",
     "--batch-size / batch_size=",
     "--max-memory-mb / max_memory_mb=",
+    "--overwrite / overwrite=True",
+    "another --out / out_dir=",
 )
 
 

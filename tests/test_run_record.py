@@ -217,3 +217,16 @@ def test_a_slide_another_process_still_writes_is_left_pending_not_failed(tmp_pat
         [DEMO_SLIDE], spots=[DEMO_SPOTS], out_dir=out, ray_address=None, n_heatmaps=0, progress=False
     )
     assert rerun.count(DONE) == 1
+
+
+def test_api_refusals_name_the_keywords_not_the_flags(tmp_path):
+    from m2ort_fast import predict_slides
+
+    out = tmp_path / "out"
+    predict_slides([DEMO_SLIDE], out_dir=out, spacing_um=200, n_heatmaps=0, progress=False)
+    with pytest.raises(M2ORTError) as refused:
+        predict_slides([DEMO_SLIDE], out_dir=out, spacing_um=150, n_heatmaps=0, progress=False, stop_on_error=True)
+    assert "overwrite=True" in str(refused.value) and "out_dir=" in str(refused.value)
+    assert "--overwrite" not in str(refused.value)
+    with pytest.raises(M2ORTError, match="mpp_force=True"):
+        Predictor(progress=False).predict(DEMO_SLIDE, spots=DEMO_SPOTS, mpp=5.0)

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from m2ort_fast.bounds import API_OPTIONS
 from m2ort_fast.checkpoint import ModelCard, file_sha256, read_card
 from m2ort_fast.cohort.manifest import (
     DONE,
@@ -273,7 +274,8 @@ def _decide(records: RecordMaker, cohort: CohortSlides, i: int) -> str:
         wanted = records(cohort.paths[i], cohort.spots[i])
     except M2ORTError:
         return "run"
-    return decide_before_opening(lambda: wanted, records.output, cohort.stems[i])
+    names = records.predictor_options.get("option_names", API_OPTIONS)
+    return decide_before_opening(lambda: wanted, records.output, cohort.stems[i], names)
 
 
 def _skipped(row: ManifestRow) -> ManifestRow:

@@ -77,7 +77,7 @@ def open_for_prediction(
             if spots is not None:
                 table = as_spots(spots, format=options.spot_format, check_scale=options.mpp is None, options=names)
             _resolve_mpp(slide, table, options, names)
-            slide_mpp = require_mpp(slide)
+            slide_mpp = require_mpp(slide, names.mpp)
             thumbnail, downsample = slide.thumbnail(THUMBNAIL_MAX_SIDE_PX)
             hires, hires_downsample = slide.thumbnail(HIRES_MAX_SIDE_PX)
             mask = tissue_mask(thumbnail)

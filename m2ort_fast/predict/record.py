@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from m2ort_fast.bounds import NEUTRAL_OPTIONS, OptionNames
 from m2ort_fast.checkpoint import ModelCard
 from m2ort_fast.errors import M2ORTError, OutputError, SlideError, exception_detail
 from m2ort_fast.outputs import check_targets, h5ad_path, remove_stale_staging
@@ -106,13 +107,13 @@ def slide_description(slide_path: Path) -> str:
     return f"{slide_path.name} ({size} bytes)"
 
 
-def read_record(h5ad: Path) -> RunRecord | None:
+def read_record(h5ad: Path, names: OptionNames = NEUTRAL_OPTIONS) -> RunRecord | None:
     """The record an existing ``.h5ad`` holds; None when there is no ``.h5ad``. OutputError (one
     line naming the file) when it is not a file, cannot be read, or holds no record."""
     if not h5ad.exists():
         return None
     if not h5ad.is_file():
-        raise OutputError("exists and is not a file: move it away, or use another --out", h5ad)
+        raise OutputError(f"exists and is not a file: move it away, or use {names.out}", h5ad)
     import h5py
 
     try:
@@ -121,16 +122,24 @@ def read_record(h5ad: Path) -> RunRecord | None:
             value = node[()] if node is not None else None
         if value is None:
             raise OutputError(
-                "exists, made by an earlier version that did not record its settings: --overwrite to replace it", h5ad
+                f"exists, made by an earlier version that did not record its settings: {names.overwrite} to replace it",
+                h5ad,
             )
         return RunRecord.from_json(value.decode() if isinstance(value, bytes) else str(value))
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise OutputError(
-            f"exists but its run record cannot be read ({exception_detail(exc)}): --overwrite to replace it", h5ad
+            f"exists but its run record cannot be read ({exception_detail(exc)}): {names.overwrite} to replace it", h5ad
         ) from None
 
 
-def decide(existing: RunRecord | None, wanted: RunRecord, h5ad: Path, *, overwrite: bool = False) -> Decision:
+def decide(
+    existing: RunRecord | None,
+    wanted: RunRecord,
+    h5ad: Path,
+    *,
+    overwrite: bool = False,
+    names: OptionNames = NEUTRAL_OPTIONS,
+) -> Decision:
     """What to do for a slide whose outputs hold ``existing`` (None: no outputs) when this run
     would make ``wanted``; M2ORTError naming the first value setting that differs."""
     if existing is None or overwrite:
@@ -140,7 +149,7 @@ def decide(existing: RunRecord | None, wanted: RunRecord, h5ad: Path, *, overwri
         if mine != theirs and not (name == "precision" and mine == ANY_PRECISION):
             raise M2ORTError(
                 f"exists, made with {name} {theirs!r}; this run has {name} {mine!r} "
-                f"(--overwrite to replace it, or another --out)",
+                f"({names.overwrite} to replace it, or {names.out})",
                 h5ad,
             )
     missing = tuple(f for f in wanted.formats if f not in existing.formats)
@@ -191,7 +200,9 @@ def build_record(
     )
 
 
-def decide_before_opening(wanted: Callable[[], RunRecord], output: OutputOptions, stem: str) -> str:
+def decide_before_opening(
+    wanted: Callable[[], RunRecord], output: OutputOptions, stem: str, names: OptionNames = NEUTRAL_OPTIONS
+) -> str:
     """:func:`decide`'s action ("run", "skip" or "add") for a slide not opened yet, its outputs'
     record read from ``output.out_dir`` (``wanted`` is called only when there are outputs); a
     skipped slide's staging folder left by a killed run is removed (when no run holds it)."""
@@ -199,7 +210,7 @@ def decide_before_opening(wanted: Callable[[], RunRecord], output: OutputOptions
     h5ad = h5ad_path(output.out_dir, stem)
     if output.overwrite or not h5ad.exists():
         return "run"
-    action = decide(read_record(h5ad), wanted(), h5ad).action
+    action = decide(read_record(h5ad, names), wanted(), h5ad, names=names).action
     if action == "skip":
         remove_stale_staging(output.out_dir, stem)
     return action

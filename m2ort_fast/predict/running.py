@@ -42,8 +42,9 @@ def run_opened(
         wanted = predictor.record_for(opened.path, opened.spots, opened.options, output)
         staged = StagedOutput(output.out_dir, stem, predictor.staging_key(slide, opened.spots, streamed))
         try:
-            existing = None if output.overwrite else read_record(staged.h5ad)
-            decision = decide(existing, wanted, staged.h5ad, overwrite=output.overwrite)
+            names = predictor.option_names
+            existing = None if output.overwrite else read_record(staged.h5ad, names)
+            decision = decide(existing, wanted, staged.h5ad, overwrite=output.overwrite, names=names)
             if decision.action == "skip":
                 return SlideResult(slide=opened.path, skipped=True)
             result = _write(predictor, opened, output, decision, staged, streamed)

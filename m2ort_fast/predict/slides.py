@@ -64,7 +64,7 @@ def predict_slides(
             if sources[i] is not None:
                 sources[i] = as_spots(sources[i], format=open_options.spot_format, check_scale=open_options.mpp is None)
             wanted = functools.partial(predictor.record_for, slide_path, sources[i], open_options, output)
-            if decide_before_opening(wanted, output, stem) == "skip":
+            if decide_before_opening(wanted, output, stem, predictor.option_names) == "skip":
                 results[i] = SlideResult(slide=slide_path, skipped=True)
                 continue
         except M2ORTError as exc:

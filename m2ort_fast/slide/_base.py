@@ -316,10 +316,10 @@ class Slide:
         return int(math.ceil(x_px * downsample - 1e-6)), int(math.ceil(y_px * downsample - 1e-6))
 
 
-def require_mpp(slide: Slide) -> float:
-    """The slide's level-0 mpp; SlideError naming the file when it has none."""
+def require_mpp(slide: Slide, option: str = "--mpp") -> float:
+    """The slide's level-0 mpp; SlideError naming the file (and ``option``, which gives one) when it has none."""
     if slide.mpp is None:
-        raise SlideError(NO_MPP_MESSAGE, slide.path)
+        raise SlideError(NO_MPP_MESSAGE.replace("--mpp", option), slide.path)
     return slide.mpp
 
 
