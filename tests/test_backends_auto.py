@@ -226,6 +226,18 @@ def test_auto_uses_but_does_not_remember_a_busy_pick(scripted_auto, tmp_path, ca
     assert make_auto(tmp_path).precision == "fp32"
 
 
+def test_a_busy_retime_keeps_the_quiet_record(scripted_auto, tmp_path, caplog):
+    SCRIPT[("scripted", "fp32")], SCRIPT[("scripted", "bf16")] = [0.2], [0.1]
+    quiet = make_auto(tmp_path)
+    scripted_auto.setattr(auto, "ProcStatLoad", BusyLoad)
+    SCRIPT[("scripted", "fp32")] = [0.05]
+    with caplog.at_level(logging.WARNING, logger="m2ort_fast.backends.auto"):
+        busy = make_auto(tmp_path, retime=True)
+    assert busy.precision == "fp32" and busy.saved_to is None  # used for this run only
+    assert f"the pick remembered in {quiet.saved_to} stays" in caplog.text
+    assert json.loads(quiet.saved_to.read_text())["precision"] == "bf16"
+
+
 def test_auto_times_at_the_runs_batch_size(scripted_auto, tmp_path):
     SCRIPT[("scripted", "fp32")], SCRIPT[("scripted", "bf16")] = [0.2], [0.1]
     backend = make_auto(tmp_path, trial_batch_size=7)

@@ -216,7 +216,9 @@ class AutoBackend:
             if rounds.remember:
                 self._remember(path)
             else:
-                log.warning("auto: using %s for this run, not remembering it (%s)", best.name, "; ".join(rounds.busy))
+                kept = f"; the pick remembered in {path} stays" if path.exists() else ""
+                why = "; ".join(rounds.busy)
+                log.warning("auto: using %s for this run, not remembering it (%s)%s", best.name, why, kept)
 
     def _build(self, pairs, model: M2ORT, card: ModelCard, levels: list[torch.Tensor], options: dict) -> dict:
         """Each pair's backend, warmed up (and with precision auto checked against fp32 eager) on

@@ -4,6 +4,12 @@ fp32 runs the reference model as written (attention as matmul -> softmax -> matm
 the attention is the one fused ``scaled_dot_product_attention`` op (``set_fused_attention``): the
 same math, with the softmax accumulated in float32 inside the op rather than on a bf16/fp16 score
 matrix, and on the CPU 3x faster than the literal form in bf16 (small, batch 64).
+
+On the CPU a batch runs through the model in chunks of at most ``chunk_spots`` spots (default 16;
+every op is per spot, so the predictions are the same): at batch 64 the intermediates (level 1's
+patches alone are 19-38 MB) are too large for the allocator to keep, so each batch faulted them in
+afresh and missed the caches; `tiny` ran 1.2-1.3x faster in chunks of 16 or 32 (bench/backends.py,
+issue 26).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from m2ort_fast.checkpoint import ModelCard
+from m2ort_fast.errors import M2ORTError
 from m2ort_fast.model import M2ORT, set_fused_attention
 from m2ort_fast.precision import check_backend_precision, torch_dtype
 
@@ -26,13 +33,18 @@ class TorchBackend:
         device: torch.device,
         precision: str = "fp32",
         checkpoint_path: str | None = None,
+        chunk_spots: int | None = 16,
     ):
+        if chunk_spots is not None and chunk_spots < 1:
+            raise M2ORTError(f"chunk_spots must be at least 1, got {chunk_spots}")
         self.device = torch.device(device)
         self.precision = check_backend_precision(self.name, precision, self.device.type)
         self.dtype = torch_dtype(precision)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         if precision != "fp32":
             set_fused_attention(self.model, True)
+        # a GPU wants whole batches; on the CPU smaller model calls keep the intermediates reused
+        self.chunk_spots = chunk_spots if self.device.type == "cpu" else None
 
     def __call__(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:
         return self.forward_on_device(level1, level2, level3).cpu()
@@ -42,4 +54,7 @@ class TorchBackend:
         """(B, G) float32 predictions left on the backend's device (no host synchronisation)."""
         # float32 in: the model casts each level in its first copy (patchify), not in a pass of its own
         levels = [x.to(self.device, non_blocking=True) for x in (level1, level2, level3)]
-        return self.model(*levels).float()
+        if self.chunk_spots is None or levels[0].shape[0] <= self.chunk_spots:
+            return self.model(*levels).float()
+        chunks = zip(*(x.split(self.chunk_spots) for x in levels), strict=True)
+        return torch.cat([self.model(*chunk).float() for chunk in chunks])

@@ -1,0 +1,33 @@
+"""The torch backend's chunks: a CPU batch runs through the model in chunks of ``chunk_spots``
+spots, with the predictions of the whole batch at once (every op is per spot)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from m2ort_fast.backends import make_backend
+from m2ort_fast.checkpoint import load_checkpoint
+from m2ort_fast.errors import M2ORTError
+from m2ort_fast.model import IMAGE_SIZES_PX
+from m2ort_fast.predict import DEFAULT_CHECKPOINT
+
+
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-5), ("bf16", 4e-3)])
+def test_chunks_predict_what_the_whole_batch_does(precision, tolerance):
+    generator = torch.Generator().manual_seed(37)
+    levels = [torch.rand(37, 3, s, s, generator=generator) for s in IMAGE_SIZES_PX]  # 16 + 16 + 5
+    outputs = {}
+    for chunk_spots in (None, 16):
+        model, card = load_checkpoint(DEFAULT_CHECKPOINT)
+        backend = make_backend("torch", model, card, device="cpu", precision=precision, chunk_spots=chunk_spots)
+        assert backend.chunk_spots == chunk_spots
+        outputs[chunk_spots] = backend(*levels)
+    assert outputs[16].shape == (37, len(card.genes)) and outputs[16].dtype == torch.float32
+    assert (outputs[16] - outputs[None]).abs().max() <= tolerance
+
+
+def test_chunk_spots_below_one_is_refused():
+    model, card = load_checkpoint(DEFAULT_CHECKPOINT)
+    with pytest.raises(M2ORTError, match="chunk_spots must be at least 1, got 0"):
+        make_backend("torch", model, card, device="cpu", chunk_spots=0)
