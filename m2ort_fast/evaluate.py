@@ -265,7 +265,7 @@ def probe_baseline(
 
     ``spec`` "auto": the checkpoint's own encoder where it has one, else EfficientNet-Lite0; else an
     encoder spec (``weights`` for timm). Returns ((ProbeBaseline, FeatureStore) or None, description)."""
-    from m2ort_fast.encoders import DEFAULT_ENCODER, build_encoder
+    from m2ort_fast.encoders import DEFAULT_ENCODER, DEFAULT_VIEWS, build_encoder
     from m2ort_fast.encoders.features import FeatureStore
     from m2ort_fast.encoders.probe import ProbeBaseline, pooled_features
 
@@ -276,7 +276,7 @@ def probe_baseline(
         encoder = model.token_embed.encoder.float().cpu()
     else:
         encoder = build_encoder(DEFAULT_ENCODER if spec == "auto" else spec, weights)
-    store = FeatureStore(encoder, n_views=1)
+    store = FeatureStore(encoder, n_views=DEFAULT_VIEWS)  # shares training's cache (view 0 is read)
     features, targets, groups = [], [], []
     for name, levels, values in _training_data(card, folders, cache, level_source, progress):
         features.append(pooled_features(store, levels, progress))

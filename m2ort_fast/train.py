@@ -73,6 +73,7 @@ class TrainConfig:
     variant: str = "small"
     n_genes: int = 250
     panel_top_k: int = 1000
+    marker_genes: list[str] = dataclasses.field(default_factory=list)  # added to the panel where measured
     mpp: float = 0.0  # model's level-1 microns per pixel; 0: mean of the training sections'
     level_source: str = "resize"  # levels 2 and 3 resized from level 1, as the paper's code does
     epochs: int = 200
@@ -207,7 +208,7 @@ def prepare_data(cfg: TrainConfig, genes: list[str] | None = None, mpp: float | 
     targets and the cached patches. Returns (sets {"train","val","test"}, info dict)."""
     from m2ort_fast.datasets import read_sample
     from m2ort_fast.patch_cache import PatchCache
-    from m2ort_fast.targets import expression_targets, holdout_spots, select_gene_panel
+    from m2ort_fast.targets import add_marker_genes, expression_targets, holdout_spots, select_gene_panel
 
     paths = cfg.section_paths()
     if not paths:
@@ -222,6 +223,9 @@ def prepare_data(cfg: TrainConfig, genes: list[str] | None = None, mpp: float | 
     if genes is None:
         panel = select_gene_panel(train_samples, n_genes=cfg.n_genes, top_k=cfg.panel_top_k, seed=cfg.seed)
         genes, panel_rule = panel.genes, panel.rule
+        if cfg.marker_genes:
+            genes, markers = add_marker_genes(genes, train_samples, cfg.marker_genes)
+            panel_rule = f"{panel_rule}; plus marker genes measured in every training section: {markers}"
     if mpp is None:
         mpp = cfg.mpp or float(np.mean([_sample_mpp(s) for s in train_samples]))
     from m2ort_fast.checkpoint import ModelCard

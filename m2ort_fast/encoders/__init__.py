@@ -18,11 +18,13 @@ from m2ort_fast.encoders.base import EncoderTokens, ImageEncoder
 from m2ort_fast.errors import M2ORTError
 
 DEFAULT_ENCODER = "efficientnet-lite0"
+DEFAULT_VIEWS = 4  # cached views per spot (train's encoder_views; the probe reads view 0 of the same cache)
 DEFAULT_GRID = 7  # tokens per side: EfficientNet-Lite0's map at 224 px (stride 32)
 ENCODER_PREFIX = "token_embed.encoder."  # state-dict keys of the encoder's own weights
 
 __all__ = [
     "DEFAULT_ENCODER",
+    "DEFAULT_VIEWS",
     "ENCODER_PREFIX",
     "EncoderTokens",
     "ImageEncoder",
