@@ -192,3 +192,17 @@ def test_probe_recovers_a_linear_signal_from_wide_features():
     pred = probe.predict(x[200:])
     pcc = [np.corrcoef(pred[:, j], y[200:, j])[0, 1] for j in range(5)]
     assert min(pcc) > 0.5
+
+
+def test_marker_genes_are_added_where_measured_in_every_section():
+    from types import SimpleNamespace
+
+    from scipy import sparse
+
+    from m2ort_fast.targets import add_marker_genes
+
+    a = SimpleNamespace(genes=["A", "ERBB2", "PGR", "ESR1"], counts=sparse.csr_matrix([[1, 3, 0, 1], [2, 0, 0, 0]]))
+    b = SimpleNamespace(genes=["A", "ERBB2", "PGR"], counts=sparse.csr_matrix([[1, 1, 2]]))
+    genes, markers = add_marker_genes(["A"], [a, b], ["ERBB2", "PGR", "ESR1", "A"])
+    assert genes == ["A", "ERBB2"]  # PGR: never counted in a; ESR1: absent from b; A: already in
+    assert markers == {"markers_added": ["ERBB2"], "markers_not_measured": ["PGR", "ESR1"]}

@@ -78,7 +78,7 @@ class FeatureStore:
 
     @torch.no_grad()
     def _compute(self, levels: list[np.ndarray], rows: np.ndarray, keys: list[str], progress: bool) -> None:
-        maps: list[list[np.ndarray]] = [[], [], []]
+        """Features of the spots ``rows``; one shard per batch, so an interrupted run keeps its work."""
         chunks = range(0, len(rows), BATCH_SPOTS)
         if progress:
             from tqdm import tqdm
@@ -86,28 +86,28 @@ class FeatureStore:
             chunks = tqdm(chunks, desc=f"encoder features ({self.n_views} views)", unit="batch", leave=False)
         for start in chunks:
             part = rows[start : start + BATCH_SPOTS]
-            for view in range(self.n_views):
-                views = [spot_view([lv[i] for lv in levels], int(keys[i][:15], 16), view) for i in part]
-                for li in range(3):
-                    x = torch.from_numpy(np.stack([v[li] for v in views])).permute(0, 3, 1, 2).float() / 255.0
-                    x = x.contiguous(memory_format=torch.channels_last)  # ~4x faster depthwise convs on CPU
-                    maps[li].append(self.encoder(x).float().numpy().astype(np.float16))
-        n = len(rows)
-        arrays: dict[str, Any] = {}
-        for li in range(3):
-            # chunks are (spots, C, h, w) per view, in (chunk, view) order -> (N, n_views, C, h, w)
-            per_chunk = [
-                np.stack(maps[li][j : j + self.n_views], axis=1) for j in range(0, len(maps[li]), self.n_views)
+            arrays: dict[str, Any] = {"keys": np.asarray([keys[i] for i in part])}
+            views = [
+                [spot_view([lv[i] for lv in levels], int(keys[i][:15], 16), v) for i in part]
+                for v in range(self.n_views)
             ]
-            arrays[f"level{li + 1}"] = np.concatenate(per_chunk)[:n]
+            for li in range(3):
+                maps = []
+                for view in views:  # (spots, C, h, w) per view -> (spots, n_views, C, h, w)
+                    x = torch.from_numpy(np.stack([v[li] for v in view])).permute(0, 3, 1, 2).float() / 255.0
+                    x = x.contiguous(memory_format=torch.channels_last)  # ~4x faster depthwise convs on CPU
+                    maps.append(self.encoder(x).float().numpy().astype(np.float16))
+                arrays[f"level{li + 1}"] = np.stack(maps, axis=1)
+            self._write(arrays)
+
+    def _write(self, arrays: dict[str, Any]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         shard = self.folder / f"{uuid.uuid4().hex}.npz"
         tmp = shard.with_name(f".{shard.name}.partial.npz")
-        arrays["keys"] = np.asarray([keys[i] for i in rows])
         np.savez(tmp, **arrays)
         os.replace(tmp, shard)
-        for row, i in enumerate(rows):
-            self.index[keys[i]] = (shard, row)
+        for row, k in enumerate(arrays["keys"].tolist()):
+            self.index[k] = (shard, row)
 
     def get(self, levels: list[np.ndarray], progress: bool = False) -> list[np.ndarray]:
         """Features of the spots of ``levels`` (uint8 (N, S, S, 3) each), computing missing ones."""
