@@ -104,7 +104,8 @@ HER2_MARKERS = ("ERBB2", "GRB7", "ESR1", "PGR", "FOXA1", "GATA3", "KRT5", "KRT18
 def add_marker_genes(genes: list[str], samples, markers) -> tuple[list[str], dict]:
     """The panel plus the ``markers`` it lacks that are measured (counted above 0 somewhere) in
     every one of ``samples``; returns (panel, what was added and what was not, for the provenance)."""
-    added, not_measured = [], []
+    added: list[str] = []
+    not_measured: list[str] = []
     for gene in markers:
         if gene in genes or gene in added:
             continue
