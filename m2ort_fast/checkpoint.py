@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from m2ort_fast.errors import CheckpointError
+from m2ort_fast.errors import CheckpointError, M2ORTError
 from m2ort_fast.model import IMAGE_SIZES_PX, M2ORT, VARIANTS, M2ORTConfig
 
 FORMAT = "m2ort-fast/1"
@@ -48,6 +48,9 @@ class ModelCard:
     trained: bool = False
     provenance: dict = dataclasses.field(default_factory=dict)
     format: str = FORMAT
+    # A pretrained image encoder in place of LDPE (m2ort_fast.encoders.encoder_card): name, source,
+    # weights_sha256, licence, provenance, grid, weights_in_checkpoint. Empty: the paper's LDPE.
+    encoder: dict = dataclasses.field(default_factory=dict)
 
     @property
     def config(self) -> M2ORTConfig:
@@ -106,9 +109,33 @@ def save_checkpoint(path: str | os.PathLike, model: M2ORT, card: ModelCard) -> N
         raise ValueError(f"model predicts {model.cfg.n_genes} genes, card lists {len(card.genes)}")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    skip = _external_prefix(card)
+    state = {
+        k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not (skip and k.startswith(skip))
+    }
     save_file(state, str(tmp), metadata={METADATA_KEY: card.to_json()})
     os.replace(tmp, path)
+
+
+def _external_prefix(card: ModelCard) -> str | None:
+    """State-dict prefix of weights the checkpoint does not hold (an encoder resolved from its
+    installed package at load time, hash-checked), or None."""
+    if card.encoder and not card.encoder.get("weights_in_checkpoint", True):
+        from m2ort_fast.encoders import ENCODER_PREFIX
+
+        return ENCODER_PREFIX
+    return None
+
+
+def model_for_card(card: ModelCard) -> M2ORT:
+    """The (untrained) model a card describes: the reference M2ORT, or M2ORT over the card's encoder."""
+    if not card.encoder:
+        return M2ORT(card.config)
+    from m2ort_fast.encoders import EncoderTokens, encoder_from_card
+
+    cfg = card.config
+    grid = int(card.encoder.get("grid", 7))
+    return M2ORT(cfg, token_embed=EncoderTokens(encoder_from_card(card.encoder), cfg.level_dim, grid=grid))
 
 
 def read_card(path: str | os.PathLike) -> ModelCard:
@@ -160,10 +187,13 @@ def load_checkpoint(
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read weights ({str(exc).splitlines()[0]})", path) from None
     try:
-        model = M2ORT(card.config)
+        model = model_for_card(card)
     except ValueError as exc:
         raise CheckpointError(str(exc), path) from None
-    expected = model.state_dict()
+    except M2ORTError as exc:  # the card's encoder cannot be built here
+        raise CheckpointError(str(exc), path) from None
+    skip = _external_prefix(card)
+    expected = {k: v for k, v in model.state_dict().items() if not (skip and k.startswith(skip))}
     head = state.get("head.weight")
     if head is not None and head.shape[0] != len(card.genes):
         raise CheckpointError(
@@ -184,7 +214,7 @@ def load_checkpoint(
             f"a damaged or diverged checkpoint",
             path,
         )
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=skip is None)  # without strict: only the external encoder is absent
     return model.to(device).eval(), card
 
 

@@ -198,47 +198,93 @@ def mean_baseline(card: ModelCard, baseline_sections=None) -> tuple[np.ndarray |
     return None, "unavailable (checkpoint has no train_mean_expression; pass --baseline-sections)"
 
 
+def baseline_folders(card: ModelCard, baseline_sections=None) -> tuple[list[Path] | None, str]:
+    """The training sections a fitted baseline uses: ``--baseline-sections`` where given, else the
+    checkpoint's training sections where they exist here. (folders, origin) or (None, why not)."""
+    if baseline_sections:
+        return [Path(f) for f in baseline_sections], "--baseline-sections"
+    split = card.provenance.get("split") or {}
+    root = (card.provenance.get("config") or {}).get("data_root")
+    names = split.get("train") or []
+    if not names or not root:
+        return None, "unavailable (checkpoint names no training sections; pass --baseline-sections)"
+    folders = [Path(root) / name for name in names]
+    absent = [str(f) for f in folders if not f.is_dir()]
+    if absent:
+        return None, (
+            "unavailable (the checkpoint's training sections are not on this machine: "
+            + ", ".join(absent)
+            + "; pass --baseline-sections)"
+        )
+    return folders, "the checkpoint's training sections"
+
+
+def _training_data(card: ModelCard, folders, cache, level_source: str, progress: bool):
+    """Per training section: (name, kept spots' levels, targets)."""
+    from m2ort_fast.datasets import read_sample
+
+    for folder in folders:
+        sample = read_sample(folder)
+        section = section_targets(sample, card.genes)
+        rows = np.flatnonzero(section.keep)
+        levels = section_patches(sample, card, cache, level_source, progress)
+        yield sample.name, [np.asarray(level[rows]) for level in levels], section.values
+
+
 def ridge_baseline(card: ModelCard, cache, level_source: str, baseline_sections=None, progress: bool = False):
     """The ridge image-feature baseline fitted on the training sections (see the module's docstring).
 
     Returns (RidgeBaseline or None, a description of where it came from, the training sections'
     names)."""
     from m2ort_fast.baselines import RidgeBaseline, spot_image_features
-    from m2ort_fast.datasets import read_sample
 
-    if baseline_sections:
-        folders, origin = [Path(f) for f in baseline_sections], "--baseline-sections"
-    else:
-        split = card.provenance.get("split") or {}
-        root = (card.provenance.get("config") or {}).get("data_root")
-        names = split.get("train") or []
-        if not names or not root:
-            return None, "unavailable (checkpoint names no training sections; pass --baseline-sections)", []
-        folders = [Path(root) / name for name in names]
-        absent = [str(f) for f in folders if not f.is_dir()]
-        if absent:
-            return (
-                None,
-                (
-                    "unavailable (the checkpoint's training sections are not on this machine: "
-                    + ", ".join(absent)
-                    + "; pass --baseline-sections)"
-                ),
-                [],
-            )
-        origin = "the checkpoint's training sections"
+    folders, origin = baseline_folders(card, baseline_sections)
+    if folders is None:
+        return None, origin, []
     features, targets, groups = [], [], []
-    for folder in folders:
-        sample = read_sample(folder)
-        section = section_targets(sample, card.genes)
-        rows = np.flatnonzero(section.keep)
-        levels = section_patches(sample, card, cache, level_source, progress)
-        features.append(spot_image_features([level[rows] for level in levels]))
-        targets.append(section.values)
-        groups += [sample.name] * len(rows)
+    for name, levels, values in _training_data(card, folders, cache, level_source, progress):
+        features.append(spot_image_features(levels))
+        targets.append(values)
+        groups += [name] * len(values)
     ridge = RidgeBaseline.fit(np.concatenate(features), np.concatenate(targets), groups=groups)
     names = list(dict.fromkeys(groups))
     return ridge, f"ridge on image features, fitted on {', '.join(names)} ({origin})", names
+
+
+def probe_baseline(
+    card: ModelCard,
+    model,
+    cache,
+    level_source: str,
+    spec: str,
+    weights=None,
+    baseline_sections=None,
+    progress: bool = False,
+):
+    """The encoder probe (:mod:`m2ort_fast.encoders.probe`) fitted on the training sections.
+
+    ``spec`` "auto": the checkpoint's own encoder where it has one, else EfficientNet-Lite0; else an
+    encoder spec (``weights`` for timm). Returns ((ProbeBaseline, FeatureStore) or None, description)."""
+    from m2ort_fast.encoders import DEFAULT_ENCODER, DEFAULT_VIEWS, build_encoder
+    from m2ort_fast.encoders.features import FeatureStore
+    from m2ort_fast.encoders.probe import ProbeBaseline, pooled_features
+
+    folders, origin = baseline_folders(card, baseline_sections)
+    if folders is None:
+        return None, origin
+    if spec == "auto" and getattr(model, "token_embed", None) is not None:
+        encoder = model.token_embed.encoder.float().cpu()
+    else:
+        encoder = build_encoder(DEFAULT_ENCODER if spec == "auto" else spec, weights)
+    store = FeatureStore(encoder, n_views=DEFAULT_VIEWS)  # shares training's cache (view 0 is read)
+    features, targets, groups = [], [], []
+    for name, levels, values in _training_data(card, folders, cache, level_source, progress):
+        features.append(pooled_features(store, levels, progress))
+        targets.append(values)
+        groups += [name] * len(values)
+    probe = ProbeBaseline.fit(np.concatenate(features), np.concatenate(targets), groups, encoder.info["name"])
+    names = ", ".join(dict.fromkeys(groups))
+    return (probe, store), f"PCA-ridge probe on {encoder.info['name']} features, fitted on {names} ({origin})"
 
 
 def evaluate_sample(
@@ -249,6 +295,7 @@ def evaluate_sample(
     *,
     baseline: np.ndarray | None = None,
     ridge=None,
+    probe=None,
     level_source: str = "resize",
     batch_size: int = 64,
     device="cpu",
@@ -288,6 +335,10 @@ def evaluate_sample(
 
         ridge_pred = ridge.predict(spot_image_features(levels))
         result["ridge_baseline_metrics"] = M.summarize(ridge_pred, true)
+    if probe is not None:  # (ProbeBaseline, FeatureStore)
+        from m2ort_fast.encoders.probe import pooled_features
+
+        result["probe_baseline_metrics"] = M.summarize(probe[0].predict(pooled_features(probe[1], levels)), true)
     result["pred"], result["true"], result["centers_px"] = pred, true, kept.centers_px
     result["ridge_pred"] = ridge_pred
     result["table"] = per_gene_table(pred, true, baseline, card.genes, targets.missing_genes, ridge_pred)
@@ -336,9 +387,12 @@ def evaluate_sections(
     progress: bool = True,
     plot_genes: int = PLOT_GENES,
     ridge: bool = True,
+    probe: str | None = "auto",
+    probe_weights=None,
 ) -> dict:
     """Evaluate a checkpoint on section folders; writes the reports when ``out_dir`` is given.
-    ``ridge=False`` skips the ridge baseline (it reads the training sections' patches)."""
+    ``ridge=False`` skips the ridge baseline (it reads the training sections' patches); ``probe``
+    None skips the encoder probe, else names its encoder (see :func:`probe_baseline`)."""
     from m2ort_fast.checkpoint import load_checkpoint
     from m2ort_fast.datasets import read_sample
     from m2ort_fast.patch_cache import PatchCache
@@ -357,6 +411,11 @@ def evaluate_sections(
         )
     else:
         ridge_model, ridge_source, ridge_sections = None, "skipped", []
+    probe_model, probe_source = (
+        (None, "skipped")
+        if probe is None
+        else probe_baseline(card, model, cache, level_source, probe, probe_weights, baseline_sections, progress)
+    )
     report: dict[str, Any] = {
         "checkpoint": str(checkpoint),
         "variant": card.variant,
@@ -367,6 +426,7 @@ def evaluate_sections(
         "scale": card.target_transform,
         "baseline": baseline_source,
         "ridge_baseline": {"source": ridge_source, **(ridge_model.describe() if ridge_model else {})},
+        "probe_baseline": {"source": probe_source, **(probe_model[0].describe() if probe_model else {})},
         "sections": [],
     }
     results = []  # every section is evaluated before anything is written: a bad section leaves no report
@@ -379,6 +439,7 @@ def evaluate_sections(
             cache,
             baseline=baseline,
             ridge=ridge_model,
+            probe=probe_model,
             level_source=level_source,
             batch_size=batch_size,
             device=torch_device,
@@ -396,6 +457,10 @@ def evaluate_sections(
     if ridge_model is not None:
         report["ridge_baseline_mean_over_sections"] = _mean_over_sections(
             [s["ridge_baseline_metrics"] for s in report["sections"]]
+        )
+    if probe_model is not None:
+        report["probe_baseline_mean_over_sections"] = _mean_over_sections(
+            [s["probe_baseline_metrics"] for s in report["sections"]]
         )
     if out:
         _write_reports(out, report, results, card.genes, plot_genes)
@@ -487,6 +552,8 @@ def run_evaluate(args) -> int:
         device=args.device,
         progress=not args.quiet,
         ridge=not args.no_ridge,
+        probe=None if args.no_probe else args.probe_encoder,
+        probe_weights=args.probe_encoder_weights,
     )
     print(
         f"ridge baseline: {report['ridge_baseline']['source']}"
@@ -501,6 +568,8 @@ def run_evaluate(args) -> int:
         if "ridge_baseline_metrics" in section:
             flag = " (in-sample)" if section.get("ridge_in_sample") else ""
             print(_format_row(f"{name} ridge baseline", section["ridge_baseline_metrics"]) + flag)
+        if "probe_baseline_metrics" in section:
+            print(_format_row(f"{name} encoder probe", section["probe_baseline_metrics"]))
         m = section["metrics"]
         print(
             f"  measured: PC1 share {m['var_share_pc1_true']:.4f}, "
@@ -532,6 +601,15 @@ def add_subcommands(subparsers) -> None:
         action="store_true",
         help="skip the ridge image-feature baseline (it reads the training sections' patches)",
     )
+    p.add_argument(
+        "--no-probe", action="store_true", help="skip the encoder probe baseline (PCA + ridge on encoder features)"
+    )
+    p.add_argument(
+        "--probe-encoder",
+        default="auto",
+        help="encoder of the probe: auto (the checkpoint's, else efficientnet-lite0), efficientnet-lite0 or timm:NAME",
+    )
+    p.add_argument("--probe-encoder-weights", default=None, help="weights file of a timm:NAME probe encoder")
     p.add_argument("--cache-dir", default=None, help="patch cache folder (default ~/.cache/m2ort-fast/patches)")
     p.add_argument(
         "--level-source",

@@ -187,14 +187,21 @@ class M2ORT(nn.Module):
     -> (B, n_genes). Inputs are RGB in [0, 1] (after the checkpoint's normalisation).
     """
 
-    def __init__(self, cfg: M2ORTConfig):
+    def __init__(self, cfg: M2ORTConfig, token_embed: nn.Module | None = None):
+        """``token_embed``: another source of the (B, N, D) tokens in place of LDPE, called with the
+        three levels and carrying ``num_tokens`` (N): a pretrained image encoder's feature maps
+        (:class:`m2ort_fast.encoders.EncoderTokens`). None: the paper's LDPE (state-dict keys unchanged)."""
         super().__init__()
         self.cfg = cfg
         d = cfg.level_dim
         hidden = (cfg.dim, cfg.dim // 2, cfg.dim // 4)
-        self.embeds = nn.ModuleList(LevelPatchEmbed(p, hid, d) for p, hid in zip(PATCH_SIZES_PX, hidden, strict=True))
+        self.token_embed = token_embed
+        n_tokens = NUM_TOKENS if token_embed is None else typing.cast(int, token_embed.num_tokens)
+        self.embeds = nn.ModuleList(
+            LevelPatchEmbed(p, hid, d) for p, hid in zip(PATCH_SIZES_PX, hidden, strict=True) if token_embed is None
+        )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, NUM_TOKENS + 1, cfg.dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens + 1, cfg.dim))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.n_genes)
@@ -203,8 +210,9 @@ class M2ORT(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
+        own = set(self.token_embed.modules()) if self.token_embed is not None else set()  # initialised by itself
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and m not in own:
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
@@ -214,10 +222,16 @@ class M2ORT(nn.Module):
         return typing.cast(list[Block], list(self.blocks))
 
     def embed(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:
-        """LDPE + fusion: three levels -> tokens (B, 197, D)."""
+        """LDPE (or ``token_embed``) + fusion: three levels -> tokens (B, 197, D) ((B, N + 1, D))."""
+        if self.token_embed is not None:
+            return self.fuse(self.token_embed(level1, level2, level3))
         levels = (level1, level2, level3)
         # a plain zip: torch.export traces this line (three embeds, three levels)
         tokens = torch.cat([emb(img) for emb, img in zip(self.embeds, levels)], dim=-1)  # noqa: B905
+        return self.fuse(tokens)
+
+    def fuse(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) level tokens -> (B, N + 1, D): class token prepended, positional embedding added."""
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         return torch.cat([cls, tokens], dim=1) + self.pos_embed
 

@@ -96,6 +96,26 @@ def select_gene_panel(
     return GenePanel(genes=genes, rule=rule, top_k=k, candidates=len(ordered))
 
 
+# Marker genes a HER2+ breast-cancer reader looks for (issue 25): HER2 amplicon (ERBB2, GRB7), hormone
+# receptors (ESR1, PGR), luminal / basal keratins, proliferation, immune and stroma markers.
+HER2_MARKERS = ("ERBB2", "GRB7", "ESR1", "PGR", "FOXA1", "GATA3", "KRT5", "KRT18", "MKI67", "CD74", "PTPRC", "COL1A1")
+
+
+def add_marker_genes(genes: list[str], samples, markers) -> tuple[list[str], dict]:
+    """The panel plus the ``markers`` it lacks that are measured (counted above 0 somewhere) in
+    every one of ``samples``; returns (panel, what was added and what was not, for the provenance)."""
+    added: list[str] = []
+    not_measured: list[str] = []
+    for gene in markers:
+        if gene in genes or gene in added:
+            continue
+        measured = all(
+            gene in sample.genes and float(sample.counts[:, sample.genes.index(gene)].sum()) > 0 for sample in samples
+        )
+        (added if measured else not_measured).append(gene)
+    return list(genes) + added, {"markers_added": added, "markers_not_measured": not_measured}
+
+
 @dataclasses.dataclass
 class Targets:
     values: np.ndarray  # (M, P) float32 log1p CPM over the panel, for the kept spots

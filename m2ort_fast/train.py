@@ -73,6 +73,7 @@ class TrainConfig:
     variant: str = "small"
     n_genes: int = 250
     panel_top_k: int = 1000
+    marker_genes: list[str] = dataclasses.field(default_factory=list)  # added to the panel where measured
     mpp: float = 0.0  # model's level-1 microns per pixel; 0: mean of the training sections'
     level_source: str = "resize"  # levels 2 and 3 resized from level 1, as the paper's code does
     epochs: int = 200
@@ -93,6 +94,14 @@ class TrainConfig:
     cache_dir: str = ""
     device: str = "auto"
     num_threads: int = 0  # torch CPU threads; 0: torch's default
+    # Issue 25: M2ORT over a frozen pretrained encoder (m2ort_fast.encoders.training) where set:
+    # "efficientnet-lite0" or "timm:NAME" (+ encoder_weights, a local file)
+    encoder: str = ""
+    encoder_weights: str = ""
+    encoder_views: int = 4  # cached views per spot: the spot as read + stain / scanner augmented ones
+    encoder_grid: int = 7  # tokens per side
+    token_dropout: float = 0.1  # on the encoder channels before the token projection
+    feature_cache_dir: str = ""  # default ~/.cache/m2ort-fast/features
 
     @classmethod
     def from_file(cls, path) -> TrainConfig:
@@ -199,7 +208,7 @@ def prepare_data(cfg: TrainConfig, genes: list[str] | None = None, mpp: float | 
     targets and the cached patches. Returns (sets {"train","val","test"}, info dict)."""
     from m2ort_fast.datasets import read_sample
     from m2ort_fast.patch_cache import PatchCache
-    from m2ort_fast.targets import expression_targets, holdout_spots, select_gene_panel
+    from m2ort_fast.targets import add_marker_genes, expression_targets, holdout_spots, select_gene_panel
 
     paths = cfg.section_paths()
     if not paths:
@@ -214,6 +223,9 @@ def prepare_data(cfg: TrainConfig, genes: list[str] | None = None, mpp: float | 
     if genes is None:
         panel = select_gene_panel(train_samples, n_genes=cfg.n_genes, top_k=cfg.panel_top_k, seed=cfg.seed)
         genes, panel_rule = panel.genes, panel.rule
+        if cfg.marker_genes:
+            genes, markers = add_marker_genes(genes, train_samples, cfg.marker_genes)
+            panel_rule = f"{panel_rule}; plus marker genes measured in every training section: {markers}"
     if mpp is None:
         mpp = cfg.mpp or float(np.mean([_sample_mpp(s) for s in train_samples]))
     from m2ort_fast.checkpoint import ModelCard
@@ -507,6 +519,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, comm
         raise M2ORTError(f"unknown select_metric {cfg.select_metric!r}; known: {', '.join(SELECT_METRICS)}")
     if not (math.isfinite(cfg.pcc_loss_weight) and cfg.pcc_loss_weight >= 0):
         raise M2ORTError(f"pcc_loss_weight must be a finite number >= 0, got {cfg.pcc_loss_weight!r}")
+    if cfg.encoder:
+        if resume:
+            raise M2ORTError("--resume is not supported with --encoder (frozen-encoder runs take minutes: rerun)")
+        from m2ort_fast.encoders.training import train_encoder
+
+        return train_encoder(cfg, progress=progress, command=command)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
@@ -763,6 +781,9 @@ def config_from_args(args) -> TrainConfig:
         "pcc_loss_weight": args.pcc_loss_weight,
         "color_augment": args.color_augment,
         "select_metric": args.select_metric,
+        "encoder": args.encoder,
+        "encoder_weights": args.encoder_weights,
+        "encoder_views": args.encoder_views,
     }
     for key, value in overrides.items():
         if value is not None:
@@ -846,6 +867,13 @@ def add_subcommands(subparsers) -> None:
         default=None,
         help="validation metric the best checkpoint is chosen by (default pcc_spot_mean)",
     )
+    p.add_argument(
+        "--encoder",
+        default=None,
+        help="M2ORT over a frozen pretrained encoder: efficientnet-lite0 or timm:NAME (docs/encoder.md)",
+    )
+    p.add_argument("--encoder-weights", default=None, help="weights file of a timm:NAME encoder (never fetched)")
+    p.add_argument("--encoder-views", type=positive_int, default=None, help="cached views per spot (default 4)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its resume.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_train)
