@@ -54,26 +54,10 @@ def write_spatialdata(path: Path, h5ad: Path, slide: Slide, view: SlideView) -> 
         ) from None
 
     transformations = {"global": Identity(), "microns": Scale([view.mpp, view.mpp], axes=("y", "x"))}
-    width_px, height_px = slide.level_dimensions[0]
 
-    def read(x_px: int, y_px: int, w_px: int, h_px: int) -> np.ndarray:
-        return np.ascontiguousarray(slide.read_region(x_px, y_px, 0, w_px, h_px)[..., :3].transpose(2, 0, 1))
-
-    rows = []
-    for y_px in range(0, height_px, CHUNK_PX):
-        h_px = min(CHUNK_PX, height_px - y_px)
-        row = []
-        for x_px in range(0, width_px, CHUNK_PX):
-            w_px = min(CHUNK_PX, width_px - x_px)
-            row.append(da.from_delayed(dask.delayed(read)(x_px, y_px, w_px, h_px), (3, h_px, w_px), np.uint8))
-        rows.append(row)
-    scale_factors = []
-    side = max(width_px, height_px)
-    while side // 2 >= SMALLEST_LEVEL_PX:
-        scale_factors.append(2)
-        side //= 2
+    pixels, scale_factors = _lazy_slide_pixels(slide)
     image = Image2DModel.parse(
-        da.block(rows),
+        pixels,
         dims=("c", "y", "x"),
         c_coords=["r", "g", "b"],
         scale_factors=scale_factors or None,
@@ -117,6 +101,34 @@ def write_spatialdata(path: Path, h5ad: Path, slide: Slide, view: SlideView) -> 
     with dask.config.set(scheduler="synchronous"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*autosharding", category=UserWarning)  # zarr's notice
         store.write(path)
+
+
+def _lazy_slide_pixels(slide: Slide):
+    """The slide's level 0 as a dask array (3, H, W) uint8 read through our reader in CHUNK_PX
+    squares (never decoded whole), and the 2x downsamples to add until the longer side is below
+    SMALLEST_LEVEL_PX."""
+    import dask
+    import dask.array as da
+
+    width_px, height_px = slide.level_dimensions[0]
+
+    def read(x_px: int, y_px: int, w_px: int, h_px: int) -> np.ndarray:
+        return np.ascontiguousarray(slide.read_region(x_px, y_px, 0, w_px, h_px)[..., :3].transpose(2, 0, 1))
+
+    rows = []
+    for y_px in range(0, height_px, CHUNK_PX):
+        h_px = min(CHUNK_PX, height_px - y_px)
+        row = []
+        for x_px in range(0, width_px, CHUNK_PX):
+            w_px = min(CHUNK_PX, width_px - x_px)
+            row.append(da.from_delayed(dask.delayed(read)(x_px, y_px, w_px, h_px), (3, h_px, w_px), np.uint8))
+        rows.append(row)
+    scale_factors = []
+    side = max(width_px, height_px)
+    while side // 2 >= SMALLEST_LEVEL_PX:
+        scale_factors.append(2)
+        side //= 2
+    return da.block(rows), scale_factors
 
 
 def _with_small_images(table):
