@@ -41,7 +41,7 @@ def write_spatialdata(path: Path, h5ad: Path, slide: Slide, view: SlideView) -> 
     try:
         import anndata
         import dask
-        import dask.array as da
+        import dask.array  # noqa: F401  (needed by _lazy_slide_pixels: checked here with the rest)
         import geopandas as gpd
         import shapely
         from skimage.measure import find_contours
