@@ -187,3 +187,18 @@ def test_shipped_checkpoint_predicts_as_before():
         new, old = low(*levels).float(), forward_v1(low, *levels).float()
     # bf16 rounds the class-token-only GEMMs differently: measured 0.031, one bf16 step at predictions of 4-8
     assert (new - old).abs().max() < 0.07
+
+
+def test_a_spots_fp32_prediction_does_not_depend_on_its_place_in_the_batch():
+    """Bit for bit: the engines (streamed, naive, device path) batch spots differently and are held
+    to equal predictions. (Running the last block for the class token alone broke this by an ulp:
+    the GEMMs' row blocking at B rows.)"""
+    torch.manual_seed(0)
+    model = M2ORT(get_config("tiny")).eval()
+    levels = [torch.rand(16, 3, s, s) for s in IMAGE_SIZES_PX]
+    with torch.no_grad():
+        reference = model(*levels)
+        for shift in (1, 3, 5):
+            order = torch.arange(16).roll(shift)
+            moved = model(*(x[order] for x in levels))[torch.argsort(order)]
+            assert torch.equal(moved, reference), shift

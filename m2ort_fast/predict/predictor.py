@@ -13,6 +13,7 @@ import numpy as np
 from m2ort_fast.backends import make_backend
 from m2ort_fast.bounds import (
     API_OPTIONS,
+    DEFAULT_MAX_SPOTS,
     OptionNames,
     available_memory_bytes,
     fit_batch_size,
@@ -165,6 +166,8 @@ class Predictor:
         stem: str | None = None,
         streamed: bool | None = None,
         overwrite: bool = False,
+        mpp_force: bool = False,
+        max_spots: int = DEFAULT_MAX_SPOTS,
     ) -> SlideResult:
         """Predict every spot of one slide and write ``<stem>.h5ad``, ``.csv`` and heatmaps.
 
@@ -174,8 +177,10 @@ class Predictor:
         the ``.h5ad`` and the CSV (``outputs.FORMATS``; ``write_csv=False``: no CSV).
         ``streamed``: None uses the Predictor's setting. ``overwrite``: False (the CLI's default
         too) lets the run record decide (skipped, formats added, or refused naming the setting).
+        ``mpp_force``: use ``mpp`` where it disagrees with the slide's or the spots'; ``max_spots``:
+        the most spots a grid may have.
         """
-        opened = self.open(slide_path, spots, OpenOptions(spot_format, spacing_um, mpp, reader))
+        opened = self.open(slide_path, spots, OpenOptions(spot_format, spacing_um, mpp, reader, mpp_force, max_spots))
         output = OutputOptions(
             out_dir=Path(out_dir),
             formats=output_formats(formats, write_csv),
@@ -195,6 +200,8 @@ class Predictor:
         spacing_um: float | None = None,
         mpp: float | None = None,
         reader: str = "auto",
+        mpp_force: bool = False,
+        max_spots: int = DEFAULT_MAX_SPOTS,
         write: bool = False,
         **write_options: Any,
     ) -> anndata.AnnData | Iterator[anndata.AnnData]:
@@ -207,7 +214,7 @@ class Predictor:
         read back."""
         if write_options and not write:
             raise TypeError(f"write options without write=True: {', '.join(write_options)}")
-        options = OpenOptions(spot_format, spacing_um, mpp, reader)
+        options = OpenOptions(spot_format, spacing_um, mpp, reader, mpp_force, max_spots)
         if isinstance(slides, (str, os.PathLike)):
             return self._predict_one(slides, spots, options, write_options if write else None)
         return self._predict_many(slides, spots, options, write_options if write else None)
