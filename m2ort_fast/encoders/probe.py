@@ -20,6 +20,23 @@ from m2ort_fast.baselines import RidgeBaseline
 PCA_DIMS = 256
 
 
+class ViewZero:
+    """View 0 of spots' encoder maps: from training's multi-view cache where it holds every spot
+    asked for, else from a one-view cache (computing one view, not ``n_views``)."""
+
+    def __init__(self, encoder, n_views: int):
+        from m2ort_fast.encoders.features import FeatureStore
+
+        self.stores = [FeatureStore(encoder, n_views=n_views), FeatureStore(encoder, n_views=1)]
+
+    def get(self, levels: list[np.ndarray], progress: bool = False) -> list[np.ndarray]:
+        from m2ort_fast.encoders.features import spot_keys
+
+        keys = spot_keys(levels)
+        store = next((s for s in self.stores if all(k in s.index for k in keys)), self.stores[-1])
+        return [f[:, :1] for f in store.get(levels, progress)]
+
+
 def pooled_features(store, levels: list[np.ndarray], progress: bool = False) -> np.ndarray:
     """(N, C) float64: view 0 of level 1's cached map, averaged over its positions."""
     level1 = store.get(levels, progress)[0]  # (N, V, C, h, w) float16
