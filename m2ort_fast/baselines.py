@@ -118,9 +118,13 @@ class RidgeBaseline:
     n_train: int
 
     @classmethod
-    def fit(cls, features: np.ndarray, targets: np.ndarray, groups=None, alphas=ALPHAS, seed: int = 0) -> RidgeBaseline:
+    def fit(
+        cls, features: np.ndarray, targets: np.ndarray, groups=None, alphas=ALPHAS, seed: int = 0, scale: bool = True
+    ) -> RidgeBaseline:
         """Fit on features (N, F) and targets (N, G); ``groups`` (N,) labels (e.g. the section of
-        each spot) make the inner validation leave one group out. One alpha: no validation."""
+        each spot) make the inner validation leave one group out. One alpha: no validation.
+        ``scale`` False: features are centred only (e.g. PCA scores, whose variances carry the
+        signal: scaling each to unit variance would weigh noise components like the leading ones)."""
         x = np.asarray(features, dtype=np.float64)
         y = np.asarray(targets, dtype=np.float64)
         if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
@@ -134,7 +138,7 @@ class RidgeBaseline:
             for held in folds:
                 train = np.ones(len(x), dtype=bool)
                 train[held] = False
-                mean, std = _standardizer(x[train])
+                mean, std = _standardizer(x[train], scale)
                 y_mean = y[train].mean(axis=0)
                 weights = _solve_paths((x[train] - mean) / std, y[train] - y_mean, alphas)
                 x_held = (x[held] - mean) / std
@@ -146,7 +150,7 @@ class RidgeBaseline:
             mse, best = np.full(len(alphas), np.nan), 0
             if len(alphas) == 1:
                 how = "none (one alpha given)"
-        mean, std = _standardizer(x)
+        mean, std = _standardizer(x, scale)
         y_mean = y.mean(axis=0)
         (w_std,) = _solve_paths((x - mean) / std, y - y_mean, [alphas[best]])
         coef = w_std / std[:, None]
@@ -178,9 +182,9 @@ class RidgeBaseline:
         }
 
 
-def _standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _standardizer(x: np.ndarray, scale: bool = True) -> tuple[np.ndarray, np.ndarray]:
     mean = x.mean(axis=0)
-    std = x.std(axis=0)
+    std = x.std(axis=0) if scale else np.ones(x.shape[1])
     std[std < 1e-12] = 1.0  # a constant feature stays 0 after centring; no division by ~0
     return mean, std
 

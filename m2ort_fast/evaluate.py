@@ -264,10 +264,9 @@ def probe_baseline(
     """The encoder probe (:mod:`m2ort_fast.encoders.probe`) fitted on the training sections.
 
     ``spec`` "auto": the checkpoint's own encoder where it has one, else EfficientNet-Lite0; else an
-    encoder spec (``weights`` for timm). Returns ((ProbeBaseline, FeatureStore) or None, description)."""
+    encoder spec (``weights`` for timm). Returns ((ProbeBaseline, ViewZero) or None, description)."""
     from m2ort_fast.encoders import DEFAULT_ENCODER, DEFAULT_VIEWS, build_encoder
-    from m2ort_fast.encoders.features import FeatureStore
-    from m2ort_fast.encoders.probe import ProbeBaseline, pooled_features
+    from m2ort_fast.encoders.probe import ProbeBaseline, ViewZero, pooled_features
 
     folders, origin = baseline_folders(card, baseline_sections)
     if folders is None:
@@ -276,7 +275,7 @@ def probe_baseline(
         encoder = model.token_embed.encoder.float().cpu()
     else:
         encoder = build_encoder(DEFAULT_ENCODER if spec == "auto" else spec, weights)
-    store = FeatureStore(encoder, n_views=DEFAULT_VIEWS)  # shares training's cache (view 0 is read)
+    store = ViewZero(encoder, DEFAULT_VIEWS)  # training's feature cache where it has the spots
     features, targets, groups = [], [], []
     for name, levels, values in _training_data(card, folders, cache, level_source, progress):
         features.append(pooled_features(store, levels, progress))
@@ -335,7 +334,7 @@ def evaluate_sample(
 
         ridge_pred = ridge.predict(spot_image_features(levels))
         result["ridge_baseline_metrics"] = M.summarize(ridge_pred, true)
-    if probe is not None:  # (ProbeBaseline, FeatureStore)
+    if probe is not None:  # (ProbeBaseline, ViewZero)
         from m2ort_fast.encoders.probe import pooled_features
 
         result["probe_baseline_metrics"] = M.summarize(probe[0].predict(pooled_features(probe[1], levels)), true)

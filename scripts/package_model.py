@@ -33,12 +33,15 @@ def main(runs: str, variant: str, out: str) -> None:
                 k: section["baseline_metrics"][k] for k in REPORTED if k.startswith(("pcc_spot", "rmse", "mae"))
             },
         }
+        for name, key in (("colour_ridge", "ridge_baseline_metrics"), ("encoder_probe", "probe_baseline_metrics")):
+            if key in section:  # the fitted baselines of `evaluate` (issue 12, issue 25)
+                folds[held_out][name] = {k: section[key][k] for k in REPORTED}
     card.provenance["held_out_leave_one_section_out"] = folds
     card.provenance["protocol"] = (
         f"scripts/train_her2st.sh {variant} <epochs>: four folds, each trained on three "
         "sections and evaluated on the fourth; this model: trained on all four"
     )
-    card.model_id = f"m2ort-her2st-{variant}"
+    card.model_id = f"m2ort-her2st-{variant}" + (f"-{card.encoder['name']}" if card.encoder else "")
     save_checkpoint(out, model, card)
     print(json.dumps(folds, indent=1))
 

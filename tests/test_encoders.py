@@ -189,6 +189,7 @@ def test_probe_recovers_a_linear_signal_from_wide_features():
     y = latent[:, :3] @ rng.normal(size=(3, 5)) + 0.1 * rng.normal(size=(300, 5))
     probe = ProbeBaseline.fit(x[:200], y[:200], groups=[i % 2 for i in range(200)], encoder="test", dims=64)
     assert probe.components.shape == (600, 64)
+    assert np.all(probe.ridge.feature_std == 1.0)  # PCA scores are centred, not whitened
     pred = probe.predict(x[200:])
     pcc = [np.corrcoef(pred[:, j], y[200:, j])[0, 1] for j in range(5)]
     assert min(pcc) > 0.5

@@ -136,6 +136,9 @@ def test_evaluate_section_folder_as_it_is(section, checkpoint, cache_dir, tmp_pa
     )
     base = again["sections"][0]["baseline_metrics"]
     assert again["baseline"].startswith("computed from")
+    # the encoder probe (issue 25) is fitted on the same sections and scored like the model
+    assert again["probe_baseline"]["source"].startswith("PCA-ridge probe on efficientnet-lite0 features")
+    assert np.isfinite(again["sections"][0]["probe_baseline_metrics"]["pcc_gene_mean"])
     # the mean of the section itself is the best constant: lower RMSE than the stored one
     assert base["rmse_spot_mean"] < b["rmse_spot_mean"]
     assert again["sections"][0]["metrics"] == m  # same predictions from the cached patches
