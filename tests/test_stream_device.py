@@ -103,6 +103,22 @@ def test_device_path_batches_equal_host_path_bit_for_bit(pyramid, level_mpp, lev
     _assert_equal(host, device)
 
 
+@pytest.mark.parametrize("level_source", ["pyramid", "resize"])
+def test_device_path_batches_equal_host_path_in_several_stripes(pyramid, level_source):
+    """A bound tight enough to split both paths' plans into stripes: the batches still equal."""
+    centers = np.random.default_rng(7).uniform(-40, 1576, (150, 2))
+    level_mpp = (0.4, 0.8, 1.6)
+    with open_slide(pyramid, reader="tiffslide") as slide:
+        host, _, host_plan = _inputs_by_spot(
+            slide, centers, level_mpp, level_source, device_path=False, step_spots=17, max_memory_mb=12
+        )
+        device, _, device_plan = _inputs_by_spot(  # the bound covers the batches too (about 28 MB)
+            slide, centers, level_mpp, level_source, device_path=True, kernel="host", step_spots=17, max_memory_mb=42
+        )
+    assert len(host_plan.stripe_rows) > 1 and len(device_plan.stripe_rows) > 1, "the bound must force stripes"
+    _assert_equal(host, device)
+
+
 @pytest.mark.parametrize("level_mpp,level_source", [((0.62, 1.24, 2.48), "resize"), ((0.4, 0.8, 1.6), "pyramid")])
 def test_triton_step_in_the_interpreter_equals_host_path(pyramid, level_mpp, level_source):
     centers = np.array([[30.0, 40.0], [700.0, 800.0], [1500.0, 1530.0]])  # two steps: batches of 2 straddle them
@@ -166,6 +182,23 @@ def test_demo_predictions_equal_and_the_h5ad_says_which_path(tmp_path):
         assert adata.uns["m2ort_fast"]["data_path"] == data_path
         results[data_path] = adata.X
     assert np.array_equal(results["host"], results["device"])
+
+
+def test_demo_predictions_equal_in_several_stripes(tmp_path):
+    """Bounds that split the demo slide into four stripes on both paths, ~60 spots each at a
+    110 um pitch (their 154 um patches overlap): the device path's predictions equal the host
+    path's bit for bit."""
+    options = {"spacing_um": 110, "n_heatmaps": 0, "write_csv": False}
+    bounds = {"host": {"max_memory_mb": 16}, "device": {"max_gpu_memory_mb": 44}}  # device: 28 MB are batches
+    predictions = {}
+    for data_path, bound in bounds.items():
+        predictor = Predictor(device="cpu", progress=False, batch_size=16, data_path=data_path, **bound)
+        result = predictor.predict_slide(DEMO_SLIDE, out_dir=tmp_path / data_path, **options)
+        assert result.engine["data_path"] == data_path
+        assert result.engine["stripes"] > 1, f"{data_path}: the bound must force stripes"
+        predictions[data_path] = anndata.read_h5ad(result.outputs.h5ad).X
+    assert len(predictions["device"]) > 200
+    assert np.array_equal(predictions["host"], predictions["device"])
 
 
 def test_her2st_section_predictions_equal(tmp_path):

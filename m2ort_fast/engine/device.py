@@ -5,7 +5,8 @@
     run_stream_on_device(slide, plan, backend, mean, std, on_batch, batch_size=64)
 
 The same read plan, windows and predictions as the host path (:func:`m2ort_fast.engine.host.run_stream`);
-what differs is where the pixels live and who touches them:
+what differs is where the pixels live and who touches them (a :class:`DeviceStream`, one method per
+stage):
 
 1. ``read`` (reader thread): each step's planned rows, as tensors (``Slide.read_level_region_tensor``):
    in GPU memory where cuCIM decodes on the GPU (handed over through the CUDA array interface, no
@@ -232,142 +233,204 @@ def run_stream_on_device(
     (B, G) float32)`` runs on the writer thread, in plan order (as :func:`m2ort_fast.engine.host.run_stream`).
     Threads: reader, this one (assemble), model, writer, joined by bounded queues; an exception in
     any stops them all and is raised here. ``memory``: the ledger of the device bytes held."""
-    timer = timer or StageTimer()
-    device = torch.device(getattr(backend, "device", "cpu"))
-    on_gpu = device.type == "cuda"
-    memory = memory or DeviceMemory(device)
-    assembler = _Assembler(plan, mean, std, device, kernel, memory, batch_size)
-    forward = getattr(backend, "forward_on_device", None)
-    if forward is None:
-        log.debug("backend %s returns host predictions: one synchronisation per batch", getattr(backend, "name", "?"))
-    sizes_px = [s for _, _, s in assembler.inputs] + assembler.derived_sizes
-    batches = [[memory.empty((batch_size, 3, s, s), torch.float32) for s in sizes_px] for _ in range(BATCHES_IN_FLIGHT)]
-    consumed: list[torch.cuda.Event | None] = [None] * BATCHES_IN_FLIGHT  # the model has read batch k
-    stats = StreamStats(plan=plan.stats())
-    stages = Stages("device")
-    decoded_q, batch_q, write_q = stages.pipe(), stages.pipe(), stages.pipe()
-    free_batches = stages.pipe(BATCHES_IN_FLIGHT)  # batch k may be refilled once the model took it
-    for k in range(BATCHES_IN_FLIGHT):
-        free_batches.put(k)
-    # Pinned host buffers for the predictions (allocated on first use: the gene count comes with them).
-    free_predictions = stages.pipe(BATCHES_IN_FLIGHT + QUEUE_DEPTH + 1)
-    for _ in range(BATCHES_IN_FLIGHT + QUEUE_DEPTH + 1):
-        free_predictions.put(None)
-    assemble_stream = torch.cuda.Stream(device=device) if on_gpu else None
-    model_stream = torch.cuda.Stream(device=device) if on_gpu else None
+    stream = DeviceStream(
+        slide,
+        plan,
+        backend,
+        mean,
+        std,
+        on_batch,
+        batch_size=batch_size,
+        timer=timer,
+        progress=progress,
+        kernel=kernel,
+        memory=memory,
+    )
+    return stream.run()
 
-    def on_stream(stream):
-        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
-    def event(stream) -> torch.cuda.Event | None:
-        """An event recorded on ``stream`` now (None on the CPU, where every step is synchronous)."""
-        if stream is None:
-            return None
-        recorded = torch.cuda.Event()
-        recorded.record(stream)
-        return recorded
+def _on_stream(stream: torch.cuda.Stream | None):
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
-    def reader():
-        for step in range(plan.n_steps):
-            decoded = read_step(slide, plan, step, timer, as_tensors=True)
+
+def _event(stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
+    """An event recorded on ``stream`` now (None on the CPU, where every step is synchronous)."""
+    if stream is None:
+        return None
+    recorded = torch.cuda.Event()
+    recorded.record(stream)
+    return recorded
+
+
+class DeviceStream:
+    """One run of the device path (:func:`run_stream_on_device`): one method per stage
+    (``reader``, ``fill_batches``, ``model``, ``writer``), the state they share as attributes: the
+    batch ring (``batches``, per batch k a list of (batch_size, 3, S, S) float32 device tensors, one
+    per model input), its events and queues. A run is used once."""
+
+    def __init__(
+        self,
+        slide: Slide,
+        plan: ReadPlan,
+        backend,
+        mean: Sequence[float],
+        std: Sequence[float],
+        on_batch: Callable[[np.ndarray, np.ndarray], None],
+        *,
+        batch_size: int = 64,
+        timer: StageTimer | None = None,
+        progress: Callable[[int], None] | None = None,
+        kernel: str = "auto",
+        memory: DeviceMemory | None = None,
+    ):
+        self.slide, self.plan, self.backend, self.on_batch = slide, plan, backend, on_batch
+        self.batch_size, self.progress = batch_size, progress
+        self.timer = timer or StageTimer()
+        self.device = torch.device(getattr(backend, "device", "cpu"))
+        self.on_gpu = self.device.type == "cuda"
+        self.memory = memory or DeviceMemory(self.device)
+        self.assembler = _Assembler(plan, mean, std, self.device, kernel, self.memory, batch_size)
+        self.forward = getattr(backend, "forward_on_device", None)
+        if self.forward is None:
+            name = getattr(backend, "name", "?")
+            log.debug("backend %s returns host predictions: one synchronisation per batch", name)
+        sizes_px = [s for _, _, s in self.assembler.inputs] + self.assembler.derived_sizes
+        self.batches = [
+            [self.memory.empty((batch_size, 3, s, s), torch.float32) for s in sizes_px]
+            for _ in range(BATCHES_IN_FLIGHT)
+        ]
+        self.consumed: list[torch.cuda.Event | None] = [None] * BATCHES_IN_FLIGHT  # the model has read batch k
+        self.stats = StreamStats(plan=plan.stats())
+        self.stages = Stages("device")
+        self.decoded_q, self.batch_q, self.write_q = self.stages.pipe(), self.stages.pipe(), self.stages.pipe()
+        self.free_batches = self.stages.pipe(BATCHES_IN_FLIGHT)  # batch k may be refilled once the model took it
+        for k in range(BATCHES_IN_FLIGHT):
+            self.free_batches.put(k)
+        # Pinned host buffers for the predictions (allocated on first use: the gene count comes with them).
+        self.free_predictions = self.stages.pipe(BATCHES_IN_FLIGHT + QUEUE_DEPTH + 1)
+        for _ in range(BATCHES_IN_FLIGHT + QUEUE_DEPTH + 1):
+            self.free_predictions.put(None)
+        self.assemble_stream = torch.cuda.Stream(device=self.device) if self.on_gpu else None
+        self.model_stream = torch.cuda.Stream(device=self.device) if self.on_gpu else None
+        # fill_batches' state: the current stripe's windows, decoded steps held until their copy
+        # has run (as (event, decoded step)), the batch being filled (-1: none yet), its rows filled
+        # and the spots in them.
+        self.windows: list[Window] = []
+        self.current_stripe = -1
+        self.held: collections.deque = collections.deque()
+        self.k, self.filled = -1, 0
+        self.batch_spots: list[np.ndarray] = []
+
+    def run(self) -> StreamStats:
+        """Start the reader, model and writer threads, fill the batches here, join them all."""
+        self.stages.start(self.reader, self.model, self.writer)
+        self.stages.run_here(self.fill_batches)
+        return self.stats
+
+    def reader(self) -> None:
+        for step in range(self.plan.n_steps):
+            decoded = read_step(self.slide, self.plan, step, self.timer, as_tensors=True)
             for _, _, rows in decoded:
-                if rows.device.type == device.type:  # device memory the path holds until it is copied
-                    memory.track(rows)
-            decoded_q.put(decoded)
-        decoded_q.put(Pipe.DONE)
+                if rows.device.type == self.device.type:  # device memory the path holds until it is copied
+                    self.memory.track(rows)
+            self.decoded_q.put(decoded)
+        self.decoded_q.put(Pipe.DONE)
 
-    def model():
-        with on_stream(model_stream):
-            for k, spots, n, ready in batch_q:
-                predictions = free_predictions.get()  # waits only when the writer is behind
-                with timer.stage("model"):
-                    if ready is not None:
-                        model_stream.wait_event(ready)
-                    levels = [buffer[:n] for buffer in batches[k]]
-                    out = forward(*levels) if forward is not None else backend(*levels)
-                    consumed[k] = event(model_stream)
-                free_batches.put(k)
-                with timer.stage("d2h"):
+    def model(self) -> None:
+        with _on_stream(self.model_stream):
+            for k, spots, n, ready in self.batch_q:
+                predictions = self.free_predictions.get()  # waits only when the writer is behind
+                with self.timer.stage("model"):
+                    if ready is not None and self.model_stream is not None:  # ready: only on a GPU
+                        self.model_stream.wait_event(ready)
+                    levels = [buffer[:n] for buffer in self.batches[k]]
+                    out = self.forward(*levels) if self.forward is not None else self.backend(*levels)
+                    self.consumed[k] = _event(self.model_stream)
+                self.free_batches.put(k)
+                with self.timer.stage("d2h"):
                     if predictions is None:
-                        predictions = torch.empty((batch_size, out.shape[1]), dtype=torch.float32, pin_memory=on_gpu)
-                    predictions[:n].copy_(out, non_blocking=on_gpu)
-                write_q.put((spots, predictions, n, event(model_stream)))
-                stats.batches += 1
-        write_q.put(Pipe.DONE)
+                        predictions = torch.empty(
+                            (self.batch_size, out.shape[1]), dtype=torch.float32, pin_memory=self.on_gpu
+                        )
+                    predictions[:n].copy_(out, non_blocking=self.on_gpu)
+                self.write_q.put((spots, predictions, n, _event(self.model_stream)))
+                self.stats.batches += 1
+        self.write_q.put(Pipe.DONE)
 
-    def writer():
-        for spots, predictions, n, copied in write_q:
-            with timer.stage("write"):
+    def writer(self) -> None:
+        for spots, predictions, n, copied in self.write_q:
+            with self.timer.stage("write"):
                 if copied is not None:
                     copied.synchronize()  # this batch's copy to the host, nothing else
-                on_batch(spots, predictions[:n].numpy())
-            free_predictions.put(predictions)
-            if progress is not None:
-                progress(len(spots))
-        stats.spots = plan.n_spots
+                self.on_batch(spots, predictions[:n].numpy())
+            self.free_predictions.put(predictions)
+            if self.progress is not None:
+                self.progress(len(spots))
+        self.stats.spots = self.plan.n_spots
 
-    def fill_batches():
-        held: collections.deque = collections.deque()  # (event, decoded step) until its copy has run
-        windows: list[Window] = []
-        current_stripe = -1
-        k, filled = -1, 0  # the batch being filled (-1: none yet) and its rows filled
-        batch_spots: list[np.ndarray] = []
-
-        def empty_window(shape):
-            return memory.empty(shape, torch.uint8)
-
-        def emit() -> None:
-            nonlocal k, filled, batch_spots
-            batch_q.put((k, np.concatenate(batch_spots), filled, event(assemble_stream)))
-            k, filled, batch_spots = -1, 0, []
-
-        with on_stream(assemble_stream):
+    def fill_batches(self) -> None:
+        plan = self.plan
+        with _on_stream(self.assemble_stream):
             # The squares' corners and the plan's spot order go to the device once (copies from
             # pageable host memory would wait for the stream at every step).
-            order = torch.from_numpy(plan.order).to(device)
-            top_lefts = [torch.from_numpy(squares.top_left_px).to(device) for _, squares in plan.inputs]
-            for step, decoded in enumerate(decoded_q):
+            order = torch.from_numpy(plan.order).to(self.device)
+            top_lefts = [torch.from_numpy(squares.top_left_px).to(self.device) for _, squares in plan.inputs]
+            for step, decoded in enumerate(self.decoded_q):
                 stripe = int(plan.step_stripe[step])
-                with timer.stage("upload"):  # host rows are copied to the device here
-                    if stripe != current_stripe:
-                        windows = stripe_windows(plan, stripe, empty_window)
-                        current_stripe = stripe
-                    advance_windows(windows, plan, step, decoded)
-                    if on_gpu:  # decoded rows must outlive their copy on the assemble stream
-                        held.append((event(assemble_stream), decoded))
-                        while len(held) > DECODED_STEPS_HELD or (held and held[0][0].query()):
-                            held.popleft()[0].synchronize()
-                    del decoded
-                spots = plan.step_spots(step)
+                self.upload(step, stripe, decoded)
+                del decoded  # held only as long as its copy needs it (self.held)
                 step_order = order[int(plan.step_offsets[step]) : int(plan.step_offsets[step + 1])]
                 origins = []  # each input's squares in its window's px, computed where they are used
                 for (source, _), top_left in zip(plan.inputs, top_lefts, strict=True):
                     at = top_left[step_order]
                     at[:, 0] -= int(plan.stripe_columns[stripe, source, 0])
-                    at[:, 1] -= windows[source].top
+                    at[:, 1] -= self.windows[source].top
                     origins.append(at)
-                start = 0
-                while start < len(spots):
-                    if k < 0:
-                        k = free_batches.get()
-                        if assemble_stream is not None and consumed[k] is not None:
-                            assemble_stream.wait_event(consumed[k])  # on the GPU, not the host
-                    take = min(len(spots) - start, batch_size - filled)
-                    with timer.stage("assemble"):
-                        assembler(
-                            windows,
-                            [at[start : start + take] for at in origins],
-                            [buffer[filled : filled + take] for buffer in batches[k]],
-                        )
-                    batch_spots.append(spots[start : start + take])
-                    filled += take
-                    start += take
-                    if filled == batch_size:
-                        emit()
-            if filled:
-                emit()
-        batch_q.put(Pipe.DONE)
+                self.fill(plan.step_spots(step), origins)
+            if self.filled:
+                self.emit()
+        self.batch_q.put(Pipe.DONE)
 
-    stages.start(reader, model, writer)
-    stages.run_here(fill_batches)
-    return stats
+    def upload(self, step: int, stripe: int, decoded: list) -> None:
+        """Append ``step``'s decoded rows to the windows (new ones where a stripe begins)."""
+        with self.timer.stage("upload"):  # host rows are copied to the device here
+            if stripe != self.current_stripe:
+                self.windows = stripe_windows(self.plan, stripe, self.empty_window)
+                self.current_stripe = stripe
+            advance_windows(self.windows, self.plan, step, decoded)
+            if self.on_gpu:  # decoded rows must outlive their copy on the assemble stream
+                held = self.held
+                held.append((_event(self.assemble_stream), decoded))
+                while len(held) > DECODED_STEPS_HELD or (held and held[0][0].query()):
+                    held.popleft()[0].synchronize()
+
+    def empty_window(self, shape: tuple[int, int, int]) -> torch.Tensor:
+        return self.memory.empty(shape, torch.uint8)
+
+    def fill(self, spots: np.ndarray, origins: list[torch.Tensor]) -> None:
+        """Assemble one step's spots into rows of the batch ring, emitting each batch as it fills.
+        origins: per plan input, (n, 2) int64 top-left in its window's px."""
+        start = 0
+        while start < len(spots):
+            if self.k < 0:
+                self.k = self.free_batches.get()
+                consumed = self.consumed[self.k]
+                if self.assemble_stream is not None and consumed is not None:
+                    self.assemble_stream.wait_event(consumed)  # on the GPU, not the host
+            take = min(len(spots) - start, self.batch_size - self.filled)
+            with self.timer.stage("assemble"):
+                self.assembler(
+                    self.windows,
+                    [at[start : start + take] for at in origins],
+                    [buffer[self.filled : self.filled + take] for buffer in self.batches[self.k]],
+                )
+            self.batch_spots.append(spots[start : start + take])
+            self.filled += take
+            start += take
+            if self.filled == self.batch_size:
+                self.emit()
+
+    def emit(self) -> None:
+        """Hand the batch being filled to the model, with the event that says its rows are written."""
+        self.batch_q.put((self.k, np.concatenate(self.batch_spots), self.filled, _event(self.assemble_stream)))
+        self.k, self.filled, self.batch_spots = -1, 0, []

@@ -3,11 +3,12 @@
     plan = plan_slide_reads(slide, centers_px, card.level_mpp, card.patch_sizes_px)
     run_stream(slide, plan, backend, mean, std, on_batch=lambda spots, predictions: ...)
 
-``run_stream``: threads joined by bounded queues, each stage an NVTX range of its name: ``read``
-(decode the planned rows: ``Slide.read_level_region``) -> ``crop`` + ``resize`` + ``assemble``
-(patches cut from the decoded windows by ``_core.crop_patches``, resized where the pyramid lacks
-the level, normalised into contiguous (pinned on GPU) batches) -> ``model`` (the backend, on its
-own CUDA stream on a GPU) -> ``write`` (the caller's sink, e.g. the ``.h5ad`` writer).
+``run_stream`` (a :class:`HostStream`, one method per stage): threads joined by bounded queues,
+each stage an NVTX range of its name: ``read`` (decode the planned rows:
+``Slide.read_level_region``) -> ``crop`` + ``resize`` + ``assemble`` (patches cut from the decoded
+windows by ``_core.crop_patches``, resized where the pyramid lacks the level, normalised into
+contiguous (pinned on GPU) batches) -> ``model`` (the backend, on its own CUDA stream on a GPU) ->
+``write`` (the caller's sink, e.g. the ``.h5ad`` writer).
 
 The patches equal the naive path's bit for bit: the same squares (both take them from
 ``crop.spot_squares``), the same decoded pixels (white outside the slide), and the same resize
@@ -121,94 +122,139 @@ def run_stream(
     runs on the writer thread, in plan order. Stages run on their own threads (read, assemble,
     write; the model on the calling thread) joined by bounded queues; an exception in any stage
     stops them all and is raised here."""
-    import torch
+    stream = HostStream(
+        slide,
+        plan,
+        backend,
+        mean,
+        std,
+        on_batch,
+        batch_size=batch_size,
+        timer=timer,
+        num_threads=num_threads,
+        progress=progress,
+    )
+    return stream.run()
 
-    timer = timer or StageTimer()
-    stages = Stages("host")
-    decoded_q, batch_q, write_q = stages.pipe(), stages.pipe(), stages.pipe()
-    device = torch.device(getattr(backend, "device", "cpu"))
-    on_gpu = device.type == "cuda"
-    stats = StreamStats(plan=plan.stats())
 
-    def reader():
-        for step in range(plan.n_steps):
-            decoded_q.put(read_step(slide, plan, step, timer))
-        decoded_q.put(Pipe.DONE)
+class HostStream:
+    """One run of the host path (:func:`run_stream`): one method per stage (``reader``,
+    ``assembler``, ``model``, ``writer``), the state they share as attributes. A run is used once."""
 
-    # Input batches come back from the model thread and are refilled: fresh 50 MB arrays per batch
-    # would cost a page fault per 4 KB (and pinning, on a GPU) every time.
-    free_batches: queue.SimpleQueue = queue.SimpleQueue()
+    def __init__(
+        self,
+        slide: Slide,
+        plan: ReadPlan,
+        backend,
+        mean: Sequence[float],
+        std: Sequence[float],
+        on_batch: Callable[[np.ndarray, np.ndarray], None],
+        *,
+        batch_size: int = 64,
+        timer: StageTimer | None = None,
+        num_threads: int = 0,
+        progress: Callable[[int], None] | None = None,
+    ):
+        import torch
 
-    def batch_buffers(sizes_px: list[tuple[int, int]]) -> list:
+        self.slide, self.plan, self.backend = slide, plan, backend
+        self.mean, self.std, self.on_batch = mean, std, on_batch
+        self.batch_size, self.num_threads, self.progress = batch_size, num_threads, progress
+        self.timer = timer or StageTimer()
+        self.stages = Stages("host")
+        self.decoded_q, self.batch_q, self.write_q = self.stages.pipe(), self.stages.pipe(), self.stages.pipe()
+        self.device = torch.device(getattr(backend, "device", "cpu"))
+        self.on_gpu = self.device.type == "cuda"
+        self.stats = StreamStats(plan=plan.stats())
+        # Input batches come back from the model thread and are refilled: fresh 50 MB arrays per batch
+        # would cost a page fault per 4 KB (and pinning, on a GPU) every time.
+        self.free_batches: queue.SimpleQueue = queue.SimpleQueue()
+        # The assembler's (spots, patches per input) not yet batched, and how many spots they hold.
+        self.pending: list[tuple[np.ndarray, list[np.ndarray]]] = []
+        self.n_pending = 0
+
+    def run(self) -> StreamStats:
+        """Start the reader, assembler and writer threads, run the model here, join them all."""
+        self.stages.start(self.reader, self.assembler, self.writer)
+        self.stages.run_here(self.model)
+        return self.stats
+
+    def reader(self) -> None:
+        for step in range(self.plan.n_steps):
+            self.decoded_q.put(read_step(self.slide, self.plan, step, self.timer))
+        self.decoded_q.put(Pipe.DONE)
+
+    def batch_buffers(self, sizes_px: list[tuple[int, int]]) -> list:
+        """A batch to fill: (batch_size, 3, H, W) float32 per model input, a returned one if any."""
+        import torch
+
         try:
-            return free_batches.get_nowait()
+            return self.free_batches.get_nowait()
         except queue.Empty:  # Pinned host memory on a GPU: the copy to the device overlaps the next batch.
-            return [torch.empty((batch_size, 3, h, w), dtype=torch.float32, pin_memory=on_gpu) for h, w in sizes_px]
+            return [
+                torch.empty((self.batch_size, 3, h, w), dtype=torch.float32, pin_memory=self.on_gpu)
+                for h, w in sizes_px
+            ]
 
-    def assembler():
-        pending: list[tuple[np.ndarray, list[np.ndarray]]] = []  # (spots, patches per input) not yet batched
-        n_pending = 0
-
-        def emit(n: int) -> None:
-            """Normalise the first n pending spots straight into one batch (no concatenation)."""
-            nonlocal n_pending
-            with timer.stage("assemble"):
-                buffers = batch_buffers([patches.shape[1:3] for patches in pending[0][1]])
-                spots, filled = [], 0
-                while filled < n:
-                    piece_spots, piece = pending[0]
-                    take = min(n - filled, len(piece_spots))
-                    for patches, buffer in zip(piece, buffers, strict=True):
-                        _core.assemble_batch(
-                            patches[:take],
-                            mean,
-                            std,
-                            out=buffer.numpy()[filled : filled + take],
-                            num_threads=num_threads,
-                        )
-                    spots.append(piece_spots[:take])
-                    if take == len(piece_spots):
-                        pending.pop(0)
-                    else:
-                        pending[0] = (piece_spots[take:], [patches[take:] for patches in piece])
-                    filled += take
-                n_pending -= n
-            batch_q.put((np.concatenate(spots), buffers, n))
-
+    def assembler(self) -> None:
         for spots, patches in iter_streamed_patches(
-            slide, plan, timer=timer, num_threads=num_threads, reads=iter(decoded_q)
+            self.slide, self.plan, timer=self.timer, num_threads=self.num_threads, reads=iter(self.decoded_q)
         ):
             if len(spots):
-                pending.append((spots, patches))
-                n_pending += len(spots)
-            while n_pending >= batch_size:
-                emit(batch_size)
-        if n_pending:
-            emit(n_pending)
-        batch_q.put(Pipe.DONE)
+                self.pending.append((spots, patches))
+                self.n_pending += len(spots)
+            while self.n_pending >= self.batch_size:
+                self.emit(self.batch_size)
+        if self.n_pending:
+            self.emit(self.n_pending)
+        self.batch_q.put(Pipe.DONE)
 
-    def writer():
-        for spots, predictions in write_q:
-            with timer.stage("write"):
-                on_batch(spots, predictions)
-        stats.spots = plan.n_spots
+    def emit(self, n: int) -> None:
+        """Normalise the first n pending spots straight into one batch (no concatenation)."""
+        pending = self.pending
+        with self.timer.stage("assemble"):
+            buffers = self.batch_buffers([patches.shape[1:3] for patches in pending[0][1]])
+            spots, filled = [], 0
+            while filled < n:
+                piece_spots, piece = pending[0]
+                take = min(n - filled, len(piece_spots))
+                for patches, buffer in zip(piece, buffers, strict=True):
+                    _core.assemble_batch(
+                        patches[:take],
+                        self.mean,
+                        self.std,
+                        out=buffer.numpy()[filled : filled + take],
+                        num_threads=self.num_threads,
+                    )
+                spots.append(piece_spots[:take])
+                if take == len(piece_spots):
+                    pending.pop(0)
+                else:
+                    pending[0] = (piece_spots[take:], [patches[take:] for patches in piece])
+                filled += take
+            self.n_pending -= n
+        self.batch_q.put((np.concatenate(spots), buffers, n))
 
-    def model():
+    def writer(self) -> None:
+        for spots, predictions in self.write_q:
+            with self.timer.stage("write"):
+                self.on_batch(spots, predictions)
+        self.stats.spots = self.plan.n_spots
+
+    def model(self) -> None:
+        import torch
+
         # Here, on its own CUDA stream on a GPU, so that the host-to-device copies and kernels of
         # one batch overlap the next batch's assembly.
-        cuda_stream = torch.cuda.Stream(device=device) if on_gpu else None
-        with torch.cuda.stream(cuda_stream) if on_gpu else contextlib.nullcontext():
-            for spots, buffers, n in batch_q:
-                with timer.stage("model"):
-                    predictions = backend(*[buffer[:n] for buffer in buffers])
+        cuda_stream = torch.cuda.Stream(device=self.device) if self.on_gpu else None
+        with torch.cuda.stream(cuda_stream) if self.on_gpu else contextlib.nullcontext():
+            for spots, buffers, n in self.batch_q:
+                with self.timer.stage("model"):
+                    predictions = self.backend(*[buffer[:n] for buffer in buffers])
                     predictions = predictions.numpy() if hasattr(predictions, "numpy") else np.asarray(predictions)
-                free_batches.put(buffers)  # the backend has returned host predictions: the inputs are free
-                write_q.put((spots, predictions))
-                stats.batches += 1
-                if progress is not None:
-                    progress(len(spots))
-        write_q.put(Pipe.DONE)
-
-    stages.start(reader, assembler, writer)
-    stages.run_here(model)
-    return stats
+                self.free_batches.put(buffers)  # the backend has returned host predictions: the inputs are free
+                self.write_q.put((spots, predictions))
+                self.stats.batches += 1
+                if self.progress is not None:
+                    self.progress(len(spots))
+        self.write_q.put(Pipe.DONE)
