@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import logging
 import os
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from m2ort_fast.errors import M2ORTError, OutputError, exception_detail
-from m2ort_fast.outputs import output_errors
+from m2ort_fast.outputs import exclusive_lock, output_errors
 
 log = logging.getLogger(__name__)
 
@@ -180,25 +179,15 @@ def manifest_lock(path: Path) -> Iterator[None]:
 
 
 def _lock_file(lock_path: Path, manifest: Path) -> int:
-    for _ in range(5):
-        with output_errors(lock_path.parent):
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise OutputError(
-                f"another cohort run is writing {manifest.name} in this folder (its lock {lock_path.name} is held): "
-                f"wait for it, or use another --out",
-                manifest.parent,
-            ) from None
-        try:  # the run that held it may have ended and removed it meanwhile: lock the new one
-            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    raise OutputError(f"could not lock {lock_path.name}", manifest.parent)
+    with output_errors(lock_path.parent):
+        fd = exclusive_lock(lock_path)
+    if fd is None:
+        raise OutputError(
+            f"another cohort run is writing {manifest.name} in this folder (its lock {lock_path.name} is held): "
+            f"wait for it, or use another --out",
+            manifest.parent,
+        )
+    return fd
 
 
 @dataclass

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from m2ort_fast.errors import OutputError
@@ -74,6 +75,32 @@ def publish_staged(staging: Path, out_dir: Path, stem: str, heatmap_genes: list[
     )
 
 
+def exclusive_lock(lock_path: Path, before: Callable[[], None] | None = None) -> int | None:
+    """An exclusive flock on ``lock_path`` (created), held by the returned descriptor until it is
+    closed (the OS releases it when the process dies, however it dies); None when another process
+    holds it. The file locked is the one at ``lock_path`` now: a run that ended meanwhile may have
+    removed it (then it is made and locked again). ``before``: run before each try (make its folder)."""
+    for _ in range(5):
+        if before is not None:
+            before()
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # its folder removed by a run finishing just now: again
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    raise OutputError(f"could not lock {lock_path.name}", lock_path.parent)
+
+
 class StagedOutput:
     """One slide's outputs while they are written: ``OUT/.<stem>.partial/``.
 
@@ -108,28 +135,14 @@ class StagedOutput:
         return h5ad_path(self.out_dir, self.stem)
 
     def _lock(self) -> int:
-        for _ in range(5):
-            self.folder.mkdir(exist_ok=True)
-            try:
-                fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-            except FileNotFoundError:  # removed by a run finishing just now: make it again
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise StagingLocked(
-                    f"another m2ort-fast run is writing {self.stem}'s outputs here (its staging "
-                    f"folder {self.folder.name} is locked); wait for it, or use another --out",
-                    self.out_dir,
-                ) from None
-            try:  # the run that held it may have finished and removed the folder meanwhile
-                if os.fstat(fd).st_ino == os.stat(self.folder / "lock").st_ino:
-                    return fd
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-        raise OutputError(f"could not lock the staging folder {self.folder.name}", self.out_dir)
+        fd = exclusive_lock(self.folder / "lock", before=lambda: self.folder.mkdir(exist_ok=True))
+        if fd is None:
+            raise StagingLocked(
+                f"another m2ort-fast run is writing {self.stem}'s outputs here (its staging "
+                f"folder {self.folder.name} is locked); wait for it, or use another --out",
+                self.out_dir,
+            )
+        return fd
 
     def clear(self) -> None:
         """Remove what the folder holds but its lock and run key (a fresh start of the slide)."""
