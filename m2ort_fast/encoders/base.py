@@ -46,7 +46,9 @@ class ImageEncoder(nn.Module):
         raise NotImplementedError
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) RGB in [0, 1] -> (B, C, h, w)."""
+        """(B, 3, H, W) RGB in [0, 1], any float dtype (cast to the weights': the torch backend hands a
+        bf16 model float32 levels, which LDPE casts in its patchify) -> (B, C, h, w)."""
+        images = images.to(next(self.parameters(), images).dtype)
         mean = self.pixel_mean.to(images.dtype)
         std = self.pixel_std.to(images.dtype)
         # channels-last: oneDNN's depthwise / 1x1 convolutions run ~4x faster on the CPU (measured on
