@@ -70,7 +70,7 @@ def test_spatialdata_store_read_back_and_drawn(tmp_path):
 
     predictor = Predictor(progress=False, device="cpu")
     result = predictor.predict_slide(
-        DEMO_SLIDE, spots=DEMO_SPOTS, out_dir=tmp_path, formats=("spatialdata",), n_heatmaps=0
+        DEMO_SLIDE, spots=DEMO_SPOTS, out_dir=tmp_path, formats=("spatialdata",), write_csv=False, n_heatmaps=0
     )
     assert result.outputs.csv is None and result.outputs.spatialdata == tmp_path / "demo_slide.zarr"
     store = sd.read_zarr(result.outputs.spatialdata)
