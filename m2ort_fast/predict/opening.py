@@ -49,10 +49,6 @@ class OpenedSlide:
     hires_downsample: float
     options: OpenOptions
 
-    @property
-    def spacing_um(self) -> float:
-        return VISIUM_PITCH_UM if self.options.spacing_um is None else self.options.spacing_um
-
 
 def open_for_prediction(
     slide_path: Path,
