@@ -32,6 +32,7 @@ import torch
 
 from m2ort_fast.checkpoint import METADATA_KEY, ModelCard
 from m2ort_fast.errors import M2ORTError
+from m2ort_fast.export.aoti_runner import gil_free_runner
 from m2ort_fast.export.cache import DEFAULT_BATCH_PROFILE
 from m2ort_fast.export.graph import GRAPH_VERSION, export_model, sample_inputs
 from m2ort_fast.model import M2ORT
@@ -146,10 +147,13 @@ def compile_aoti(
     return info
 
 
-def load_aoti(path: str | os.PathLike, device: torch.device):
-    """Load a package; ``runner(l1, l2, l3)`` takes and returns tensors on ``device``."""
+def load_aoti(path: str | os.PathLike, device: torch.device, *, release_gil: bool = True):
+    """Load a package; ``runner(l1, l2, l3)`` takes and returns tensors on ``device``. On the CPU
+    with ``release_gil``, the runner releases the GIL while it runs (:mod:`.aoti_runner`)."""
     device = torch.device(device)
     try:
+        if release_gil and device.type == "cpu" and (runner := gil_free_runner(path)) is not None:
+            return runner
         device_index = device.index if device.index is not None else -1
         return torch._inductor.aoti_load_package(str(path), device_index=device_index)
     except (RuntimeError, OSError, ValueError) as exc:

@@ -9,6 +9,7 @@ is attached.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections import defaultdict
 
@@ -21,11 +22,13 @@ NVTX_DOMAIN = "m2ort-fast"
 
 
 class StageTimer:
-    """Accumulates wall time per stage name, in seconds."""
+    """Accumulates wall time per stage name, in seconds (summed over the threads that run a stage:
+    the host path's model workers run one each)."""
 
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self.lock = threading.Lock()
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -35,8 +38,9 @@ class StageTimer:
             try:
                 yield
             finally:
-                self.seconds[name] += time.perf_counter() - start
-                self.calls[name] += 1
+                with self.lock:
+                    self.seconds[name] += time.perf_counter() - start
+                    self.calls[name] += 1
 
     def merge(self, other: StageTimer) -> None:
         for name, seconds in other.seconds.items():

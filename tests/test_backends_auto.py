@@ -51,6 +51,30 @@ def test_a_pick_within_the_noise_goes_to_the_higher_precision():
     assert decide(steady, precisions, floor=0.03).name == "b:bf16"
 
 
+def test_a_near_tie_at_one_precision_goes_to_the_earlier_candidate_whichever_is_ahead():
+    """torch bf16 and aoti bf16 within the noise swapped places between runs on a quiet machine
+    (3 picks of one, 2 of the other in 5 runs): the earlier candidate wins every time."""
+    precisions = {"torch:bf16": "bf16", "aoti:bf16": "bf16"}
+    for ahead, behind in (("aoti:bf16", "torch:bf16"), ("torch:bf16", "aoti:bf16")):
+        samples = {ahead: [0.098] * 4, behind: [0.100] * 4}
+        pick = decide(samples, precisions, floor=0.03)
+        assert pick.name == "torch:bf16" and pick.ranking[0] == ahead
+    assert (
+        "same precision, earlier candidate"
+        in decide({"aoti:bf16": [0.098] * 4, "torch:bf16": [0.100] * 4}, precisions, floor=0.03).why
+    )
+
+
+def test_a_call_of_several_batches_at_once_is_timed_per_batch():
+    """A candidate called as the host path calls it (two batches at once) is compared per batch."""
+    clock, order = FakeClock(), []
+    calls = {"one": scripted(clock, [0.10], order, "one"), "two": scripted(clock, [0.16], order, "two")}
+    rounds = run_rounds(
+        calls, {"one": "fp32", "two": "fp32"}, RoundsPolicy(min_rounds=3), clock=clock, batches_per_call={"two": 2}
+    )
+    assert rounds.pick.name == "two" and rounds.samples["two"][0] == pytest.approx(0.08)
+
+
 def test_a_machine_wide_slowdown_cancels_in_the_paired_ratios():
     # every batch of round 3 took 5x longer (another job): b is still 20% faster in every round
     a = [0.12, 0.12, 0.60, 0.12, 0.12]

@@ -31,3 +31,33 @@ def test_chunk_spots_below_one_is_refused():
     model, card = load_checkpoint(DEFAULT_CHECKPOINT)
     with pytest.raises(M2ORTError, match="chunk_spots must be at least 1, got 0"):
         make_backend("torch", model, card, device="cpu", chunk_spots=0)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_spots_prediction_is_the_same_bits_in_any_batch_and_on_any_threads(precision):
+    """The host path calls the model on one intra-op thread per worker, the naive path on all of
+    them, and a slide's last batch is short: a spot must get the same bits either way (a chunk of
+    5 on one thread rounded differently from two threads before the last chunk was padded)."""
+    import threading
+
+    generator = torch.Generator().manual_seed(5)
+    levels = [torch.rand(37, 3, s, s, generator=generator) for s in IMAGE_SIZES_PX]
+    model, card = load_checkpoint(DEFAULT_CHECKPOINT)
+    backend = make_backend("torch", model, card, device="cpu", precision=precision)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        whole = backend(*levels)
+        on_one_thread = {}
+
+        def last_five_on_one_thread():
+            torch.set_num_threads(1)
+            on_one_thread["last five"] = backend(*[x[32:] for x in levels])
+
+        worker = threading.Thread(target=last_five_on_one_thread)
+        worker.start()
+        worker.join()
+    finally:
+        torch.set_num_threads(threads_before)
+    assert torch.equal(on_one_thread["last five"], whole[32:])
+    assert torch.equal(backend(*[x[3:4] for x in levels]), whole[3:4])

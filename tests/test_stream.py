@@ -3,6 +3,7 @@ bit for bit; interruption and resume; bounded memory on a large pyramid; slide b
 
 from __future__ import annotations
 
+import time
 import tracemalloc
 
 import anndata
@@ -206,3 +207,48 @@ def test_streamed_engine_reports_a_reader_error(tmp_path, pyramids):
         slide.read_level_region = broken
         with pytest.raises(M2ORTError, match="cannot read level 0"):
             run_stream(slide, plan, ZeroBackend(4), [0.0] * 3, [1.0] * 3, lambda *a: None)
+
+
+class SlowFirstBackend:
+    """Concurrent calls on the CPU where the first call finishes last: a prediction is each spot's
+    mean level-1 pixel, so the writer's order can be checked against the spots."""
+
+    device = torch.device("cpu")
+    concurrent_calls = True
+
+    def __init__(self):
+        self.calls = 0
+        self.threads_seen: set[int] = set()
+
+    def __call__(self, l1, l2, l3):
+        self.calls += 1
+        self.threads_seen.add(torch.get_num_threads())
+        if self.calls == 1:
+            time.sleep(0.5)
+        return l1.mean(dim=(1, 2, 3), keepdim=False)[:, None].repeat(1, 2)
+
+
+def test_model_workers_hand_batches_to_the_writer_in_plan_order(pyramids):
+    """Two model workers on one intra-op thread each (a backend with ``concurrent_calls``): the
+    first batch finishes last, yet ``on_batch`` sees the batches in plan order with their own
+    predictions, and the caller's torch threads are back as they were."""
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    backend = SlowFirstBackend()
+    centers = np.array([[300.0 + 90 * (i % 8), 300.0 + 90 * (i // 8)] for i in range(40)])
+    with open_slide(pyramids["svs"], reader="tiffslide") as slide:
+        plan = plan_slide_reads(slide, centers, (0.5, 1.0, 2.0), SIZES)
+        written = []
+        stats = run_stream(
+            slide, plan, backend, [0.0] * 3, [1.0] * 3, lambda s, p: written.append((s, p)), batch_size=8
+        )
+        level1 = streamed_patches(slide, centers, (0.5, 1.0, 2.0), "pyramid")[0]
+    assert stats.batches == 5 and backend.threads_seen == {1}
+    order = np.concatenate([spots for spots, _ in written])
+    assert np.array_equal(np.sort(order), np.arange(40))
+    expected = np.concatenate([plan.step_spots(step) for step in range(plan.n_steps)])
+    assert np.array_equal(order, expected), "batches reached the writer out of plan order"
+    for spots, predictions in written:
+        np.testing.assert_allclose(predictions[:, 0], level1[spots].mean(axis=(1, 2, 3)) / 255, rtol=1e-5)
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(threads_before)

@@ -41,6 +41,7 @@ import torch
 
 from m2ort_fast.backends import backend_factory, backend_names, make_backend
 from m2ort_fast.backends.timing import ProcStatLoad, Rounds, RoundsPolicy, quartiles, run_rounds
+from m2ort_fast.backends.workers import calls_at_once, model_workers
 from m2ort_fast.checkpoint import ModelCard
 from m2ort_fast.errors import M2ORTError, exception_detail
 from m2ort_fast.model import IMAGE_SIZES_PX, M2ORT
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 CPU_CANDIDATES = ("torch", "onnxruntime", "aoti")
 GPU_CANDIDATES = ("torch", "triton", "aoti", "tensorrt", "onnxruntime")
 # part of the remembered record's key: picks made by an older rule are not reused
-DECISION_VERSION = 2
+DECISION_VERSION = 3  # 3: timed as the host path calls them; near-ties to the earlier candidate
 
 
 @dataclasses.dataclass
@@ -203,11 +204,19 @@ class AutoBackend:
         backends = self._build(pairs, model, card, levels, options)
         if not backends:
             raise M2ORTError("no backend is available: " + "; ".join(t.describe() for t in self.trials))
+        # each timed as the host path calls it: a backend whose calls may overlap, one call per thread
+        workers = {name: model_workers(backend) for name, backend in backends.items()}
         rounds = run_rounds(
-            {name: functools.partial(backend, *levels) for name, backend in backends.items()},
+            {
+                name: calls_at_once(backend, [levels] * workers[name])
+                if workers[name] > 1
+                else functools.partial(backend, *levels)
+                for name, backend in backends.items()
+            },
             {t.name: t.precision for t in self.trials},
             self.policy,
             load=ProcStatLoad(torch.get_num_threads()) if self.device.type == "cpu" else None,
+            batches_per_call=workers,
         )
         best = self._record_rounds(rounds)
         self._use(backends[best.name], best)
@@ -335,6 +344,11 @@ class AutoBackend:
 
     def __call__(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:
         return self.backend(level1, level2, level3)
+
+    @property
+    def concurrent_calls(self) -> bool:
+        """Whether the chosen backend's calls may overlap (see engine.host.model_workers)."""
+        return bool(getattr(self.backend, "concurrent_calls", False))
 
     @property
     def forward_on_device(self):

@@ -18,7 +18,9 @@ whose fastest batch is slower than the leader's slowest is out of the race (repo
 candidate, in the rounds both ran (a slowdown of the whole machine cancels in r). The candidate is
 faster *beyond the noise* when median(r) - 1 exceeds max(``noise_floor``, half the interquartile
 range of r). Among the candidates within the noise of the fastest, the pick is the one of highest
-precision (fp32 > fp16 > bf16 > int8), then the fastest of those.
+precision (fp32 > fp16 > bf16 > int8), then the earliest in ``precisions``' order (the candidate
+list's: the reference ``torch`` first), so that two backends at one precision whose medians swap
+from run to run within the noise give one pick.
 
 **Busy.** A pick is remembered only when it was made on a quiet machine: the timing was stable,
 the other processes' CPU use during the rounds (plus the hypervisor's steal time) left this
@@ -153,8 +155,11 @@ def decide(samples: Mapping[str, Sequence[float]], precisions: Mapping[str, str]
     ranking = tuple(sorted(samples, key=lambda name: statistics.median(samples[name])))
     fastest = ranking[0]
     close = [n for n in ranking if n == fastest or not faster_beyond_noise(samples[fastest], samples[n], floor)]
-    pick = max(close, key=lambda n: (PRECISION_RANK.get(precisions[n], 0), -ranking.index(n)))
-    if pick != fastest:
+    preference = list(precisions)
+    pick = max(close, key=lambda n: (PRECISION_RANK.get(precisions[n], 0), -preference.index(n)))
+    if pick != fastest and precisions[pick] == precisions[fastest]:
+        why = f"within the noise of {fastest}, which is faster by the medians; same precision, earlier candidate"
+    elif pick != fastest:
         why = f"within the noise of {fastest}, which is faster by the medians; higher precision ({precisions[pick]})"
     elif len(ranking) == 1:
         why = "the only candidate"
@@ -210,10 +215,14 @@ def run_rounds(
     *,
     clock: Callable[[], float] = time.perf_counter,
     load: ProcStatLoad | None = None,
+    batches_per_call: Mapping[str, int] | None = None,
 ) -> Rounds:
     """Time ``calls`` (candidate -> one batch, warmed up) in interleaved rounds and decide (see the
-    module). ``precisions``: candidate -> precision name. ``clock``/``load``: injected in tests."""
+    module). ``precisions``: candidate -> precision name. ``batches_per_call``: candidates whose
+    call runs several batches at once (``backends.workers.calls_at_once``): their seconds are per
+    batch. ``clock``/``load``: injected in tests."""
     samples: dict[str, list[float]] = {name: [] for name in calls}
+    batches_per_call = batches_per_call or {}
     racing, decisions, left_race = list(calls), [], {}
     stable, stopped, n = False, "", 0
     if load is not None:
@@ -225,7 +234,7 @@ def run_rounds(
         for name in racing[shift:] + racing[:shift]:
             t0 = clock()
             calls[name]()
-            samples[name].append(clock() - t0)
+            samples[name].append((clock() - t0) / batches_per_call.get(name, 1))
         if n >= policy.min_rounds:
             pick = decide({k: samples[k] for k in racing}, precisions, policy.noise_floor)
             decisions.append(pick.name)

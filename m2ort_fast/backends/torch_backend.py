@@ -5,11 +5,11 @@ the attention is the one fused ``scaled_dot_product_attention`` op (``set_fused_
 same math, with the softmax accumulated in float32 inside the op rather than on a bf16/fp16 score
 matrix, and on the CPU 3x faster than the literal form in bf16 (small, batch 64).
 
-On the CPU a batch runs through the model in chunks of at most ``chunk_spots`` spots (default 16;
-every op is per spot, so the predictions are the same): at batch 64 the intermediates (level 1's
-patches alone are 19-38 MB) are too large for the allocator to keep, so each batch faulted them in
-afresh and missed the caches; `tiny` ran 1.2-1.3x faster in chunks of 16 or 32 (bench/backends.py,
-issue 26).
+On the CPU a batch runs through the model in chunks of ``chunk_spots`` spots (default 16; the last
+padded to it, so that a spot's prediction does not depend on its batch, its batch-mates or the
+threads: see ``run_chunk``): at batch 64 the intermediates (level 1's patches alone are 19-38 MB)
+are too large for the allocator to keep, so each batch faulted them in afresh and missed the
+caches; `tiny` ran 1.2-1.3x faster in chunks of 16 or 32 (bench/backends.py, issue 26).
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ class TorchBackend:
             set_fused_attention(self.model, True)
         # a GPU wants whole batches; on the CPU smaller model calls keep the intermediates reused
         self.chunk_spots = chunk_spots if self.device.type == "cpu" else None
+        # on the CPU, calls from several threads at once (each on its own intra-op threads) are safe
+        # and release the GIL: the host path runs one per core (engine.host.model_workers)
+        self.concurrent_calls = self.device.type == "cpu"
 
     def __call__(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:
         return self.forward_on_device(level1, level2, level3).cpu()
@@ -54,7 +57,17 @@ class TorchBackend:
         """(B, G) float32 predictions left on the backend's device (no host synchronisation)."""
         # float32 in: the model casts each level in its first copy (patchify), not in a pass of its own
         levels = [x.to(self.device, non_blocking=True) for x in (level1, level2, level3)]
-        if self.chunk_spots is None or levels[0].shape[0] <= self.chunk_spots:
+        if self.chunk_spots is None:
             return self.model(*levels).float()
         chunks = zip(*(x.split(self.chunk_spots) for x in levels), strict=True)
-        return torch.cat([self.model(*chunk).float() for chunk in chunks])
+        return torch.cat([self.run_chunk(chunk) for chunk in chunks])
+
+    def run_chunk(self, levels: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The model on one chunk, padded with zeros to ``chunk_spots``: (n, G) float32. The GEMM
+        kernels the CPU libraries pick depend on the row count and the threads, so a short chunk
+        could round differently on one intra-op thread (the host path's) than on several (the naive
+        path's); at a fixed row count every spot gets the same bits however it is batched."""
+        n, rows = levels[0].shape[0], self.chunk_spots or levels[0].shape[0]
+        if n < rows:
+            levels = tuple(torch.cat([x, x.new_zeros((rows - n, *x.shape[1:]))]) for x in levels)
+        return self.model(*levels)[:n].float()

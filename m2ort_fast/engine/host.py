@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from m2ort_fast import _core
+from m2ort_fast.backends.workers import model_workers
 from m2ort_fast.engine.plan import ReadPlan
 from m2ort_fast.engine.stages import Pipe, Stages
 from m2ort_fast.engine.windows import Window, advance_windows, stripe_windows
@@ -120,8 +122,9 @@ def run_stream(
 ) -> StreamStats:
     """Predict every planned spot; ``on_batch(spot indices (B,), predictions (B, G) float32)``
     runs on the writer thread, in plan order. Stages run on their own threads (read, assemble,
-    write; the model on the calling thread) joined by bounded queues; an exception in any stage
-    stops them all and is raised here."""
+    write; the model on the calling thread, and on ``backends.model_workers`` threads in all) joined by
+    bounded queues; an exception in any stage stops them all and is raised here. ``num_threads``:
+    the extension's threads per call (0: one per core, or one where the model has the cores)."""
     stream = HostStream(
         slide,
         plan,
@@ -139,7 +142,8 @@ def run_stream(
 
 class HostStream:
     """One run of the host path (:func:`run_stream`): one method per stage (``reader``,
-    ``assembler``, ``model``, ``writer``), the state they share as attributes. A run is used once."""
+    ``assembler``, ``model`` on ``backends.model_workers`` threads, ``writer``), the state they share as
+    attributes. A run is used once."""
 
     def __init__(
         self,
@@ -159,7 +163,10 @@ class HostStream:
 
         self.slide, self.plan, self.backend = slide, plan, backend
         self.mean, self.std, self.on_batch = mean, std, on_batch
-        self.batch_size, self.num_threads, self.progress = batch_size, num_threads, progress
+        self.workers = model_workers(backend)
+        # Where the model's calls hold every core, the extension's threads would only take turns with them.
+        self.num_threads = num_threads or (1 if self.workers > 1 else 0)
+        self.batch_size, self.progress = batch_size, progress
         self.timer = timer or StageTimer()
         self.stages = Stages("host")
         self.decoded_q, self.batch_q, self.write_q = self.stages.pipe(), self.stages.pipe(), self.stages.pipe()
@@ -172,11 +179,21 @@ class HostStream:
         # The assembler's (spots, patches per input) not yet batched, and how many spots they hold.
         self.pending: list[tuple[np.ndarray, list[np.ndarray]]] = []
         self.n_pending = 0
+        self.batches_emitted = 0
+        self.workers_left = self.workers
+        self.workers_lock = threading.Lock()
 
     def run(self) -> StreamStats:
-        """Start the reader, assembler and writer threads, run the model here, join them all."""
-        self.stages.start(self.reader, self.assembler, self.writer)
-        self.stages.run_here(self.model)
+        """Start the reader, assembler, writer and all but one model thread, run a model worker
+        here, join them all."""
+        import torch
+
+        threads_before = torch.get_num_threads()
+        try:
+            self.stages.start(self.reader, self.assembler, self.writer, *[self.model] * (self.workers - 1))
+            self.stages.run_here(self.model)
+        finally:  # the workers set their own threads to one, and torch keeps the last setting for new threads
+            torch.set_num_threads(threads_before)
         return self.stats
 
     def reader(self) -> None:
@@ -233,28 +250,41 @@ class HostStream:
                     pending[0] = (piece_spots[take:], [patches[take:] for patches in piece])
                 filled += take
             self.n_pending -= n
-        self.batch_q.put((np.concatenate(spots), buffers, n))
+        self.batch_q.put((self.batches_emitted, np.concatenate(spots), buffers, n))
+        self.batches_emitted += 1
 
     def writer(self) -> None:
-        for spots, predictions in self.write_q:
-            with self.timer.stage("write"):
-                self.on_batch(spots, predictions)
+        """Hand the model workers' batches to ``on_batch`` in the order they were emitted."""
+        arrived: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for seq, spots, predictions in self.write_q:
+            arrived[seq] = (spots, predictions)
+            while self.stats.batches in arrived:
+                spots, predictions = arrived.pop(self.stats.batches)
+                with self.timer.stage("write"):
+                    self.on_batch(spots, predictions)
+                self.stats.batches += 1
+                if self.progress is not None:
+                    self.progress(len(spots))
         self.stats.spots = self.plan.n_spots
 
     def model(self) -> None:
         import torch
 
+        if self.workers > 1:
+            torch.set_num_threads(1)  # this thread's calls: one intra-op thread (backends.workers)
         # Here, on its own CUDA stream on a GPU, so that the host-to-device copies and kernels of
         # one batch overlap the next batch's assembly.
         cuda_stream = torch.cuda.Stream(device=self.device) if self.on_gpu else None
         with torch.cuda.stream(cuda_stream) if self.on_gpu else contextlib.nullcontext():
-            for spots, buffers, n in self.batch_q:
+            for seq, spots, buffers, n in self.batch_q:
                 with self.timer.stage("model"):
                     predictions = self.backend(*[buffer[:n] for buffer in buffers])
                     predictions = predictions.numpy() if hasattr(predictions, "numpy") else np.asarray(predictions)
                 self.free_batches.put(buffers)  # the backend has returned host predictions: the inputs are free
-                self.write_q.put((spots, predictions))
-                self.stats.batches += 1
-                if self.progress is not None:
-                    self.progress(len(spots))
-        self.write_q.put(Pipe.DONE)
+                self.write_q.put((seq, spots, predictions))
+        self.batch_q.put(Pipe.DONE)  # for the next worker
+        with self.workers_lock:
+            self.workers_left -= 1
+            last = self.workers_left == 0
+        if last:
+            self.write_q.put(Pipe.DONE)
