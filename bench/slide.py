@@ -33,6 +33,7 @@ on another day may run ~1.6x faster or slower.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -139,8 +140,6 @@ def run_naive(predictor, slide, centers):
 
 
 def run_streamed(predictor, slide, centers, max_memory_mb, data_path="host", trace=True):
-    import functools
-
     from m2ort_fast.engine import DeviceMemory, plan_slide_reads, reserved_bytes, run_stream, run_stream_on_device
     from m2ort_fast.profiling import StageTimer
 
@@ -197,44 +196,33 @@ def decode_only_seconds(slide, plan, on_device: bool) -> float:
 def model_only_spots_per_s(backend, sizes_px, batch_size: int, n_spots: int, workers: int = 1) -> float:
     """The backend alone on prepared batches (on its device), about n_spots in all: one call at a
     time on all of torch's threads, or ``workers`` calls at once on one intra-op thread each (as
-    the host path calls a backend with ``concurrent_calls``: engine.host.model_workers)."""
-    import threading
+    the host path calls a backend with ``concurrent_calls``: m2ort_fast.backends.workers)."""
+    from m2ort_fast.backends.workers import calls_at_once
 
     device = backend.device
-    call = getattr(backend, "forward_on_device", None) or backend
+    one = getattr(backend, "forward_on_device", None) or backend
+    batches = [
+        [torch.rand(batch_size, 3, s, s, generator=torch.Generator().manual_seed(seed)).to(device) for s in sizes_px]
+        for seed in range(workers)
+    ]
+    call = calls_at_once(one, batches) if workers > 1 else functools.partial(one, *batches[0])
+    call()  # warm-up
     repeats = max(3, n_spots // batch_size // workers)
-
-    def calls(seed: int) -> None:
-        if workers > 1:
-            torch.set_num_threads(1)
-        generator = torch.Generator().manual_seed(seed)
-        levels = [torch.rand(batch_size, 3, s, s, generator=generator).to(device) for s in sizes_px]
-        call(*levels)  # warm-up, not timed
-        ready.wait()
-        for _ in range(repeats):
-            call(*levels)
-
-    threads_before = torch.get_num_threads()
-    ready = threading.Barrier(workers + 1)
-    workers_ = [threading.Thread(target=calls, args=(seed,)) for seed in range(workers)]
-    for worker in workers_:
-        worker.start()
-    ready.wait()
-    start = time.perf_counter()
-    for worker in workers_:
-        worker.join()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    torch.set_num_threads(threads_before)
-    return workers * repeats * batch_size / seconds
+    start = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return workers * repeats * batch_size / (time.perf_counter() - start)
 
 
 def interleaved_rounds(predictor, slide, centers, max_memory_mb: float, rounds: int) -> dict:
     """The model alone and the streamed host path end to end, timed in alternating rounds (one
     figure of each per round, so that a slow spell of a shared machine hits both): per round, end
     to end over the better of the model alone called one at a time and as the engine calls it."""
-    from m2ort_fast.engine import model_workers
+    from m2ort_fast.backends.workers import model_workers
 
     n, workers = len(centers), model_workers(predictor.backend)
     sizes, batch = predictor.card.patch_sizes_px, predictor.batch_size

@@ -347,7 +347,7 @@ class AutoBackend:
 
     @property
     def concurrent_calls(self) -> bool:
-        """Whether the chosen backend's calls may overlap (see engine.host.model_workers)."""
+        """Whether the chosen backend's calls may overlap (see backends.workers)."""
         return bool(getattr(self.backend, "concurrent_calls", False))
 
     @property

@@ -46,7 +46,7 @@ class TorchBackend:
         # a GPU wants whole batches; on the CPU smaller model calls keep the intermediates reused
         self.chunk_spots = chunk_spots if self.device.type == "cpu" else None
         # on the CPU, calls from several threads at once (each on its own intra-op threads) are safe
-        # and release the GIL: the host path runs one per core (engine.host.model_workers)
+        # and release the GIL: the host path runs one per core (backends.workers)
         self.concurrent_calls = self.device.type == "cpu"
 
     def __call__(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:
