@@ -215,8 +215,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--as-engine",
         action="store_true",
-        help="time a backend whose calls may overlap (torch on the CPU) as the host path calls it: one call "
-        "per thread at once, one intra-op thread each (m2ort_fast.backends.workers); default: one call at a time",
+        help="time each backend as the host path calls it: batches in its input_dtype (bf16 for torch bf16) and, "
+        "where calls may overlap (torch on the CPU), one call per thread at once, one intra-op thread each "
+        "(m2ort_fast.backends.workers); default: float32 batches, one call at a time",
     )
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -288,14 +289,17 @@ def bench_variant(variant, names, precisions, batch_sizes, device, args, peaks) 
                 out = backend(*levels)
             errors[row] = float((out - ref).abs().max() / ref.abs().max())
             peak_mem[row] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak
-        # with --as-engine, a backend whose calls may overlap runs as the host path runs it
+        # with --as-engine, each backend runs as the host path runs it: batches in its input dtype, and
+        # a backend whose calls may overlap one call per thread
         workers = {row: model_workers(backend) if args.as_engine else 1 for row, backend in backends.items()}
-        calls = {
-            row: calls_at_once(backend, [levels] * workers[row])
-            if workers[row] > 1
-            else functools.partial(backend, *levels)
-            for row, backend in backends.items()
-        }
+        calls = {}
+        for row, backend in backends.items():
+            given = [x.to(getattr(backend, "input_dtype", torch.float32)) for x in levels] if args.as_engine else levels
+            calls[row] = (
+                calls_at_once(backend, [given] * workers[row])
+                if workers[row] > 1
+                else functools.partial(backend, *given)
+            )
         for _ in range(args.repeats):  # round-robin; no memory sampling here: a sampling thread
             for row, call in calls.items():  # stalls OpenMP's thread team on a 2-core machine
                 start = time.perf_counter()

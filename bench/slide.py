@@ -194,15 +194,19 @@ def decode_only_seconds(slide, plan, on_device: bool) -> float:
 
 
 def model_only_spots_per_s(backend, sizes_px, batch_size: int, n_spots: int, workers: int = 1) -> float:
-    """The backend alone on prepared batches (on its device), about n_spots in all: one call at a
-    time on all of torch's threads, or ``workers`` calls at once on one intra-op thread each (as
-    the host path calls a backend with ``concurrent_calls``: m2ort_fast.backends.workers)."""
+    """The backend alone on prepared batches (on its device, in its ``input_dtype``), about n_spots
+    in all: one call at a time on all of torch's threads, or ``workers`` calls at once on one
+    intra-op thread each (as the host path calls a backend with ``concurrent_calls``:
+    m2ort_fast.backends.workers)."""
     from m2ort_fast.backends.workers import calls_at_once
 
-    device = backend.device
+    device, dtype = backend.device, getattr(backend, "input_dtype", torch.float32)  # as the host path hands them
     one = getattr(backend, "forward_on_device", None) or backend
     batches = [
-        [torch.rand(batch_size, 3, s, s, generator=torch.Generator().manual_seed(seed)).to(device) for s in sizes_px]
+        [
+            torch.rand(batch_size, 3, s, s, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+            for s in sizes_px
+        ]
         for seed in range(workers)
     ]
     call = calls_at_once(one, batches) if workers > 1 else functools.partial(one, *batches[0])

@@ -13,14 +13,27 @@ constexpr int64_t kMinPixelsPerThread = 1 << 15;
 constexpr uint8_t kWhite = 255;
 }  // namespace
 
-void assemble_batch(const uint8_t* patches, int64_t n, int64_t height, int64_t width, const std::array<double, 3>& mean,
-                    const std::array<double, 3>& std_dev, float* out, int64_t num_threads) {
-  // A uint8 has 256 values: a per-channel table computed in double gives the correctly rounded
-  // float32 of (v / 255 - mean) / std, and turns the inner loop into loads and stores.
-  float table[3][256];
+namespace {
+
+// float32 -> bfloat16 bits, round to nearest even (c10::BFloat16's rule for finite values; the
+// tables hold finite values only, since std is checked non-zero and finite).
+uint16_t bf16_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// A uint8 has 256 values: a per-channel table computed in double gives the correctly rounded
+// float32 of (v / 255 - mean) / std, and turns the inner loop into loads and stores.
+template <typename Out, typename Convert>
+void assemble_with_table(const uint8_t* patches, int64_t n, int64_t height, int64_t width,
+                         const std::array<double, 3>& mean, const std::array<double, 3>& std_dev, Out* out,
+                         int64_t num_threads, Convert convert) {
+  Out table[3][256];
   for (int c = 0; c < 3; ++c) {
     for (int v = 0; v < 256; ++v) {
-      table[c][v] = static_cast<float>((v / 255.0 - mean[c]) / std_dev[c]);
+      table[c][v] = convert(static_cast<float>((v / 255.0 - mean[c]) / std_dev[c]));
     }
   }
   const int64_t plane = height * width;
@@ -30,9 +43,9 @@ void assemble_batch(const uint8_t* patches, int64_t n, int64_t height, int64_t w
     for (int64_t row = begin; row < end; ++row) {
       const int64_t i = row / height, y = row % height;
       const uint8_t* src = patches + row * width * 3;
-      float* red = out + i * 3 * plane + y * width;
-      float* green = red + plane;
-      float* blue = green + plane;
+      Out* red = out + i * 3 * plane + y * width;
+      Out* green = red + plane;
+      Out* blue = green + plane;
       for (int64_t x = 0; x < width; ++x) {
         red[x] = table[0][src[3 * x]];
         green[x] = table[1][src[3 * x + 1]];
@@ -40,6 +53,19 @@ void assemble_batch(const uint8_t* patches, int64_t n, int64_t height, int64_t w
       }
     }
   });
+}
+
+}  // namespace
+
+void assemble_batch(const uint8_t* patches, int64_t n, int64_t height, int64_t width, const std::array<double, 3>& mean,
+                    const std::array<double, 3>& std_dev, float* out, int64_t num_threads) {
+  assemble_with_table(patches, n, height, width, mean, std_dev, out, num_threads, [](float v) { return v; });
+}
+
+void assemble_batch_bf16(const uint8_t* patches, int64_t n, int64_t height, int64_t width,
+                         const std::array<double, 3>& mean, const std::array<double, 3>& std_dev, uint16_t* out,
+                         int64_t num_threads) {
+  assemble_with_table(patches, n, height, width, mean, std_dev, out, num_threads, bf16_bits);
 }
 
 void crop_patches(const RegionView& region, const int64_t* origins_xy, int64_t n, int64_t size_px, uint8_t* out,

@@ -11,6 +11,12 @@ namespace m2ort {
 void assemble_batch(const uint8_t* patches, int64_t n, int64_t height, int64_t width, const std::array<double, 3>& mean,
                     const std::array<double, 3>& std_dev, float* out, int64_t num_threads);
 
+// The same values rounded to bfloat16 (round to nearest even, as torch's float32 -> bfloat16 cast),
+// written as their 16-bit patterns: what a bf16 model's first cast of the float32 batch gives.
+void assemble_batch_bf16(const uint8_t* patches, int64_t n, int64_t height, int64_t width,
+                         const std::array<double, 3>& mean, const std::array<double, 3>& std_dev, uint16_t* out,
+                         int64_t num_threads);
+
 // Crops n square patches of size_px from an RGB region and writes them to out (n, size, size, 3)
 // uint8, C-contiguous. The region is (H, W, 3) uint8 addressed through byte strides (so an RGBA
 // buffer's [..., :3] view works without a copy). origins_xy (n, 2) int64 holds each patch's

@@ -132,6 +132,26 @@ py::array_t<float> assemble_batch(const py::object& patches_obj, const std::vect
   return out;
 }
 
+py::array_t<uint16_t> assemble_batch_bf16(const py::object& patches_obj, const std::vector<double>& mean_values,
+                                          const std::vector<double>& std_values, const py::object& out_obj,
+                                          int64_t num_threads) {
+  const std::string where = "assemble_batch_bf16";
+  py::array patches = rgb_patches(patches_obj, where);
+  const auto mean = three_floats(mean_values, where, "mean", false);
+  const auto std_dev = three_floats(std_values, where, "std", true);
+  const int64_t threads = thread_count(num_threads, where);
+  const int64_t n = patches.shape(0), height = patches.shape(1), width = patches.shape(2);
+  py::array_t<uint16_t> out = output_array<uint16_t>(out_obj, {n, 3, height, width}, patches, where);
+
+  const auto* src = static_cast<const uint8_t*>(patches.data());
+  uint16_t* dst = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    m2ort::assemble_batch_bf16(src, n, height, width, mean, std_dev, dst, threads);
+  }
+  return out;
+}
+
 py::array_t<uint8_t> crop_patches(const py::object& region_obj, const py::object& origins_obj, int64_t size_px,
                                   const py::object& out_obj, int64_t num_threads) {
   const std::string where = "crop_patches";
@@ -270,6 +290,12 @@ PYBIND11_MODULE(_core, m) {
 patches: (N, H, W, 3) uint8, C-contiguous. mean, std: 3 floats each (R, G, B, on the 0-1 scale).
 out: optional (N, 3, H, W) float32 C-contiguous array written in place. num_threads: 0 = one per
 CPU in this process's affinity mask (fewer for small batches). Returns out, (N, 3, H, W) float32 = (patches / 255 - mean) / std.)doc");
+
+  m.def("assemble_batch_bf16", &assemble_batch_bf16, py::arg("patches"), py::arg("mean"), py::arg("std"),
+        py::arg("out") = py::none(), py::arg("num_threads") = 0,
+        R"doc(assemble_batch rounded to bfloat16: the same float32 values cast as torch casts them (round
+to nearest even), returned as their bit patterns, (N, 3, H, W) uint16 (view them with
+torch.from_numpy(a).view(torch.bfloat16)). out: optional (N, 3, H, W) uint16 C-contiguous array.)doc");
 
   m.def("crop_patches", &crop_patches, py::arg("region"), py::arg("origins_px"), py::arg("size_px"),
         py::arg("out") = py::none(), py::arg("num_threads") = 0,

@@ -40,6 +40,16 @@ def assemble_batch(
     share memory with patches). Returns out, (N, 3, H, W) float32 = (patches / 255 - mean) / std.
     """
 
+def assemble_batch_bf16(
+    patches: npt.NDArray[np.uint8],
+    mean: Sequence[float] | npt.NDArray[np.floating[Any]],
+    std: Sequence[float] | npt.NDArray[np.floating[Any]],
+    out: npt.NDArray[np.uint16] | None = None,
+    num_threads: int = 0,
+) -> npt.NDArray[np.uint16]:
+    """``assemble_batch`` rounded to bfloat16 as torch casts float32 (round to nearest even): the
+    bit patterns, (N, 3, H, W) uint16; ``torch.from_numpy(a).view(torch.bfloat16)`` reads them."""
+
 def crop_patches(
     region: npt.NDArray[np.uint8],
     origins_px: npt.NDArray[np.integer[Any]],

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from m2ort_fast import _core
 from m2ort_fast.crop import resize_patches
@@ -112,6 +113,21 @@ def test_crop_patches_reads_strided_rgba_view_without_copy(rng):
     origins = rng.integers(-10, 40, (25, 2))  # int64, and any other integer dtype is accepted too
     got = _core.crop_patches(rgba[..., :3], origins.astype(np.int32), 12, num_threads=4)
     np.testing.assert_array_equal(got, numpy_crop(np.ascontiguousarray(rgba[..., :3]), origins, 12))
+
+
+def test_assemble_batch_bf16_rounds_as_torch_casts_every_byte_value():
+    """The bf16 batch is torch's cast of the float32 batch, bit for bit, for all 256 values of
+    every channel (what a bf16 model's first op would make of the float32 batch)."""
+    values = np.arange(256, dtype=np.uint8)
+    patches = np.stack([values, values[::-1], np.roll(values, 77)], axis=-1).reshape(1, 16, 16, 3)
+    for mean, std in (((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))):
+        as_float = torch.from_numpy(_core.assemble_batch(patches, mean, std)).to(torch.bfloat16)
+        bits = _core.assemble_batch_bf16(patches, mean, std, num_threads=2)
+        assert bits.dtype == np.uint16 and bits.shape == (1, 3, 16, 16)
+        assert torch.equal(torch.from_numpy(bits).view(torch.bfloat16), as_float)
+        out = torch.empty((1, 3, 16, 16), dtype=torch.bfloat16)
+        _core.assemble_batch_bf16(patches, mean, std, out=out.view(torch.uint16).numpy())
+        assert torch.equal(out, as_float)
 
 
 def test_crop_then_assemble_pipeline(rng):

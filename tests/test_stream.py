@@ -83,6 +83,22 @@ def test_streamed_predictions_and_files_equal_naive(tmp_path):
     assert {"read", "crop", "assemble", "model", "write"} <= set(streamed.seconds)
 
 
+def test_bf16_streamed_predictions_equal_naive_and_the_device_path(tmp_path):
+    """bf16 through the torch backend: the host path assembles bf16 batches (``input_dtype``) and
+    runs one model call per core; the naive and device paths hand float32 to the model, which
+    casts it. All three give the same bits."""
+    predictions = {}
+    for name, options in (("naive", {"streamed": False}), ("host", {}), ("device", {})):
+        predictor = Predictor(
+            progress=False, precision="bf16", batch_size=16, data_path="device" if name == "device" else "host"
+        )
+        assert predictor.backend.input_dtype == torch.bfloat16
+        result = predictor.predict_slide(DEMO_SLIDE, spots=DEMO_SPOTS, out_dir=tmp_path / name, n_heatmaps=0, **options)
+        predictions[name] = anndata.read_h5ad(result.outputs.h5ad).X
+    assert np.array_equal(predictions["host"], predictions["naive"])
+    assert np.array_equal(predictions["host"], predictions["device"])
+
+
 def test_streamed_predictions_equal_naive_in_several_stripes(tmp_path):
     """A memory bound that splits the demo slide into four vertical stripes (each stripe's windows
     start afresh; the tile columns neighbouring stripes share are decoded again), ~60 spots each

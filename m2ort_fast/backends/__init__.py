@@ -6,8 +6,11 @@ with the three levels of a batch of spots, already normalised:
     backend(level1 (B, 3, 224, 224), level2 (B, 3, 112, 112), level3 (B, 3, 56, 56))
         -> (B, n_genes) float32 tensor on the CPU
 
-Inputs are float32 CPU tensors (possibly pinned); each backend moves them to its device and
-precision. Backends register here by name and are imported only when asked for, so that a
+Inputs are float32 CPU tensors (possibly pinned), or bfloat16 ones where the backend's
+``input_dtype`` says so (the streamed host path hands the torch backend in bf16 its batches in bf16,
+rounded as the model's own cast would); each backend moves them to its device and precision.
+Optional attributes the engine reads: ``input_dtype`` and ``concurrent_calls``
+(:mod:`m2ort_fast.backends.workers`). Backends register here by name and are imported only when asked for, so that a
 missing optional toolkit (Triton, onnxruntime, TensorRT) only matters to the backend that needs it.
 """
 

@@ -351,6 +351,11 @@ class AutoBackend:
         return bool(getattr(self.backend, "concurrent_calls", False))
 
     @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the chosen backend takes its batches in (float32 unless it says otherwise)."""
+        return getattr(self.backend, "input_dtype", torch.float32)
+
+    @property
     def forward_on_device(self):
         """The chosen backend's forward that leaves predictions on the device (the device data
         path's), or None where it has none."""

@@ -48,6 +48,9 @@ class TorchBackend:
         # on the CPU, calls from several threads at once (each on its own intra-op threads) are safe
         # and release the GIL: the host path runs one per core (backends.workers)
         self.concurrent_calls = self.device.type == "cpu"
+        # a bf16 model's first op casts its float32 input: the host path hands it bf16 batches assembled
+        # with that rounding (half the bytes to write, and no cast); other dtypes take float32
+        self.input_dtype = torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float32
 
     def __call__(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:
         return self.forward_on_device(level1, level2, level3).cpu()

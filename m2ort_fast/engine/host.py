@@ -171,6 +171,7 @@ class HostStream:
         self.stages = Stages("host")
         self.decoded_q, self.batch_q, self.write_q = self.stages.pipe(), self.stages.pipe(), self.stages.pipe()
         self.device = torch.device(getattr(backend, "device", "cpu"))
+        self.input_dtype = getattr(backend, "input_dtype", torch.float32)
         self.on_gpu = self.device.type == "cuda"
         self.stats = StreamStats(plan=plan.stats())
         # Input batches come back from the model thread and are refilled: fresh 50 MB arrays per batch
@@ -202,16 +203,29 @@ class HostStream:
         self.decoded_q.put(Pipe.DONE)
 
     def batch_buffers(self, sizes_px: list[tuple[int, int]]) -> list:
-        """A batch to fill: (batch_size, 3, H, W) float32 per model input, a returned one if any."""
+        """A batch to fill: (batch_size, 3, H, W) per model input, in the backend's ``input_dtype``
+        (float32, or bfloat16 for a bf16 model that would cast them first), a returned one if any."""
         import torch
 
         try:
             return self.free_batches.get_nowait()
         except queue.Empty:  # Pinned host memory on a GPU: the copy to the device overlaps the next batch.
             return [
-                torch.empty((self.batch_size, 3, h, w), dtype=torch.float32, pin_memory=self.on_gpu)
+                torch.empty((self.batch_size, 3, h, w), dtype=self.input_dtype, pin_memory=self.on_gpu)
                 for h, w in sizes_px
             ]
+
+    def assemble_into(self, patches: np.ndarray, buffer) -> None:
+        """Normalise patches (n, H, W, 3) uint8 into buffer (n, 3, H, W): float32, or bfloat16 as
+        torch's cast of the float32 values rounds them (the same bits the model would make)."""
+        import torch
+
+        if buffer.dtype == torch.bfloat16:
+            _core.assemble_batch_bf16(
+                patches, self.mean, self.std, out=buffer.view(torch.uint16).numpy(), num_threads=self.num_threads
+            )
+        else:
+            _core.assemble_batch(patches, self.mean, self.std, out=buffer.numpy(), num_threads=self.num_threads)
 
     def assembler(self) -> None:
         for spots, patches in iter_streamed_patches(
@@ -236,13 +250,7 @@ class HostStream:
                 piece_spots, piece = pending[0]
                 take = min(n - filled, len(piece_spots))
                 for patches, buffer in zip(piece, buffers, strict=True):
-                    _core.assemble_batch(
-                        patches[:take],
-                        self.mean,
-                        self.std,
-                        out=buffer.numpy()[filled : filled + take],
-                        num_threads=self.num_threads,
-                    )
+                    self.assemble_into(patches[:take], buffer[filled : filled + take])
                 spots.append(piece_spots[:take])
                 if take == len(piece_spots):
                     pending.pop(0)
