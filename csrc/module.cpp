@@ -112,44 +112,40 @@ py::array rgb_patches(const py::object& patches_obj, const std::string& where) {
   return patches;
 }
 
-py::array_t<float> assemble_batch(const py::object& patches_obj, const std::vector<double>& mean_values,
-                                  const std::vector<double>& std_values, const py::object& out_obj,
-                                  int64_t num_threads) {
-  const std::string where = "assemble_batch";
+// assemble_batch and assemble_batch_bf16: the same checks, then Kernel (m2ort::assemble_batch or
+// its bf16 twin) into an (N, 3, H, W) array of Out.
+template <typename Out, auto Kernel>
+py::array_t<Out> assemble(const char* where_name, const py::object& patches_obj, const std::vector<double>& mean_values,
+                          const std::vector<double>& std_values, const py::object& out_obj, int64_t num_threads) {
+  const std::string where = where_name;
   py::array patches = rgb_patches(patches_obj, where);
   const auto mean = three_floats(mean_values, where, "mean", false);
   const auto std_dev = three_floats(std_values, where, "std", true);
   const int64_t threads = thread_count(num_threads, where);
   const int64_t n = patches.shape(0), height = patches.shape(1), width = patches.shape(2);
-  py::array_t<float> out = output_array<float>(out_obj, {n, 3, height, width}, patches, where);
+  py::array_t<Out> out = output_array<Out>(out_obj, {n, 3, height, width}, patches, where);
 
   const auto* src = static_cast<const uint8_t*>(patches.data());
-  float* dst = out.mutable_data();
+  Out* dst = out.mutable_data();
   {
     py::gil_scoped_release release;
-    m2ort::assemble_batch(src, n, height, width, mean, std_dev, dst, threads);
+    Kernel(src, n, height, width, mean, std_dev, dst, threads);
   }
   return out;
+}
+
+py::array_t<float> assemble_batch(const py::object& patches_obj, const std::vector<double>& mean_values,
+                                  const std::vector<double>& std_values, const py::object& out_obj,
+                                  int64_t num_threads) {
+  return assemble<float, m2ort::assemble_batch>("assemble_batch", patches_obj, mean_values, std_values, out_obj,
+                                                num_threads);
 }
 
 py::array_t<uint16_t> assemble_batch_bf16(const py::object& patches_obj, const std::vector<double>& mean_values,
                                           const std::vector<double>& std_values, const py::object& out_obj,
                                           int64_t num_threads) {
-  const std::string where = "assemble_batch_bf16";
-  py::array patches = rgb_patches(patches_obj, where);
-  const auto mean = three_floats(mean_values, where, "mean", false);
-  const auto std_dev = three_floats(std_values, where, "std", true);
-  const int64_t threads = thread_count(num_threads, where);
-  const int64_t n = patches.shape(0), height = patches.shape(1), width = patches.shape(2);
-  py::array_t<uint16_t> out = output_array<uint16_t>(out_obj, {n, 3, height, width}, patches, where);
-
-  const auto* src = static_cast<const uint8_t*>(patches.data());
-  uint16_t* dst = out.mutable_data();
-  {
-    py::gil_scoped_release release;
-    m2ort::assemble_batch_bf16(src, n, height, width, mean, std_dev, dst, threads);
-  }
-  return out;
+  return assemble<uint16_t, m2ort::assemble_batch_bf16>("assemble_batch_bf16", patches_obj, mean_values, std_values,
+                                                        out_obj, num_threads);
 }
 
 py::array_t<uint8_t> crop_patches(const py::object& region_obj, const py::object& origins_obj, int64_t size_px,
