@@ -173,8 +173,8 @@ def cpu_model() -> str:
 
 def runs(name: str, precision: str, device_type: str) -> bool:
     """Whether backend ``name`` (or the pseudo backend's base) runs ``precision`` on the device."""
-    if name == "torch-fused" and precision != "fp32":
-        return False  # below fp32 the torch backend itself runs the fused attention op
+    if name == "torch-fused" and precision != "fp32" and device_type != "cpu":
+        return False  # below fp32 on a GPU the torch backend itself runs the fused attention op
     table = BACKEND_PRECISIONS.get(PSEUDO_BACKENDS.get(name, name))
     return table is None or precision in table.get(device_type, ())
 
@@ -188,7 +188,7 @@ def build(name, model, card, device, precision, cache_dir):
     if name == "torch-v1":
         return TorchV1Backend(fresh, device, precision)
     if name == "torch-fused":  # eager with the fused attention op: how much of a compiled gain is that op
-        backend = make_backend("torch", set_fused_attention(fresh, True), card, device=device, precision=precision)
+        backend = make_backend("torch", fresh, card, device=device, precision=precision, fused_attention=True)
         backend.name = name
         return backend
     options = {"precision": precision}

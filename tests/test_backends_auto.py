@@ -191,14 +191,18 @@ SCRIPT: dict[tuple[str, str], list[float]] = {}
 class ScriptedBackend:
     """The reference model's predictions, taking SCRIPT's seconds on CLOCK."""
 
+    called_with: dict[str, set[torch.dtype]] = {}  # precision -> dtypes of the levels it was given
+
     def __init__(self, model, card, *, device, precision="fp32"):
         self.device, self.precision, self.model = device, precision, model.float().eval()
         self.seconds = iter(SCRIPT[("scripted", precision)] + [SCRIPT[("scripted", precision)][-1]] * 1000)
+        self.input_dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # as the torch backend
 
     def __call__(self, level1, level2, level3):
         CLOCK.now += next(self.seconds)
+        ScriptedBackend.called_with.setdefault(self.precision, set()).add(level1.dtype)
         with torch.inference_mode():
-            return self.model(level1, level2, level3)
+            return self.model(level1.float(), level2.float(), level3.float())
 
 
 @pytest.fixture
@@ -267,6 +271,16 @@ def test_auto_times_at_the_runs_batch_size(scripted_auto, tmp_path):
     backend = make_auto(tmp_path, trial_batch_size=7)
     assert {t.batch_size for t in backend.trials} == {7}
     assert backend.trials[1].spots_per_s == pytest.approx(70.0)
+
+
+def test_auto_times_each_candidate_on_batches_in_the_dtype_it_asks_for(scripted_auto, tmp_path):
+    """The host path hands a backend whose ``input_dtype`` is bf16 bf16 batches: timed the same way
+    (a float32 trial batch would charge it a cast the engine never makes)."""
+    SCRIPT[("scripted", "fp32")], SCRIPT[("scripted", "bf16")] = [0.2], [0.1]
+    ScriptedBackend.called_with.clear()
+    make_auto(tmp_path)
+    # float32 once each: the warm-up against the fp32 model; then every timed call in its own dtype
+    assert ScriptedBackend.called_with == {"fp32": {torch.float32}, "bf16": {torch.float32, torch.bfloat16}}
 
 
 # --- info --backends --------------------------------------------------------------------------------

@@ -61,3 +61,23 @@ def test_a_spots_prediction_is_the_same_bits_in_any_batch_and_on_any_threads(pre
         torch.set_num_threads(threads_before)
     assert torch.equal(on_one_thread["last five"], whole[32:])
     assert torch.equal(backend(*[x[3:4] for x in levels]), whole[3:4])
+
+
+def test_bf16_on_the_cpu_runs_the_reference_attention_and_the_fused_op_on_request():
+    """On the CPU the bf16 backend keeps the reference's attention (matmul -> softmax -> matmul, in
+    bf16): it is the model cast to bf16, bit for bit; ``fused_attention=True`` runs the fused op
+    instead, which rounds differently but within bf16's error of the same function."""
+    generator = torch.Generator().manual_seed(11)
+    levels = [torch.rand(16, 3, s, s, generator=generator) for s in IMAGE_SIZES_PX]
+    model, card = load_checkpoint(DEFAULT_CHECKPOINT)
+    with torch.inference_mode():
+        reference_bf16 = model.to(torch.bfloat16)(*(x.to(torch.bfloat16) for x in levels)).float()
+    runs = {}
+    for fused in (None, True):
+        model, card = load_checkpoint(DEFAULT_CHECKPOINT)
+        backend = make_backend("torch", model, card, device="cpu", precision="bf16", fused_attention=fused)
+        assert all(block.itmm.fused_attention is bool(fused) for block in backend.model.encoder_blocks())
+        runs[fused] = backend(*levels)
+    assert torch.equal(runs[None], reference_bf16)
+    assert not torch.equal(runs[True], runs[None])
+    assert (runs[True] - runs[None]).abs().max() < 0.1

@@ -32,6 +32,18 @@ def test_export_graph_matches_reference(variant):
         assert relative_error(out, ref) < 1e-5, variant
 
 
+def test_literal_attention_graph_is_the_reference_but_for_the_class_token_block():
+    """``fused_attention=False`` (AOTInductor on the CPU): every block but the last is the
+    reference's own ops, so only the class-token-only last block can round differently."""
+    model = build_model("tiny", seed=7)
+    levels = random_levels(4, seed=7)
+    with torch.inference_mode():
+        ref = model(*levels)
+        literal, fused = (export_model(model, "fp32", fused_attention=f)(*levels) for f in (False, True))
+    assert relative_error(literal, ref) < 1e-5 and relative_error(fused, ref) < 1e-5
+    assert not torch.equal(literal, fused)
+
+
 def test_depth_one_model():
     """The last block is also the first: the class-token-only path alone."""
     torch.manual_seed(2)

@@ -204,13 +204,17 @@ class AutoBackend:
         backends = self._build(pairs, model, card, levels, options)
         if not backends:
             raise M2ORTError("no backend is available: " + "; ".join(t.describe() for t in self.trials))
-        # each timed as the host path calls it: a backend whose calls may overlap, one call per thread
+        # each timed as the host path calls it: a backend whose calls may overlap, one call per thread,
+        # on batches in the dtype it asks for (the torch backend in bf16 takes bf16 batches)
         workers = {name: model_workers(backend) for name, backend in backends.items()}
+        inputs = {
+            name: [x.to(getattr(b, "input_dtype", torch.float32)) for x in levels] for name, b in backends.items()
+        }
         rounds = run_rounds(
             {
-                name: calls_at_once(backend, [levels] * workers[name])
+                name: calls_at_once(backend, [inputs[name]] * workers[name])
                 if workers[name] > 1
-                else functools.partial(backend, *levels)
+                else functools.partial(backend, *inputs[name])
                 for name, backend in backends.items()
             },
             {t.name: t.precision for t in self.trials},

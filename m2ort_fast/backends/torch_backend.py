@@ -1,9 +1,13 @@
 """The reference backend: the eager PyTorch model, on CPU or GPU, fp32/fp16/bf16.
 
 fp32 runs the reference model as written (attention as matmul -> softmax -> matmul). Below fp32
-the attention is the one fused ``scaled_dot_product_attention`` op (``set_fused_attention``): the
-same math, with the softmax accumulated in float32 inside the op rather than on a bf16/fp16 score
-matrix, and on the CPU 3x faster than the literal form in bf16 (small, batch 64).
+on a GPU the attention is the one fused ``scaled_dot_product_attention`` op (``set_fused_attention``):
+the same math, with the softmax accumulated in float32 inside the op rather than on a bf16/fp16
+score matrix. On the CPU the bf16 model keeps the literal form: PyTorch's CPU flash-attention
+kernel runs its (T x T) blocks at a fraction of the bf16 GEMM rate, and the literal form's two
+batched GEMMs and bf16 softmax ran `tiny` 1.2-1.4x and `small` 1.15x faster on a 2-core AMD EPYC
+(AVX512_BF16, no AMX; `bench/backends.py` rows torch vs torch-fused), within the same quality
+bound (bench/precision.py). ``fused_attention=True`` asks for the fused op anyway.
 
 On the CPU a batch runs through the model in chunks of ``chunk_spots`` spots (default 16; the last
 padded to it, so that a spot's prediction does not depend on its batch, its batch-mates or the
@@ -34,6 +38,7 @@ class TorchBackend:
         precision: str = "fp32",
         checkpoint_path: str | None = None,
         chunk_spots: int | None = 16,
+        fused_attention: bool | None = None,
     ):
         if chunk_spots is not None and chunk_spots < 1:
             raise M2ORTError(f"chunk_spots must be at least 1, got {chunk_spots}")
@@ -41,8 +46,9 @@ class TorchBackend:
         self.precision = check_backend_precision(self.name, precision, self.device.type)
         self.dtype = torch_dtype(precision)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        if precision != "fp32":
-            set_fused_attention(self.model, True)
+        if fused_attention is None:  # see the module's docstring
+            fused_attention = precision != "fp32" and self.device.type != "cpu"
+        set_fused_attention(self.model, fused_attention)
         # a GPU wants whole batches; on the CPU smaller model calls keep the intermediates reused
         self.chunk_spots = chunk_spots if self.device.type == "cpu" else None
         # on the CPU, calls from several threads at once (each on its own intra-op threads) are safe
