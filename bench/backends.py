@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from m2ort_fast.backends import make_backend
-from m2ort_fast.backends.workers import calls_at_once, model_workers
+from m2ort_fast.backends.workers import engine_call
 from m2ort_fast.checkpoint import ModelCard
 from m2ort_fast.device import resolve_device
 from m2ort_fast.errors import M2ORTError
@@ -291,17 +291,13 @@ def bench_variant(variant, names, precisions, batch_sizes, device, args, peaks) 
             peak_mem[row] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak
         # with --as-engine, each backend runs as the host path runs it: batches in its input dtype, and
         # a backend whose calls may overlap one call per thread
-        workers = {row: model_workers(backend) if args.as_engine else 1 for row, backend in backends.items()}
-        calls = {}
-        for row, backend in backends.items():
-            given = [x.to(getattr(backend, "input_dtype", torch.float32)) for x in levels] if args.as_engine else levels
-            calls[row] = (
-                calls_at_once(backend, [given] * workers[row])
-                if workers[row] > 1
-                else functools.partial(backend, *given)
-            )
+        calls = {
+            row: engine_call(backend, levels) if args.as_engine else (functools.partial(backend, *levels), 1)
+            for row, backend in backends.items()
+        }
+        workers = {row: batches for row, (_, batches) in calls.items()}
         for _ in range(args.repeats):  # round-robin; no memory sampling here: a sampling thread
-            for row, call in calls.items():  # stalls OpenMP's thread team on a 2-core machine
+            for row, (call, _) in calls.items():  # stalls OpenMP's thread team on a 2-core machine
                 start = time.perf_counter()
                 call()  # returns CPU tensors: device work is done
                 latencies[row].append((time.perf_counter() - start) / workers[row])

@@ -198,9 +198,9 @@ def model_only_spots_per_s(backend, sizes_px, batch_size: int, n_spots: int, wor
     in all: one call at a time on all of torch's threads, or ``workers`` calls at once on one
     intra-op thread each (as the host path calls a backend with ``concurrent_calls``:
     m2ort_fast.backends.workers)."""
-    from m2ort_fast.backends.workers import calls_at_once
+    from m2ort_fast.backends.workers import calls_at_once, input_dtype
 
-    device, dtype = backend.device, getattr(backend, "input_dtype", torch.float32)  # as the host path hands them
+    device, dtype = backend.device, input_dtype(backend)  # as the host path hands them
     one = getattr(backend, "forward_on_device", None) or backend
     batches = [
         [

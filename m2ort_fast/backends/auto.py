@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
-import functools
 import hashlib
 import inspect
 import json
@@ -41,7 +40,7 @@ import torch
 
 from m2ort_fast.backends import backend_factory, backend_names, make_backend
 from m2ort_fast.backends.timing import ProcStatLoad, Rounds, RoundsPolicy, quartiles, run_rounds
-from m2ort_fast.backends.workers import calls_at_once, model_workers
+from m2ort_fast.backends.workers import engine_call, input_dtype
 from m2ort_fast.checkpoint import ModelCard
 from m2ort_fast.errors import M2ORTError, exception_detail
 from m2ort_fast.model import IMAGE_SIZES_PX, M2ORT
@@ -206,21 +205,13 @@ class AutoBackend:
             raise M2ORTError("no backend is available: " + "; ".join(t.describe() for t in self.trials))
         # each timed as the host path calls it: a backend whose calls may overlap, one call per thread,
         # on batches in the dtype it asks for (the torch backend in bf16 takes bf16 batches)
-        workers = {name: model_workers(backend) for name, backend in backends.items()}
-        inputs = {
-            name: [x.to(getattr(b, "input_dtype", torch.float32)) for x in levels] for name, b in backends.items()
-        }
+        calls = {name: engine_call(backend, levels) for name, backend in backends.items()}
         rounds = run_rounds(
-            {
-                name: calls_at_once(backend, [inputs[name]] * workers[name])
-                if workers[name] > 1
-                else functools.partial(backend, *inputs[name])
-                for name, backend in backends.items()
-            },
+            {name: call for name, (call, _) in calls.items()},
             {t.name: t.precision for t in self.trials},
             self.policy,
             load=ProcStatLoad(torch.get_num_threads()) if self.device.type == "cpu" else None,
-            batches_per_call=workers,
+            batches_per_call={name: batches for name, (_, batches) in calls.items()},
         )
         best = self._record_rounds(rounds)
         self._use(backends[best.name], best)
@@ -357,7 +348,7 @@ class AutoBackend:
     @property
     def input_dtype(self) -> torch.dtype:
         """The dtype the chosen backend takes its batches in (float32 unless it says otherwise)."""
-        return getattr(self.backend, "input_dtype", torch.float32)
+        return input_dtype(self.backend)
 
     @property
     def forward_on_device(self):

@@ -1,4 +1,5 @@
-"""How many calls of a backend run at once on the CPU, and one "call" made that way.
+"""How the host path calls a backend: how many calls run at once on the CPU, on batches of which
+dtype, and one "call" made that way (for ``--backend auto``'s timing and the benches).
 
 An eager torch model on the CPU splits each op over torch's threads with a barrier per op, so a
 data-path thread that preempts one of its threads stalls the others at the next barrier, and two
@@ -11,6 +12,7 @@ overlap with ``concurrent_calls = True`` (the torch backend on the CPU); the hos
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Sequence
 
@@ -23,6 +25,22 @@ def model_workers(backend) -> int:
     if not getattr(backend, "concurrent_calls", False):
         return 1
     return max(1, torch.get_num_threads())
+
+
+def input_dtype(backend) -> torch.dtype:
+    """The dtype ``backend`` takes its batches in: its ``input_dtype``, else float32."""
+    return getattr(backend, "input_dtype", torch.float32)
+
+
+def engine_call(backend, levels: Sequence[torch.Tensor]) -> tuple[Callable[[], object], int]:
+    """``backend`` on ``levels`` as the host path calls it: a callable running ``model_workers``
+    batches at once (:func:`calls_at_once`) or one call, on the levels cast to its
+    :func:`input_dtype`; and the number of batches that callable runs."""
+    workers = model_workers(backend)
+    given = [x.to(input_dtype(backend)) for x in levels]
+    if workers > 1:
+        return calls_at_once(backend, [given] * workers), workers
+    return functools.partial(backend, *given), 1
 
 
 def calls_at_once(backend, batches: Sequence[Sequence[torch.Tensor]]) -> Callable[[], None]:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from m2ort_fast import _core
-from m2ort_fast.backends.workers import model_workers
+from m2ort_fast.backends.workers import input_dtype, model_workers
 from m2ort_fast.engine.plan import ReadPlan
 from m2ort_fast.engine.stages import Pipe, Stages
 from m2ort_fast.engine.windows import Window, advance_windows, stripe_windows
@@ -171,7 +171,7 @@ class HostStream:
         self.stages = Stages("host")
         self.decoded_q, self.batch_q, self.write_q = self.stages.pipe(), self.stages.pipe(), self.stages.pipe()
         self.device = torch.device(getattr(backend, "device", "cpu"))
-        self.input_dtype = getattr(backend, "input_dtype", torch.float32)
+        self.input_dtype = input_dtype(backend)
         self.on_gpu = self.device.type == "cuda"
         self.stats = StreamStats(plan=plan.stats())
         # Input batches come back from the model thread and are refilled: fresh 50 MB arrays per batch
