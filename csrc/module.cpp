@@ -185,8 +185,39 @@ py::array_t<uint8_t> crop_patches(const py::object& region_obj, const py::object
   return out;
 }
 
+const char* kernel_name(m2ort::ResizeKernel kernel) {
+  switch (kernel) {
+    case m2ort::ResizeKernel::kAvx512Vbmi:
+      return "avx512_vbmi";
+    case m2ort::ResizeKernel::kScalar:
+      return "scalar";
+    default:
+      return "auto";
+  }
+}
+
+std::vector<std::string> resize_kernels(int64_t in_size, int64_t out_size) {
+  std::vector<std::string> names;
+  for (const m2ort::ResizeKernel kernel : m2ort::resize_kernels(in_size, out_size))
+    names.push_back(kernel_name(kernel));
+  return names;
+}
+
+// "auto", or a kernel that resize_kernels(S, size_px) lists.
+m2ort::ResizeKernel checked_kernel(const std::string& name, int64_t in_size, int64_t out_size,
+                                   const std::string& where) {
+  if (name == "auto") return m2ort::ResizeKernel::kAuto;
+  std::string available;
+  for (const m2ort::ResizeKernel kernel : m2ort::resize_kernels(in_size, out_size)) {
+    if (name == kernel_name(kernel)) return kernel;
+    available += std::string(available.empty() ? "" : ", ") + kernel_name(kernel);
+  }
+  fail(where, "kernel '" + name + "' cannot resize " + std::to_string(in_size) + " -> " + std::to_string(out_size) +
+                  " on this CPU (available: auto, " + available + ")");
+}
+
 py::array_t<uint8_t> resize_patches(const py::object& patches_obj, int64_t size_px, const py::object& out_obj,
-                                    int64_t num_threads) {
+                                    int64_t num_threads, const std::string& kernel_name) {
   const std::string where = "resize_patches";
   py::array patches = rgb_patches(patches_obj, where);
   // Pillow picks the order of its two passes by their cost (a tie, horizontal first, for squares),
@@ -197,13 +228,14 @@ py::array_t<uint8_t> resize_patches(const py::object& patches_obj, int64_t size_
   if (size_px <= 0) fail(where, "size_px must be > 0, got " + std::to_string(size_px));
   const int64_t threads = thread_count(num_threads, where);
   const int64_t n = patches.shape(0), height = patches.shape(1), width = patches.shape(2);
+  const m2ort::ResizeKernel kernel = checked_kernel(kernel_name, width, size_px, where);
   py::array_t<uint8_t> out = output_array<uint8_t>(out_obj, {n, size_px, size_px, 3}, patches, where);
 
   const auto* src = static_cast<const uint8_t*>(patches.data());
   uint8_t* dst = out.mutable_data();
   {
     py::gil_scoped_release release;
-    m2ort::resize_patches(src, n, height, width, size_px, size_px, dst, threads);
+    m2ort::resize_patches(src, n, height, width, size_px, size_px, dst, threads, kernel);
   }
   return out;
 }
@@ -302,13 +334,19 @@ integer top-left (x, y) of each patch in region pixels; patches may lie partly o
 the region, where they are filled with white (255). size_px: patch side. out: optional
 (N, size_px, size_px, 3) uint8 C-contiguous array written in place. Returns out.)doc");
   m.def("resize_patches", &resize_patches, py::arg("patches"), py::arg("size_px"), py::arg("out") = py::none(),
-        py::arg("num_threads") = 0,
+        py::arg("num_threads") = 0, py::arg("kernel") = "auto",
         R"doc(Resize square RGB patches to size_px x size_px, bit for bit as m2ort_fast.crop.resize_patches.
 
 patches: (N, S, S, 3) uint8, C-contiguous. The same antialiased bilinear arithmetic as Pillow's
 Image.resize(BILINEAR, reducing_gap=None), with the weights computed once for the batch and the
 patches split over num_threads threads (0 = one per CPU in this process's affinity mask). out: optional
-(N, size_px, size_px, 3) uint8 C-contiguous array written in place. Returns out.)doc");
+(N, size_px, size_px, 3) uint8 C-contiguous array written in place. kernel: the horizontal pass's,
+"auto" (the first of resize_kernels(S, size_px)) or one it lists; all give the same bytes. Returns out.)doc");
+  m.def("resize_kernels", &resize_kernels, py::arg("in_size"), py::arg("out_size"),
+        R"doc(The kernels resize_patches can run for in_size -> out_size on this CPU, the one "auto" picks first.
+
+"avx512_vbmi" (a byte permute and 32-bit multiply-adds, 16 output bytes at a time) where the CPU has
+AVX-512 VBMI and the shrink is at most about 4x, then "scalar". Every kernel gives the same bytes.)doc");
   m.def("resize_taps", &resize_taps, py::arg("in_size"), py::arg("out_size"),
         R"doc(One axis of resize_patches' arithmetic, for kernels on other devices to resize bit for bit.
 

@@ -3,9 +3,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "parallel.hpp"
+#include "resize_avx512.hpp"
 
 namespace m2ort {
 
@@ -111,9 +113,15 @@ void horizontal_row(const uint8_t* src, const int32_t* first, const int32_t* wei
   }
 }
 
-// rows x in_width x 3 -> rows x out_width x 3. Fixed tap counts for the usual 2x and 4x shrinks.
-void horizontal_pass(const uint8_t* in, int64_t rows, int64_t in_width, const FixedTaps& taps, int64_t out_width,
-                     uint8_t* out) {
+// rows x in_width x 3 -> rows x out_width x 3. Fixed tap counts for the usual 2x and 4x shrinks;
+// the AVX-512 kernel where its tables were built.
+void horizontal_pass(const uint8_t* in, int64_t rows, int64_t in_width, const FixedTaps& taps,
+                     const std::optional<HorizontalTables>& vector_tables, int64_t out_width, uint8_t* out) {
+  if (vector_tables) {
+    for (int64_t y = 0; y < rows; ++y)
+      horizontal_row_avx512(in + y * in_width * 3, *vector_tables, out + y * out_width * 3);
+    return;
+  }
   auto row_fn = taps.ksize == 5 ? horizontal_row<5> : taps.ksize == 9 ? horizontal_row<9> : horizontal_row<0>;
   for (int64_t y = 0; y < rows; ++y) {
     row_fn(in + y * in_width * 3, taps.first.data(), taps.weights.data(), taps.ksize, out_width,
@@ -122,25 +130,61 @@ void horizontal_pass(const uint8_t* in, int64_t rows, int64_t in_width, const Fi
 }
 
 // Output rows from the rows of `in` (row_offset: input row of in's first row); row_bytes per row.
-// Sums along the contiguous row (one weight per input row), which the compiler vectorises.
-void vertical_pass(const uint8_t* in, int64_t row_offset, int64_t row_bytes, const AxisTaps& taps, int64_t out_height,
-                   uint8_t* out, std::vector<int32_t>& sums) {
-  sums.resize(static_cast<size_t>(row_bytes));
+// Sums along the contiguous row (one weight per input row) in tiles of sums the compiler keeps in
+// vector registers; compiled twice (below) for the CPU's vector width.
+[[gnu::always_inline]] inline void vertical_pass_body(const uint8_t* in, int64_t row_offset, int64_t row_bytes,
+                                                      const AxisTaps& taps, int64_t out_height, uint8_t* out) {
+  constexpr int64_t kTile = 64;
   for (int64_t yy = 0; yy < out_height; ++yy) {
-    std::fill(sums.begin(), sums.end(), kHalf);
     const int32_t* k = &taps.weights[static_cast<size_t>(yy) * taps.ksize];
-    for (int y = 0; y < taps.count[yy]; ++y) {
-      const uint8_t* src = in + (taps.first[yy] + y - row_offset) * row_bytes;
-      const int32_t weight = k[y];
-      int32_t* acc = sums.data();
-      for (int64_t j = 0; j < row_bytes; ++j) acc[j] += src[j] * weight;
-    }
+    const uint8_t* rows = in + (taps.first[yy] - row_offset) * row_bytes;
     uint8_t* dst = out + yy * row_bytes;
-    for (int64_t j = 0; j < row_bytes; ++j) dst[j] = clip8(sums[j]);
+    for (int64_t j0 = 0; j0 < row_bytes; j0 += kTile) {
+      const int64_t width = std::min(kTile, row_bytes - j0);
+      int32_t sums[kTile];
+      for (int64_t j = 0; j < kTile; ++j) sums[j] = kHalf;
+      for (int y = 0; y < taps.count[yy]; ++y) {
+        const uint8_t* src = rows + y * row_bytes + j0;
+        const int32_t weight = k[y];
+        if (width == kTile) {
+          for (int64_t j = 0; j < kTile; ++j) sums[j] += src[j] * weight;
+        } else {
+          for (int64_t j = 0; j < width; ++j) sums[j] += src[j] * weight;
+        }
+      }
+      for (int64_t j = 0; j < width; ++j) dst[j0 + j] = clip8(sums[j]);
+    }
   }
 }
 
+void vertical_pass(const uint8_t* in, int64_t row_offset, int64_t row_bytes, const AxisTaps& taps, int64_t out_height,
+                   uint8_t* out) {
+  vertical_pass_body(in, row_offset, row_bytes, taps, out_height, out);
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void vertical_pass_avx512(const uint8_t* in, int64_t row_offset,
+                                                                               int64_t row_bytes, const AxisTaps& taps,
+                                                                               int64_t out_height, uint8_t* out) {
+  vertical_pass_body(in, row_offset, row_bytes, taps, out_height, out);
+}
+#else
+void vertical_pass_avx512(const uint8_t* in, int64_t row_offset, int64_t row_bytes, const AxisTaps& taps,
+                          int64_t out_height, uint8_t* out) {
+  vertical_pass_body(in, row_offset, row_bytes, taps, out_height, out);
+}
+#endif
+
 }  // namespace
+
+std::vector<ResizeKernel> resize_kernels(int64_t in_width, int64_t out_width) {
+  std::vector<ResizeKernel> kernels;
+  if (avx512_vbmi_available() && in_width != out_width &&
+      horizontal_tables(resize_taps(static_cast<int>(in_width), static_cast<int>(out_width)), in_width, out_width))
+    kernels.push_back(ResizeKernel::kAvx512Vbmi);
+  kernels.push_back(ResizeKernel::kScalar);
+  return kernels;
+}
 
 ResizeTaps resize_taps(int in_size, int out_size) {
   if (in_size != out_size) return fixed_taps(axis_taps(in_size, out_size), in_size);
@@ -153,7 +197,7 @@ ResizeTaps resize_taps(int in_size, int out_size) {
 }
 
 void resize_patches(const uint8_t* patches, int64_t n, int64_t in_height, int64_t in_width, int64_t out_height,
-                    int64_t out_width, uint8_t* out, int64_t num_threads) {
+                    int64_t out_width, uint8_t* out, int64_t num_threads, ResizeKernel kernel) {
   const int64_t in_bytes = in_height * in_width * 3, out_bytes = out_height * out_width * 3;
   const bool need_horizontal = out_width != in_width, need_vertical = out_height != in_height;
   if (!need_horizontal && !need_vertical) {
@@ -164,6 +208,11 @@ void resize_patches(const uint8_t* patches, int64_t n, int64_t in_height, int64_
   const AxisTaps column_taps =
       need_horizontal ? axis_taps(static_cast<int>(in_width), static_cast<int>(out_width)) : AxisTaps{};
   const FixedTaps columns = fixed_taps(column_taps, static_cast<int>(in_width));
+  // Both passes in AVX-512 where the CPU has it and the horizontal tables fit (kAuto), or on request.
+  std::optional<HorizontalTables> vector_tables;
+  if (need_horizontal && kernel != ResizeKernel::kScalar && avx512_vbmi_available())
+    vector_tables = horizontal_tables(columns, in_width, out_width);
+  const auto vertical = vector_tables ? vertical_pass_avx512 : vertical_pass;
   // As Pillow: the horizontal pass only covers the input rows the vertical pass reads.
   const int64_t first_row = need_vertical ? rows.first.front() : 0;
   const int64_t last_row = need_vertical ? rows.first.back() + rows.count.back() : in_height;
@@ -171,18 +220,17 @@ void resize_patches(const uint8_t* patches, int64_t n, int64_t in_height, int64_
       n, num_threads, std::max<int64_t>(1, kMinPixelsPerThread / std::max<int64_t>(1, in_height * in_width)));
   parallel_for(n, threads, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> between(static_cast<size_t>((last_row - first_row) * out_width * 3));
-    std::vector<int32_t> sums;
     for (int64_t i = begin; i < end; ++i) {
       const uint8_t* src = patches + i * in_bytes;
       uint8_t* dst = out + i * out_bytes;
       if (!need_vertical) {
-        horizontal_pass(src, in_height, in_width, columns, out_width, dst);
+        horizontal_pass(src, in_height, in_width, columns, vector_tables, out_width, dst);
       } else if (!need_horizontal) {
-        vertical_pass(src, 0, in_width * 3, rows, out_height, dst, sums);
+        vertical(src, 0, in_width * 3, rows, out_height, dst);
       } else {
-        horizontal_pass(src + first_row * in_width * 3, last_row - first_row, in_width, columns, out_width,
-                        between.data());
-        vertical_pass(between.data(), first_row, out_width * 3, rows, out_height, dst, sums);
+        horizontal_pass(src + first_row * in_width * 3, last_row - first_row, in_width, columns, vector_tables,
+                        out_width, between.data());
+        vertical(between.data(), first_row, out_width * 3, rows, out_height, dst);
       }
     }
   });

@@ -21,6 +21,14 @@ struct ResizeTaps {
 };
 ResizeTaps resize_taps(int in_size, int out_size);
 
+// The horizontal pass's kernels; every one gives the same bytes (the vertical pass is one loop the
+// compiler vectorises).
+enum class ResizeKernel { kAuto, kScalar, kAvx512Vbmi };
+
+// The kernels that can run a horizontal pass in_width -> out_width on this CPU, the one kAuto picks
+// first: AVX-512 VBMI where the CPU has it and the shrink is at most ~4x, then the scalar loop.
+std::vector<ResizeKernel> resize_kernels(int64_t in_width, int64_t out_width);
+
 // patches (N, in_height, in_width, 3) uint8, C-contiguous -> out (N, out_height, out_width, 3)
 // uint8, C-contiguous. The same arithmetic as Pillow's 8-bit resampler (libImaging/Resample.c):
 // per-axis triangle filter widened by the shrink factor, weights normalised in double and rounded
@@ -29,6 +37,6 @@ ResizeTaps resize_taps(int in_size, int out_size);
 // spends its time on one image at a time (RGB padded to 4 bytes, a Python call per patch), this
 // computes the weights once per batch and splits the patches over threads.
 void resize_patches(const uint8_t* patches, int64_t n, int64_t in_height, int64_t in_width, int64_t out_height,
-                    int64_t out_width, uint8_t* out, int64_t num_threads);
+                    int64_t out_width, uint8_t* out, int64_t num_threads, ResizeKernel kernel = ResizeKernel::kAuto);
 
 }  // namespace m2ort

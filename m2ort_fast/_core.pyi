@@ -71,13 +71,19 @@ def resize_patches(
     size_px: int,
     out: npt.NDArray[np.uint8] | None = None,
     num_threads: int = 0,
+    kernel: str = "auto",
 ) -> npt.NDArray[np.uint8]:
     """Resize square RGB patches to size_px x size_px, bit for bit as m2ort_fast.crop.resize_patches
     (Pillow's Image.resize(BILINEAR, reducing_gap=None)).
 
     patches: (N, S, S, 3) uint8, C-contiguous, S > 0. size_px > 0. out: optional
-    (N, size_px, size_px, 3) uint8 C-contiguous array written in place. Returns out.
+    (N, size_px, size_px, 3) uint8 C-contiguous array written in place. kernel: "auto" (the first
+    of resize_kernels(S, size_px)) or one it lists; all give the same bytes. Returns out.
     """
+
+def resize_kernels(in_size: int, out_size: int) -> list[str]:
+    """The kernels resize_patches can run for in_size -> out_size on this CPU, auto's pick first:
+    "avx512_vbmi" where the CPU has AVX-512 VBMI and the shrink is at most ~4x, then "scalar"."""
 
 RESIZE_PRECISION_BITS: int
 

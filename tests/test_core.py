@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,7 +167,33 @@ def test_resize_patches_equals_the_reference_bit_for_bit(rng, side, size):
     patches[1] = 0
     patches[2, ::2] = 0
     patches[2, 1::2] = 255
-    np.testing.assert_array_equal(_core.resize_patches(patches, size, num_threads=3), resize_patches(patches, size))
+    expected = resize_patches(patches, size)
+    np.testing.assert_array_equal(_core.resize_patches(patches, size, num_threads=3), expected)
+    for kernel in _core.resize_kernels(side, size):  # each kernel this CPU runs, not only auto's pick
+        np.testing.assert_array_equal(_core.resize_patches(patches, size, num_threads=1, kernel=kernel), expected)
+
+
+def test_resize_kernels_list_what_auto_runs():
+    kernels = _core.resize_kernels(224, 112)
+    assert kernels[-1] == "scalar"
+    assert set(kernels) <= {"avx512_vbmi", "scalar"}
+    if _cpu_has_avx512_vbmi():
+        assert kernels[0] == "avx512_vbmi"
+    # Beyond a ~4x shrink a group of 16 output bytes reads more than the permute's 128-byte window.
+    assert _core.resize_kernels(448, 56) == ["scalar"]
+    with pytest.raises(ValueError, match=r"kernel 'avx512_vbmi' cannot resize 448 -> 56 on this CPU"):
+        _core.resize_patches(np.zeros((1, 448, 448, 3), np.uint8), 56, kernel="avx512_vbmi")
+    with pytest.raises(ValueError, match="kernel 'sse9' cannot resize"):
+        _core.resize_patches(np.zeros((1, 8, 8, 3), np.uint8), 4, kernel="sse9")
+
+
+def _cpu_has_avx512_vbmi() -> bool:
+    """What /proc/cpuinfo says (False where there is none to read)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return False
+    return {"avx512f", "avx512bw", "avx512vl", "avx512vbmi"} <= set(flags)
 
 
 def test_resize_patches_on_slide_pixels_threads_and_out(rng):

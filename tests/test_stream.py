@@ -213,6 +213,37 @@ def test_memory_stays_under_the_bound_on_a_large_pyramid(tmp_path):
     assert peak <= budget_mb * 2**20 + allowance, f"traced peak {peak / 2**20:.1f} MiB"
 
 
+class MeanPixelBackend:
+    """A prediction per spot: the mean pixel of each of its three inputs (the batch's rows checked
+    against the spots the writer is told they are)."""
+
+    device = torch.device("cpu")
+
+    def __call__(self, *levels):
+        return torch.stack([level.mean(dim=(1, 2, 3)) for level in levels], dim=1)
+
+
+@pytest.mark.parametrize("level_source", ["pyramid", "resize"])
+def test_batches_straddling_small_steps_hold_each_spots_own_patches(pyramids, level_source):
+    """Steps of 7 spots filling batches of 16 (each batch cut from three steps, the step arrays
+    reused from step to step): every spot's row holds its own three patches."""
+    rng = np.random.default_rng(5)
+    centers = rng.uniform(100, 1400, (75, 2))
+    with open_slide(pyramids["svs"], reader="tiffslide") as slide:
+        plan = plan_slide_reads(slide, centers, (0.5, 1.0, 2.0), SIZES, level_source=level_source, step_spots=7)
+        assert plan.n_steps > 10
+        rows = np.full((len(centers), 3), np.nan, np.float32)
+        stats = run_stream(
+            slide, plan, MeanPixelBackend(), [0.0] * 3, [1.0] * 3, lambda s, p: rows.__setitem__(s, p), batch_size=16
+        )
+        naive = read_spot_patches(slide, centers, (0.5, 1.0, 2.0), SIZES, level_source=level_source)
+        reused = list(iter_streamed_patches(slide, plan, reuse=True))
+    assert stats.batches == 5
+    expected = np.stack([patches.mean(axis=(1, 2, 3)) / 255 for patches in naive], axis=1)
+    np.testing.assert_allclose(rows, expected, rtol=1e-5)
+    assert np.shares_memory(reused[0][1][0], reused[-1][1][0]), "reuse=True hands out the same buffers"
+
+
 def test_streamed_engine_reports_a_reader_error(tmp_path, pyramids):
     with open_slide(pyramids["svs"], reader="tiffslide") as slide:
         plan = plan_slide_reads(slide, np.array([[700.0, 700.0]]), (0.5, 1.0, 2.0), SIZES)

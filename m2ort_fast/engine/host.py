@@ -53,15 +53,18 @@ def iter_streamed_patches(
     timer: StageTimer | None = None,
     num_threads: int = 0,
     reads: Iterable[list[tuple[int, int, np.ndarray]]] | None = None,
+    reuse: bool = False,
 ):
     """Yield (spot indices (n,), [patches (n, S_l, S_l, 3) uint8 per model input]) step by step,
     cropped from windows of decoded rows and resized by ``_core.resize_patches`` (bit for bit
     :func:`m2ort_fast.crop.resize_patches`, on ``num_threads`` threads, 0: one per core).
     ``reads``: an iterable of each step's decoded rows (the pipeline's reader thread); None reads
-    them here."""
+    them here. ``reuse``: the patches are views of buffers written again by the next step (valid
+    until the next one is asked for), which spares a fresh array, and its page faults, per step."""
     timer = timer or StageTimer()
     if reads is None:
         reads = (read_step(slide, plan, step, timer) for step in range(plan.n_steps))
+    out = StepBuffers(int(np.diff(plan.step_offsets).max(initial=0)), enabled=reuse)
     windows: list[Window] = []
     current_stripe = -1
     for step, decoded in enumerate(reads):
@@ -79,18 +82,40 @@ def iter_streamed_patches(
                     x0 = plan.stripe_columns[stripe, source, 0]
                     origins = squares.top_left_px[spots] - np.array([x0, windows[source].top], dtype=np.int64)
                     crops[source, squares.read_px] = _core.crop_patches(
-                        windows[source].region(), origins, squares.read_px, num_threads=num_threads
+                        windows[source].region(),
+                        origins,
+                        squares.read_px,
+                        out=out.get(("crop", source, squares.read_px), len(spots), squares.read_px),
+                        num_threads=num_threads,
                     )
             patches = [crops[source, squares.read_px] for source, squares in plan.inputs]
         with timer.stage("resize"):
             for i, (_, squares) in enumerate(plan.inputs):
                 if squares.read_px != squares.size_px:
-                    patches[i] = _core.resize_patches(patches[i], squares.size_px, num_threads=num_threads)
-            if plan.derived_sizes:
-                patches += [
-                    _core.resize_patches(patches[0], size, num_threads=num_threads) for size in plan.derived_sizes
-                ]
+                    resized = out.get(("resize", i), len(spots), squares.size_px)
+                    patches[i] = _core.resize_patches(patches[i], squares.size_px, out=resized, num_threads=num_threads)
+            for size in plan.derived_sizes:
+                derived = out.get(("derived", size), len(spots), size)
+                patches.append(_core.resize_patches(patches[0], size, out=derived, num_threads=num_threads))
         yield spots, patches
+
+
+class StepBuffers:
+    """The patch arrays of ``iter_streamed_patches(reuse=True)``: one (max_spots, S, S, 3) uint8
+    buffer per name, allocated on first use, its first n rows handed out each step (None where not
+    ``enabled``: the kernels then return fresh arrays)."""
+
+    def __init__(self, max_spots: int, enabled: bool = True):
+        self.max_spots, self.enabled = max_spots, enabled
+        self.buffers: dict[tuple, np.ndarray] = {}
+
+    def get(self, name: tuple, n: int, size_px: int) -> np.ndarray | None:
+        if not self.enabled:
+            return None
+        buffer = self.buffers.get(name)
+        if buffer is None:
+            buffer = self.buffers[name] = np.empty((self.max_spots, size_px, size_px, 3), dtype=np.uint8)
+        return buffer[:n]
 
 
 def read_step(
@@ -177,9 +202,6 @@ class HostStream:
         # Input batches come back from the model thread and are refilled: fresh 50 MB arrays per batch
         # would cost a page fault per 4 KB (and pinning, on a GPU) every time.
         self.free_batches: queue.SimpleQueue = queue.SimpleQueue()
-        # The assembler's (spots, patches per input) not yet batched, and how many spots they hold.
-        self.pending: list[tuple[np.ndarray, list[np.ndarray]]] = []
-        self.n_pending = 0
         self.batches_emitted = 0
         self.workers_left = self.workers
         self.workers_lock = threading.Lock()
@@ -228,37 +250,40 @@ class HostStream:
             _core.assemble_batch(patches, self.mean, self.std, out=buffer.numpy(), num_threads=self.num_threads)
 
     def assembler(self) -> None:
-        for spots, patches in iter_streamed_patches(
-            self.slide, self.plan, timer=self.timer, num_threads=self.num_threads, reads=iter(self.decoded_q)
-        ):
-            if len(spots):
-                self.pending.append((spots, patches))
-                self.n_pending += len(spots)
-            while self.n_pending >= self.batch_size:
-                self.emit(self.batch_size)
-        if self.n_pending:
-            self.emit(self.n_pending)
+        """Normalise each step's patches straight into batches, a batch emitted when full: a step's
+        patches are used up before the next step is cut, so its arrays are reused (``reuse``)."""
+        steps = iter_streamed_patches(
+            self.slide,
+            self.plan,
+            timer=self.timer,
+            num_threads=self.num_threads,
+            reads=iter(self.decoded_q),
+            reuse=True,
+        )
+        buffers: list | None = None
+        batch_spots: list[np.ndarray] = []
+        filled = 0
+        for spots, patches in steps:
+            taken = 0
+            while taken < len(spots):
+                if buffers is None:
+                    buffers = self.batch_buffers([piece.shape[1:3] for piece in patches])
+                take = min(self.batch_size - filled, len(spots) - taken)
+                with self.timer.stage("assemble"):
+                    for piece, buffer in zip(patches, buffers, strict=True):
+                        self.assemble_into(piece[taken : taken + take], buffer[filled : filled + take])
+                batch_spots.append(spots[taken : taken + take])
+                taken, filled = taken + take, filled + take
+                if filled == self.batch_size:
+                    self.emit(buffers, batch_spots, filled)
+                    buffers, batch_spots, filled = None, [], 0
+        if buffers is not None:  # the last batch, part-filled
+            self.emit(buffers, batch_spots, filled)
         self.batch_q.put(Pipe.DONE)
 
-    def emit(self, n: int) -> None:
-        """Normalise the first n pending spots straight into one batch (no concatenation)."""
-        pending = self.pending
-        with self.timer.stage("assemble"):
-            buffers = self.batch_buffers([patches.shape[1:3] for patches in pending[0][1]])
-            spots, filled = [], 0
-            while filled < n:
-                piece_spots, piece = pending[0]
-                take = min(n - filled, len(piece_spots))
-                for patches, buffer in zip(piece, buffers, strict=True):
-                    self.assemble_into(patches[:take], buffer[filled : filled + take])
-                spots.append(piece_spots[:take])
-                if take == len(piece_spots):
-                    pending.pop(0)
-                else:
-                    pending[0] = (piece_spots[take:], [patches[take:] for patches in piece])
-                filled += take
-            self.n_pending -= n
-        self.batch_q.put((self.batches_emitted, np.concatenate(spots), buffers, n))
+    def emit(self, buffers: list, batch_spots: list[np.ndarray], n: int) -> None:
+        """Hand a batch of n spots (the first n rows of ``buffers``) to the model workers."""
+        self.batch_q.put((self.batches_emitted, np.concatenate(batch_spots), buffers, n))
         self.batches_emitted += 1
 
     def writer(self) -> None:
