@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "batch_avx512.hpp"
 #include "parallel.hpp"
 
 namespace m2ort {
@@ -25,21 +26,35 @@ uint16_t bf16_bits(float value) {
 }
 
 // A uint8 has 256 values: a per-channel table computed in double gives the correctly rounded
-// float32 of (v / 255 - mean) / std, and turns the inner loop into loads and stores.
+// float32 of (v / 255 - mean) / std, and turns the inner loop into loads and stores (or, on
+// AVX-512 VBMI, into byte permutes over the same table's bytes).
 template <typename Out, typename Convert>
 void assemble_with_table(const uint8_t* patches, int64_t n, int64_t height, int64_t width,
                          const std::array<double, 3>& mean, const std::array<double, 3>& std_dev, Out* out,
-                         int64_t num_threads, Convert convert) {
+                         int64_t num_threads, CpuKernel kernel, Convert convert) {
   Out table[3][256];
   for (int c = 0; c < 3; ++c) {
     for (int v = 0; v < 256; ++v) {
       table[c][v] = convert(static_cast<float>((v / 255.0 - mean[c]) / std_dev[c]));
     }
   }
+  const bool vector = kernel != CpuKernel::kScalar && avx512_vbmi_available();
+  uint8_t table_bytes[3][sizeof(Out)][256];  // byte b of each value (x86: little-endian)
+  for (int c = 0; c < 3; ++c) {
+    for (int v = 0; v < 256; ++v) {
+      uint8_t value[sizeof(Out)];
+      std::memcpy(value, &table[c][v], sizeof(Out));
+      for (size_t b = 0; b < sizeof(Out); ++b) table_bytes[c][b][v] = value[b];
+    }
+  }
   const int64_t plane = height * width;
   const int64_t rows = n * height;  // unit of work: one image row of one patch
   const int64_t threads = choose_threads(rows, num_threads, kMinPixelsPerThread / std::max<int64_t>(1, width));
   parallel_for(rows, threads, [&](int64_t begin, int64_t end) {
+    if (vector) {
+      assemble_rows_avx512(patches, begin, end, height, width, table_bytes, reinterpret_cast<uint8_t*>(out));
+      return;
+    }
     for (int64_t row = begin; row < end; ++row) {
       const int64_t i = row / height, y = row % height;
       const uint8_t* src = patches + row * width * 3;
@@ -57,15 +72,20 @@ void assemble_with_table(const uint8_t* patches, int64_t n, int64_t height, int6
 
 }  // namespace
 
+std::vector<CpuKernel> assemble_kernels() {
+  if (avx512_vbmi_available()) return {CpuKernel::kAvx512Vbmi, CpuKernel::kScalar};
+  return {CpuKernel::kScalar};
+}
+
 void assemble_batch(const uint8_t* patches, int64_t n, int64_t height, int64_t width, const std::array<double, 3>& mean,
-                    const std::array<double, 3>& std_dev, float* out, int64_t num_threads) {
-  assemble_with_table(patches, n, height, width, mean, std_dev, out, num_threads, [](float v) { return v; });
+                    const std::array<double, 3>& std_dev, float* out, int64_t num_threads, CpuKernel kernel) {
+  assemble_with_table(patches, n, height, width, mean, std_dev, out, num_threads, kernel, [](float v) { return v; });
 }
 
 void assemble_batch_bf16(const uint8_t* patches, int64_t n, int64_t height, int64_t width,
                          const std::array<double, 3>& mean, const std::array<double, 3>& std_dev, uint16_t* out,
-                         int64_t num_threads) {
-  assemble_with_table(patches, n, height, width, mean, std_dev, out, num_threads, bf16_bits);
+                         int64_t num_threads, CpuKernel kernel) {
+  assemble_with_table(patches, n, height, width, mean, std_dev, out, num_threads, kernel, bf16_bits);
 }
 
 void crop_patches(const RegionView& region, const int64_t* origins_xy, int64_t n, int64_t size_px, uint8_t* out,

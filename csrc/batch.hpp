@@ -3,19 +3,27 @@
 
 #include <array>
 #include <cstdint>
+#include <vector>
+
+#include "simd.hpp"
 
 namespace m2ort {
+
+// The kernels assemble_batch and assemble_batch_bf16 can run on this CPU, the one kAuto picks
+// first: AVX-512 VBMI (batch_avx512.hpp) where the CPU has it, then the scalar loop.
+std::vector<CpuKernel> assemble_kernels();
 
 // patches (N, H, W, 3) uint8, C-contiguous -> out (N, 3, H, W) float32, C-contiguous,
 // out = (patches / 255 - mean[c]) / std[c].
 void assemble_batch(const uint8_t* patches, int64_t n, int64_t height, int64_t width, const std::array<double, 3>& mean,
-                    const std::array<double, 3>& std_dev, float* out, int64_t num_threads);
+                    const std::array<double, 3>& std_dev, float* out, int64_t num_threads,
+                    CpuKernel kernel = CpuKernel::kAuto);
 
 // The same values rounded to bfloat16 (round to nearest even, as torch's float32 -> bfloat16 cast),
 // written as their 16-bit patterns: what a bf16 model's first cast of the float32 batch gives.
 void assemble_batch_bf16(const uint8_t* patches, int64_t n, int64_t height, int64_t width,
                          const std::array<double, 3>& mean, const std::array<double, 3>& std_dev, uint16_t* out,
-                         int64_t num_threads);
+                         int64_t num_threads, CpuKernel kernel = CpuKernel::kAuto);
 
 // Crops n square patches of size_px from an RGB region and writes them to out (n, size, size, 3)
 // uint8, C-contiguous. The region is (H, W, 3) uint8 addressed through byte strides (so an RGBA

@@ -112,13 +112,44 @@ py::array rgb_patches(const py::object& patches_obj, const std::string& where) {
   return patches;
 }
 
+const char* kernel_name(m2ort::CpuKernel kernel) {
+  switch (kernel) {
+    case m2ort::CpuKernel::kAvx512Vbmi:
+      return "avx512_vbmi";
+    case m2ort::CpuKernel::kScalar:
+      return "scalar";
+    default:
+      return "auto";
+  }
+}
+
+std::vector<std::string> kernel_names(const std::vector<m2ort::CpuKernel>& kernels) {
+  std::vector<std::string> names;
+  for (const m2ort::CpuKernel kernel : kernels) names.push_back(kernel_name(kernel));
+  return names;
+}
+
+// "auto", or one of the kernels `available` (what *_kernels() lists for the call's arguments).
+m2ort::CpuKernel checked_kernel(const std::string& name, const std::vector<m2ort::CpuKernel>& available,
+                                const std::string& what, const std::string& where) {
+  if (name == "auto") return m2ort::CpuKernel::kAuto;
+  std::string listed;
+  for (const m2ort::CpuKernel kernel : available) {
+    if (name == kernel_name(kernel)) return kernel;
+    listed += std::string(", ") + kernel_name(kernel);
+  }
+  fail(where, "kernel '" + name + "' cannot " + what + " on this CPU (available: auto" + listed + ")");
+}
+
 // assemble_batch and assemble_batch_bf16: the same checks, then Kernel (m2ort::assemble_batch or
 // its bf16 twin) into an (N, 3, H, W) array of Out.
 template <typename Out, auto Kernel>
 py::array_t<Out> assemble(const char* where_name, const py::object& patches_obj, const std::vector<double>& mean_values,
-                          const std::vector<double>& std_values, const py::object& out_obj, int64_t num_threads) {
+                          const std::vector<double>& std_values, const py::object& out_obj, int64_t num_threads,
+                          const std::string& kernel_name) {
   const std::string where = where_name;
   py::array patches = rgb_patches(patches_obj, where);
+  const m2ort::CpuKernel kernel = checked_kernel(kernel_name, m2ort::assemble_kernels(), "assemble", where);
   const auto mean = three_floats(mean_values, where, "mean", false);
   const auto std_dev = three_floats(std_values, where, "std", true);
   const int64_t threads = thread_count(num_threads, where);
@@ -129,23 +160,23 @@ py::array_t<Out> assemble(const char* where_name, const py::object& patches_obj,
   Out* dst = out.mutable_data();
   {
     py::gil_scoped_release release;
-    Kernel(src, n, height, width, mean, std_dev, dst, threads);
+    Kernel(src, n, height, width, mean, std_dev, dst, threads, kernel);
   }
   return out;
 }
 
 py::array_t<float> assemble_batch(const py::object& patches_obj, const std::vector<double>& mean_values,
-                                  const std::vector<double>& std_values, const py::object& out_obj,
-                                  int64_t num_threads) {
+                                  const std::vector<double>& std_values, const py::object& out_obj, int64_t num_threads,
+                                  const std::string& kernel) {
   return assemble<float, m2ort::assemble_batch>("assemble_batch", patches_obj, mean_values, std_values, out_obj,
-                                                num_threads);
+                                                num_threads, kernel);
 }
 
 py::array_t<uint16_t> assemble_batch_bf16(const py::object& patches_obj, const std::vector<double>& mean_values,
                                           const std::vector<double>& std_values, const py::object& out_obj,
-                                          int64_t num_threads) {
+                                          int64_t num_threads, const std::string& kernel) {
   return assemble<uint16_t, m2ort::assemble_batch_bf16>("assemble_batch_bf16", patches_obj, mean_values, std_values,
-                                                        out_obj, num_threads);
+                                                        out_obj, num_threads, kernel);
 }
 
 py::array_t<uint8_t> crop_patches(const py::object& region_obj, const py::object& origins_obj, int64_t size_px,
@@ -185,37 +216,6 @@ py::array_t<uint8_t> crop_patches(const py::object& region_obj, const py::object
   return out;
 }
 
-const char* kernel_name(m2ort::ResizeKernel kernel) {
-  switch (kernel) {
-    case m2ort::ResizeKernel::kAvx512Vbmi:
-      return "avx512_vbmi";
-    case m2ort::ResizeKernel::kScalar:
-      return "scalar";
-    default:
-      return "auto";
-  }
-}
-
-std::vector<std::string> resize_kernels(int64_t in_size, int64_t out_size) {
-  std::vector<std::string> names;
-  for (const m2ort::ResizeKernel kernel : m2ort::resize_kernels(in_size, out_size))
-    names.push_back(kernel_name(kernel));
-  return names;
-}
-
-// "auto", or a kernel that resize_kernels(S, size_px) lists.
-m2ort::ResizeKernel checked_kernel(const std::string& name, int64_t in_size, int64_t out_size,
-                                   const std::string& where) {
-  if (name == "auto") return m2ort::ResizeKernel::kAuto;
-  std::string available;
-  for (const m2ort::ResizeKernel kernel : m2ort::resize_kernels(in_size, out_size)) {
-    if (name == kernel_name(kernel)) return kernel;
-    available += std::string(available.empty() ? "" : ", ") + kernel_name(kernel);
-  }
-  fail(where, "kernel '" + name + "' cannot resize " + std::to_string(in_size) + " -> " + std::to_string(out_size) +
-                  " on this CPU (available: auto, " + available + ")");
-}
-
 py::array_t<uint8_t> resize_patches(const py::object& patches_obj, int64_t size_px, const py::object& out_obj,
                                     int64_t num_threads, const std::string& kernel_name) {
   const std::string where = "resize_patches";
@@ -228,7 +228,9 @@ py::array_t<uint8_t> resize_patches(const py::object& patches_obj, int64_t size_
   if (size_px <= 0) fail(where, "size_px must be > 0, got " + std::to_string(size_px));
   const int64_t threads = thread_count(num_threads, where);
   const int64_t n = patches.shape(0), height = patches.shape(1), width = patches.shape(2);
-  const m2ort::ResizeKernel kernel = checked_kernel(kernel_name, width, size_px, where);
+  const m2ort::CpuKernel kernel =
+      checked_kernel(kernel_name, m2ort::resize_kernels(width, size_px),
+                     "resize " + std::to_string(width) + " -> " + std::to_string(size_px), where);
   py::array_t<uint8_t> out = output_array<uint8_t>(out_obj, {n, size_px, size_px, 3}, patches, where);
 
   const auto* src = static_cast<const uint8_t*>(patches.data());
@@ -312,15 +314,24 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "m2ort-fast native core: read plan, multi-threaded crop, resize and batch assembly (GIL released).";
 
   m.def("assemble_batch", &assemble_batch, py::arg("patches"), py::arg("mean"), py::arg("std"),
-        py::arg("out") = py::none(), py::arg("num_threads") = 0,
+        py::arg("out") = py::none(), py::arg("num_threads") = 0, py::arg("kernel") = "auto",
         R"doc(Normalise a batch of RGB patches into one NCHW float32 array.
 
 patches: (N, H, W, 3) uint8, C-contiguous. mean, std: 3 floats each (R, G, B, on the 0-1 scale).
 out: optional (N, 3, H, W) float32 C-contiguous array written in place. num_threads: 0 = one per
-CPU in this process's affinity mask (fewer for small batches). Returns out, (N, 3, H, W) float32 = (patches / 255 - mean) / std.)doc");
+CPU in this process's affinity mask (fewer for small batches). kernel: "auto" (the first of
+assemble_kernels()) or one it lists; all give the same bits. Returns out, (N, 3, H, W) float32 =
+(patches / 255 - mean) / std.)doc");
+
+  m.def(
+      "assemble_kernels", []() { return kernel_names(m2ort::assemble_kernels()); },
+      R"doc(The kernels assemble_batch and assemble_batch_bf16 can run on this CPU, the one "auto" picks first.
+
+"avx512_vbmi" (byte permutes over the same per-channel table) where the CPU has AVX-512 VBMI, then
+"scalar". Every kernel gives the same bits.)doc");
 
   m.def("assemble_batch_bf16", &assemble_batch_bf16, py::arg("patches"), py::arg("mean"), py::arg("std"),
-        py::arg("out") = py::none(), py::arg("num_threads") = 0,
+        py::arg("out") = py::none(), py::arg("num_threads") = 0, py::arg("kernel") = "auto",
         R"doc(assemble_batch rounded to bfloat16: the same float32 values cast as torch casts them (round
 to nearest even), returned as their bit patterns, (N, 3, H, W) uint16 (view them with
 torch.from_numpy(a).view(torch.bfloat16)). out: optional (N, 3, H, W) uint16 C-contiguous array.)doc");
@@ -342,8 +353,11 @@ Image.resize(BILINEAR, reducing_gap=None), with the weights computed once for th
 patches split over num_threads threads (0 = one per CPU in this process's affinity mask). out: optional
 (N, size_px, size_px, 3) uint8 C-contiguous array written in place. kernel: the horizontal pass's,
 "auto" (the first of resize_kernels(S, size_px)) or one it lists; all give the same bytes. Returns out.)doc");
-  m.def("resize_kernels", &resize_kernels, py::arg("in_size"), py::arg("out_size"),
-        R"doc(The kernels resize_patches can run for in_size -> out_size on this CPU, the one "auto" picks first.
+  m.def(
+      "resize_kernels",
+      [](int64_t in_size, int64_t out_size) { return kernel_names(m2ort::resize_kernels(in_size, out_size)); },
+      py::arg("in_size"), py::arg("out_size"),
+      R"doc(The kernels resize_patches can run for in_size -> out_size on this CPU, the one "auto" picks first.
 
 "avx512_vbmi" (a byte permute and 32-bit multiply-adds, 16 output bytes at a time) where the CPU has
 AVX-512 VBMI and the shrink is at most about 4x, then "scalar". Every kernel gives the same bytes.)doc");

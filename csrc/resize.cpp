@@ -177,12 +177,12 @@ void vertical_pass_avx512(const uint8_t* in, int64_t row_offset, int64_t row_byt
 
 }  // namespace
 
-std::vector<ResizeKernel> resize_kernels(int64_t in_width, int64_t out_width) {
-  std::vector<ResizeKernel> kernels;
+std::vector<CpuKernel> resize_kernels(int64_t in_width, int64_t out_width) {
+  std::vector<CpuKernel> kernels;
   if (avx512_vbmi_available() && in_width != out_width &&
       horizontal_tables(resize_taps(static_cast<int>(in_width), static_cast<int>(out_width)), in_width, out_width))
-    kernels.push_back(ResizeKernel::kAvx512Vbmi);
-  kernels.push_back(ResizeKernel::kScalar);
+    kernels.push_back(CpuKernel::kAvx512Vbmi);
+  kernels.push_back(CpuKernel::kScalar);
   return kernels;
 }
 
@@ -197,7 +197,7 @@ ResizeTaps resize_taps(int in_size, int out_size) {
 }
 
 void resize_patches(const uint8_t* patches, int64_t n, int64_t in_height, int64_t in_width, int64_t out_height,
-                    int64_t out_width, uint8_t* out, int64_t num_threads, ResizeKernel kernel) {
+                    int64_t out_width, uint8_t* out, int64_t num_threads, CpuKernel kernel) {
   const int64_t in_bytes = in_height * in_width * 3, out_bytes = out_height * out_width * 3;
   const bool need_horizontal = out_width != in_width, need_vertical = out_height != in_height;
   if (!need_horizontal && !need_vertical) {
@@ -210,7 +210,7 @@ void resize_patches(const uint8_t* patches, int64_t n, int64_t in_height, int64_
   const FixedTaps columns = fixed_taps(column_taps, static_cast<int>(in_width));
   // Both passes in AVX-512 where the CPU has it and the horizontal tables fit (kAuto), or on request.
   std::optional<HorizontalTables> vector_tables;
-  if (need_horizontal && kernel != ResizeKernel::kScalar && avx512_vbmi_available())
+  if (need_horizontal && kernel != CpuKernel::kScalar && avx512_vbmi_available())
     vector_tables = horizontal_tables(columns, in_width, out_width);
   const auto vertical = vector_tables ? vertical_pass_avx512 : vertical_pass;
   // As Pillow: the horizontal pass only covers the input rows the vertical pass reads.

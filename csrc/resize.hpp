@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "simd.hpp"
+
 namespace m2ort {
 
 // Pillow's fixed point: weights are integers scaled by 2^kResizePrecisionBits.
@@ -21,13 +23,10 @@ struct ResizeTaps {
 };
 ResizeTaps resize_taps(int in_size, int out_size);
 
-// The horizontal pass's kernels; every one gives the same bytes (the vertical pass is one loop the
-// compiler vectorises).
-enum class ResizeKernel { kAuto, kScalar, kAvx512Vbmi };
-
-// The kernels that can run a horizontal pass in_width -> out_width on this CPU, the one kAuto picks
-// first: AVX-512 VBMI where the CPU has it and the shrink is at most ~4x, then the scalar loop.
-std::vector<ResizeKernel> resize_kernels(int64_t in_width, int64_t out_width);
+// The kernels that can run resize_patches in_width -> out_width on this CPU, the one kAuto picks
+// first: AVX-512 VBMI (both passes; resize_avx512.hpp) where the CPU has it and the shrink is at
+// most ~4x, then the scalar loops.
+std::vector<CpuKernel> resize_kernels(int64_t in_width, int64_t out_width);
 
 // patches (N, in_height, in_width, 3) uint8, C-contiguous -> out (N, out_height, out_width, 3)
 // uint8, C-contiguous. The same arithmetic as Pillow's 8-bit resampler (libImaging/Resample.c):
@@ -37,6 +36,6 @@ std::vector<ResizeKernel> resize_kernels(int64_t in_width, int64_t out_width);
 // spends its time on one image at a time (RGB padded to 4 bytes, a Python call per patch), this
 // computes the weights once per batch and splits the patches over threads.
 void resize_patches(const uint8_t* patches, int64_t n, int64_t in_height, int64_t in_width, int64_t out_height,
-                    int64_t out_width, uint8_t* out, int64_t num_threads, ResizeKernel kernel = ResizeKernel::kAuto);
+                    int64_t out_width, uint8_t* out, int64_t num_threads, CpuKernel kernel = CpuKernel::kAuto);
 
 }  // namespace m2ort

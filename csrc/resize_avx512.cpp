@@ -3,10 +3,7 @@
 #include <algorithm>
 #include <cstdlib>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define M2ORT_HAVE_AVX512_KERNEL 1
-#include <immintrin.h>
-#endif
+#include "simd.hpp"
 
 namespace m2ort {
 
@@ -44,23 +41,11 @@ std::optional<HorizontalTables> horizontal_tables(const ResizeTaps& taps, int64_
   return tables;
 }
 
-#if defined(M2ORT_HAVE_AVX512_KERNEL)
-
-bool avx512_vbmi_available() {
-  // GCC's and clang's checks include the OS saving the AVX-512 registers (XCR0).
-  static const bool available = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi");
-  return available;
-}
+#if defined(M2ORT_HAVE_AVX512_KERNELS)
 
 namespace {
-__attribute__((target("avx512f,avx512bw"))) inline __mmask64 first_bytes(int64_t count) {
-  return count >= 64 ? ~__mmask64{0} : count <= 0 ? __mmask64{0} : (__mmask64{1} << count) - 1;
-}
-}  // namespace
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) void horizontal_row_avx512(
-    const uint8_t* src, const HorizontalTables& tables, uint8_t* dst) {
+M2ORT_AVX512_VBMI void horizontal_row(const uint8_t* src, const HorizontalTables& tables, uint8_t* dst) {
   constexpr int kPrecisionBits = kResizePrecisionBits;
   const __m512i half = _mm512_set1_epi32(int32_t{1} << (kPrecisionBits - 1));
   const __m512i zero = _mm512_setzero_si512();
@@ -87,11 +72,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) void horizontal_
   }
 }
 
-#else
+}  // namespace
 
-bool avx512_vbmi_available() {
-  return false;
+// Compiled for the baseline: callers need no target attribute of their own.
+void horizontal_row_avx512(const uint8_t* src, const HorizontalTables& tables, uint8_t* dst) {
+  horizontal_row(src, tables, dst);
 }
+
+#else
 
 void horizontal_row_avx512(const uint8_t*, const HorizontalTables&, uint8_t*) {
   std::abort();

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "resize.hpp"
+#include "simd.hpp"
 
 namespace m2ort {
 
@@ -22,9 +23,6 @@ struct HorizontalTables {
   std::vector<uint8_t> index;    // groups x ksize x 64: byte k*4 of lane k = the window byte it takes
   std::vector<int32_t> weights;  // groups x ksize x 16
 };
-
-// True where this CPU (and its OS) runs the kernel below.
-bool avx512_vbmi_available();
 
 // The tables for taps (resize_taps(in_width, out_width)); nullopt where a group's taps span more
 // than 128 input bytes (shrinks beyond ~4x), which the scalar pass handles.

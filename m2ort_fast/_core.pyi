@@ -32,13 +32,19 @@ def assemble_batch(
     std: Sequence[float] | npt.NDArray[np.floating[Any]],
     out: npt.NDArray[np.float32] | None = None,
     num_threads: int = 0,
+    kernel: str = "auto",
 ) -> npt.NDArray[np.float32]:
     """Normalise a batch of RGB patches into one NCHW float32 array.
 
     patches: (N, H, W, 3) uint8, C-contiguous. mean, std: 3 floats each (R, G, B, on the 0-1 scale;
     std non-zero). out: optional (N, 3, H, W) float32 C-contiguous array written in place (must not
-    share memory with patches). Returns out, (N, 3, H, W) float32 = (patches / 255 - mean) / std.
+    share memory with patches). kernel: "auto" (the first of :func:`assemble_kernels`) or one it
+    lists; all give the same bits. Returns out, (N, 3, H, W) float32 = (patches / 255 - mean) / std.
     """
+
+def assemble_kernels() -> list[str]:
+    """The kernels assemble_batch and assemble_batch_bf16 can run on this CPU, auto's pick first:
+    "avx512_vbmi" where the CPU has AVX-512 VBMI, then "scalar"."""
 
 def assemble_batch_bf16(
     patches: npt.NDArray[np.uint8],
@@ -46,6 +52,7 @@ def assemble_batch_bf16(
     std: Sequence[float] | npt.NDArray[np.floating[Any]],
     out: npt.NDArray[np.uint16] | None = None,
     num_threads: int = 0,
+    kernel: str = "auto",
 ) -> npt.NDArray[np.uint16]:
     """``assemble_batch`` rounded to bfloat16 as torch casts float32 (round to nearest even): the
     bit patterns, (N, 3, H, W) uint16; ``torch.from_numpy(a).view(torch.bfloat16)`` reads them."""

@@ -1,0 +1,22 @@
+// batch.cpp's table lookups on AVX-512 VBMI, 64 pixels of one channel at a time: two byte
+// permutes pull the channel out of 192 interleaved RGB bytes; each byte of the output values
+// is looked up in its own 256-byte table (two two-register permutes, blended on the index's top
+// bit); byte permutes interleave those bytes into the values. The tables are batch.cpp's, so the
+// output is the scalar loop's bit for bit.
+#pragma once
+
+#include <cstdint>
+
+#include "simd.hpp"
+
+namespace m2ort {
+
+// Rows [row_begin, row_end) of patches (N, height, width, 3) uint8 -> out (N, 3, height, width)
+// of 2-byte (bf16 bits) or 4-byte (float32) little-endian values. tables[c][b][v]: byte b of
+// channel c's value for input byte v. Only where avx512_vbmi_available().
+void assemble_rows_avx512(const uint8_t* patches, int64_t row_begin, int64_t row_end, int64_t height, int64_t width,
+                          const uint8_t (&tables)[3][2][256], uint8_t* out);
+void assemble_rows_avx512(const uint8_t* patches, int64_t row_begin, int64_t row_end, int64_t height, int64_t width,
+                          const uint8_t (&tables)[3][4][256], uint8_t* out);
+
+}  // namespace m2ort
