@@ -162,17 +162,13 @@ void vertical_pass(const uint8_t* in, int64_t row_offset, int64_t row_bytes, con
   vertical_pass_body(in, row_offset, row_bytes, taps, out_height, out);
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void vertical_pass_avx512(const uint8_t* in, int64_t row_offset,
-                                                                               int64_t row_bytes, const AxisTaps& taps,
-                                                                               int64_t out_height, uint8_t* out) {
+#if defined(M2ORT_HAVE_AVX512_KERNELS)
+M2ORT_AVX512_VBMI void vertical_pass_avx512(const uint8_t* in, int64_t row_offset, int64_t row_bytes,
+                                            const AxisTaps& taps, int64_t out_height, uint8_t* out) {
   vertical_pass_body(in, row_offset, row_bytes, taps, out_height, out);
 }
 #else
-void vertical_pass_avx512(const uint8_t* in, int64_t row_offset, int64_t row_bytes, const AxisTaps& taps,
-                          int64_t out_height, uint8_t* out) {
-  vertical_pass_body(in, row_offset, row_bytes, taps, out_height, out);
-}
+const auto vertical_pass_avx512 = vertical_pass;  // never picked: no AVX-512 tables are built
 #endif
 
 }  // namespace
