@@ -129,12 +129,14 @@ std::vector<std::string> kernel_names(const std::vector<m2ort::CpuKernel>& kerne
   return names;
 }
 
-// "auto", or one of the kernels `available` (what *_kernels() lists for the call's arguments).
-m2ort::CpuKernel checked_kernel(const std::string& name, const std::vector<m2ort::CpuKernel>& available,
-                                const std::string& what, const std::string& where) {
+// "auto", or one of the kernels available() lists (what *_kernels() says for the call's arguments;
+// only asked for a named kernel).
+template <typename Available>
+m2ort::CpuKernel checked_kernel(const std::string& name, Available available, const std::string& what,
+                                const std::string& where) {
   if (name == "auto") return m2ort::CpuKernel::kAuto;
   std::string listed;
-  for (const m2ort::CpuKernel kernel : available) {
+  for (const m2ort::CpuKernel kernel : available()) {
     if (name == kernel_name(kernel)) return kernel;
     listed += std::string(", ") + kernel_name(kernel);
   }
@@ -149,7 +151,7 @@ py::array_t<Out> assemble(const char* where_name, const py::object& patches_obj,
                           const std::string& kernel_name) {
   const std::string where = where_name;
   py::array patches = rgb_patches(patches_obj, where);
-  const m2ort::CpuKernel kernel = checked_kernel(kernel_name, m2ort::assemble_kernels(), "assemble", where);
+  const m2ort::CpuKernel kernel = checked_kernel(kernel_name, m2ort::assemble_kernels, "assemble", where);
   const auto mean = three_floats(mean_values, where, "mean", false);
   const auto std_dev = three_floats(std_values, where, "std", true);
   const int64_t threads = thread_count(num_threads, where);
@@ -228,9 +230,9 @@ py::array_t<uint8_t> resize_patches(const py::object& patches_obj, int64_t size_
   if (size_px <= 0) fail(where, "size_px must be > 0, got " + std::to_string(size_px));
   const int64_t threads = thread_count(num_threads, where);
   const int64_t n = patches.shape(0), height = patches.shape(1), width = patches.shape(2);
-  const m2ort::CpuKernel kernel =
-      checked_kernel(kernel_name, m2ort::resize_kernels(width, size_px),
-                     "resize " + std::to_string(width) + " -> " + std::to_string(size_px), where);
+  const m2ort::CpuKernel kernel = checked_kernel(
+      kernel_name, [&] { return m2ort::resize_kernels(width, size_px); },
+      "resize " + std::to_string(width) + " -> " + std::to_string(size_px), where);
   py::array_t<uint8_t> out = output_array<uint8_t>(out_obj, {n, size_px, size_px, 3}, patches, where);
 
   const auto* src = static_cast<const uint8_t*>(patches.data());
