@@ -40,7 +40,7 @@ void assemble_with_table(const uint8_t* patches, int64_t n, int64_t height, int6
   }
   const bool vector = kernel != CpuKernel::kScalar && avx512_vbmi_available();
   uint8_t table_bytes[3][sizeof(Out)][256];  // byte b of each value (x86: little-endian)
-  for (int c = 0; c < 3; ++c) {
+  for (int c = 0; c < 3 && vector; ++c) {
     for (int v = 0; v < 256; ++v) {
       uint8_t value[sizeof(Out)];
       std::memcpy(value, &table[c][v], sizeof(Out));

@@ -353,7 +353,7 @@ the region, where they are filled with white (255). size_px: patch side. out: op
 patches: (N, S, S, 3) uint8, C-contiguous. The same antialiased bilinear arithmetic as Pillow's
 Image.resize(BILINEAR, reducing_gap=None), with the weights computed once for the batch and the
 patches split over num_threads threads (0 = one per CPU in this process's affinity mask). out: optional
-(N, size_px, size_px, 3) uint8 C-contiguous array written in place. kernel: the horizontal pass's,
+(N, size_px, size_px, 3) uint8 C-contiguous array written in place. kernel: both passes',
 "auto" (the first of resize_kernels(S, size_px)) or one it lists; all give the same bytes. Returns out.)doc");
   m.def(
       "resize_kernels",
