@@ -43,6 +43,10 @@ if [[ "$what" == bench || "$what" == all ]]; then
     --json "$OUT/slide.json" 2>&1 | tail -20 | tee "$OUT/slide.txt"
   python3 bench/slide.py --slide m2ort_fast/assets/demo_slide.tiff --spacing-um 27.5 --reader cucim --device cuda \
     --json "$OUT/slide_resize.json" 2>&1 | tail -20 | tee "$OUT/slide_resize.txt"
+  # the default model (M2ORT over EfficientNet-Lite0's stride-8 stage): bf16 against fp32 eager
+  python3 bench/slide.py --slide m2ort_fast/assets/demo_slide.tiff --spacing-um 27.5 --reader cucim --device cuda \
+    --checkpoint m2ort-her2st-tiny-efficientnet-lite0-s8 --precision bf16 --baseline torch:fp32 \
+    --json "$OUT/slide_encoder.json" 2>&1 | tail -20 | tee "$OUT/slide_encoder.txt"
   for path in host device; do
     m2ort-fast predict --quiet --overwrite --device cuda --data-path "$path" --profile "$OUT/profile_demo_$path.json" \
       --out "/tmp/m2ort-demo-$path" 2>&1 | tail -5

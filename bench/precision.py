@@ -4,7 +4,7 @@
                               [--runs torch:fp32,torch:bf16,aoti:bf16,onnxruntime:int8]
                               [--batch-size 64] [--mates-batch-size 23] [--json out.json]
 
-Default: the shipped model on the four her2st sections (../shared/data/her2st/C2..C5). Each
+Default: the default shipped model on the four her2st sections (../shared/data/her2st/C2..C5). Each
 section goes through what `m2ort-fast evaluate` does (the same patch cache, targets and
 :func:`m2ort_fast.metrics.summarize`), once per backend:precision; the first run (torch:fp32) is
 the reference. Per section and run it prints the predictions' max and mean abs difference from
@@ -37,7 +37,7 @@ from m2ort_fast.device import resolve_device
 from m2ort_fast.evaluate import predict_levels, section_patches, section_targets
 from m2ort_fast.patch_cache import PatchCache
 from m2ort_fast.precision import QUALITY_BOUND
-from m2ort_fast.predict import DEFAULT_CHECKPOINT
+from m2ort_fast.predict import DEFAULT_MODEL, checkpoint_path
 
 HER2ST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "her2st"
 DEFAULT_SECTIONS = [str(HER2ST / name) for name in ("C2", "C3", "C4", "C5")]
@@ -80,7 +80,7 @@ def batch_mates_move(backend, card, levels: list[np.ndarray], mates: int, preds:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sections", nargs="*", default=DEFAULT_SECTIONS)
-    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    parser.add_argument("--checkpoint", default=DEFAULT_MODEL, help="a checkpoint or shipped model's name")
     parser.add_argument(
         "--runs", default=DEFAULT_RUNS, help="comma-separated backend:precision; the first is the reference"
     )
@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("--patch-cache", default=None, help="patch cache (default: evaluate's)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    args.checkpoint = str(checkpoint_path(args.checkpoint))
 
     device = resolve_device(args.device)
     runs = [tuple(run.split(":")) for run in args.runs.split(",")]

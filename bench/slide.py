@@ -91,7 +91,9 @@ def make_predictor(args, mpp: float, tmp: Path, backend: str | None = None, prec
     from m2ort_fast.predict import DEFAULT_CHECKPOINT, Predictor
 
     checkpoint = args.checkpoint
-    if checkpoint is None and args.variant != "tiny":
+    if checkpoint is None and args.variant == "tiny":
+        checkpoint = "m2ort-her2st-tiny"  # the paper's model as shipped (the figures in docs/ are its)
+    elif checkpoint is None:
         genes = read_card(DEFAULT_CHECKPOINT).genes
         card = ModelCard.for_variant(args.variant, genes, mpp)
         torch.manual_seed(0)
@@ -327,8 +329,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--region-px", type=int, default=3072, help="centre crop of the section (0: whole section)")
     parser.add_argument("--spacing-um", type=float, default=55.0)
-    parser.add_argument("--variant", default="tiny", help="random-weight model of this variant (tiny: the demo model)")
-    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument(
+        "--variant", default="tiny", help="random-weight model of this variant (tiny: the shipped m2ort-her2st-tiny)"
+    )
+    parser.add_argument(
+        "--checkpoint", default=None, help="a checkpoint or shipped model, e.g. m2ort-her2st-tiny-efficientnet-lite0-s8"
+    )
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32", help="fp32, bf16, int8 (see the README's Precision)")

@@ -138,6 +138,27 @@ def model_for_card(card: ModelCard) -> M2ORT:
     return M2ORT(cfg, token_embed=EncoderTokens(encoder_from_card(card.encoder), cfg.level_dim, grid=grid))
 
 
+def card_size(card: ModelCard) -> dict:
+    """{"params", "params_M", "gflops_per_spot"} of the model a card describes. The reference
+    M2ORT: its configuration's closed form (:func:`m2ort_fast.model.describe`); M2ORT over an
+    encoder: parameters counted on the built model (the encoder's included) and FLOPs counted by
+    torch's FlopCounterMode on one spot (2 per multiply-add of matmuls and convolutions; the
+    encoder's dominate)."""
+    from m2ort_fast.model import count_parameters, describe
+
+    if not card.encoder:
+        return {k: v for k, v in describe(card.config).items() if k in ("params", "params_M", "gflops_per_spot")}
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = model_for_card(card).eval()
+    levels = [torch.zeros(1, 3, s, s) for s in IMAGE_SIZES_PX]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*levels)
+    params = count_parameters(model)
+    gflops = counter.get_total_flops() / 1e9
+    return {"params": params, "params_M": round(params / 1e6, 2), "gflops_per_spot": round(gflops, 2)}
+
+
 def read_card(path: str | os.PathLike) -> ModelCard:
     """Read only the metadata of a checkpoint (cheap: the header, not the weights)."""
     path = Path(path)

@@ -27,6 +27,7 @@ from m2ort_fast.engine import DATA_PATHS, DEFAULT_MAX_GPU_MEMORY_MB, DEFAULT_MAX
 from m2ort_fast.errors import M2ORTError
 from m2ort_fast.options import DEFAULT_OUT_DIR, MAX_HEATMAPS, device_name, mpp_value, number, positive_int
 from m2ort_fast.precision import PRECISION_CHOICES
+from m2ort_fast.predict import DEFAULT_MODEL, SHIPPED_MODELS
 from m2ort_fast.slide import READERS
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,12 @@ def _add_input_arguments(p) -> None:
 
 
 def _add_model_arguments(p) -> None:
-    p.add_argument("--checkpoint", default=None, help="model checkpoint (.safetensors); default: the package's model")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help=f"model checkpoint (.safetensors) or a shipped model's name ({', '.join(SHIPPED_MODELS)}); "
+        f"default: {DEFAULT_MODEL}",
+    )
     p.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--batch-size", type=number(int, 0, what="the batch size"), default=64)
     p.add_argument("--backend", default="torch", help="inference backend (default: %(default)s)")
@@ -331,7 +337,9 @@ def add_info(subparsers) -> None:
     p = subparsers.add_parser("info", help="describe a slide (levels, mpp, vendor) and/or a model (params, FLOPs)")
     p.add_argument("slide", nargs="?", help="slide to describe")
     p.add_argument("--model", default=None, help="model variant: tiny, small, base, large, or 'all'")
-    p.add_argument("--checkpoint", default=None, help="describe a checkpoint (variant, genes, mpp, provenance)")
+    p.add_argument(
+        "--checkpoint", default=None, help="describe a checkpoint or shipped model (variant, genes, mpp, provenance)"
+    )
     p.add_argument("--genes", type=positive_int, default=250, help="gene panel size for --model (default 250)")
     p.add_argument("--mpp", type=mpp_value, default=None, help="level-0 mpp to assume for a slide without it")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -359,11 +367,13 @@ def run_info(args) -> int:
         with open_slide(args.slide, mpp=args.mpp) as slide:
             report["slide"] = slide.info()
     if args.checkpoint:
-        from m2ort_fast.checkpoint import read_card
+        from m2ort_fast.checkpoint import card_size, read_card
+        from m2ort_fast.predict import checkpoint_path
 
-        card = read_card(args.checkpoint)
+        path = checkpoint_path(args.checkpoint)
+        card = read_card(path)
         report["checkpoint"] = {
-            "path": args.checkpoint,
+            "path": str(path),
             "model_id": card.model_id,
             "variant": card.variant,
             "trained": card.trained,
@@ -374,14 +384,14 @@ def run_info(args) -> int:
             "patch_sizes_px": card.patch_sizes_px,
             "target_transform": card.target_transform,
             "provenance": card.provenance,
-            **{k: v for k, v in describe(card.config).items() if k in ("params", "params_M", "gflops_per_spot")},
+            **card_size(card),
         }
     if args.backends:
         from m2ort_fast.backends.auto_info import auto_info
-        from m2ort_fast.predict import DEFAULT_CHECKPOINT
+        from m2ort_fast.predict import checkpoint_path
 
         report["backends"] = auto_info(
-            args.checkpoint or str(DEFAULT_CHECKPOINT),
+            str(checkpoint_path(args.checkpoint)),
             device=args.device,
             precision=args.precision,
             batch_size=args.batch_size,

@@ -540,8 +540,10 @@ def _format_row(label: str, m: dict) -> str:
 
 
 def run_evaluate(args) -> int:
+    from m2ort_fast.predict import checkpoint_path
+
     report = evaluate_sections(
-        args.checkpoint,
+        checkpoint_path(args.checkpoint),
         args.sections,
         out_dir=args.out,
         baseline_sections=args.baseline_sections,
@@ -586,7 +588,7 @@ def add_subcommands(subparsers) -> None:
         "evaluate", help="score a checkpoint on held-out sections (PCC, RMSE, MAE; per spot and per gene)"
     )
     p.add_argument("sections", nargs="+", help="section folders (HER2ST/ST-Net, Visium Space Ranger or HEST layout)")
-    p.add_argument("--checkpoint", required=True, help="model checkpoint (.safetensors)")
+    p.add_argument("--checkpoint", required=True, help="model checkpoint (.safetensors) or a shipped model's name")
     p.add_argument("--out", default=None, help="folder for report.json, per-section JSON, per-gene CSV and PNG maps")
     p.add_argument(
         "--baseline-sections",
@@ -606,7 +608,8 @@ def add_subcommands(subparsers) -> None:
     p.add_argument(
         "--probe-encoder",
         default="auto",
-        help="encoder of the probe: auto (the checkpoint's, else efficientnet-lite0), efficientnet-lite0 or timm:NAME",
+        help="encoder of the probe: auto (the checkpoint's, else efficientnet-lite0), efficientnet-lite0[-s8] or "
+        "timm:NAME",
     )
     p.add_argument("--probe-encoder-weights", default=None, help="weights file of a timm:NAME probe encoder")
     p.add_argument("--cache-dir", default=None, help="patch cache folder (default ~/.cache/m2ort-fast/patches)")

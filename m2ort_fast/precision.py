@@ -21,7 +21,8 @@ the precisions that were measured to hold it there; fp32 is the reference and al
 **Reproducible.** ``--precision auto`` picks only precisions that give a spot the same prediction
 whatever its batch-mates (up to the rounding of that precision, measured by ``bench/precision.py``'s
 batch-mates column). int8 does not: its activation scales are computed per batch at run time, so a
-spot's int8 prediction moves with the other spots of its batch (up to 0.24 log1p-CPM on the demo).
+spot's int8 prediction moves with the other spots of its batch (up to 0.24 log1p-CPM for the paper's
+model on the demo, 0.08 for the default encoder model on the real sections).
 int8 stays available as an explicit ``--precision int8``, which warns that it depends on the batch.
 
 torch is imported on first use of ``torch_dtype`` / ``PRECISIONS``, not by importing this module, so
@@ -64,8 +65,9 @@ HELD_BOUND: dict[str, tuple[str, ...]] = {
 # predictions on the trial batch differ from the fp32 eager model's by more than this (log1p-CPM)
 # is not picked. A guard against a broken kernel or an overflow on that machine, not the bound
 # itself (the trial batch is random pixels, not tissue): on the real sections at batch 64 bf16 and
-# int8 moved single predictions by at most 0.074 and 0.144 (int8 0.24 on the demo at batch 16: its
-# activation scales are per batch, so a spot's int8 prediction depends on its batch-mates).
+# int8 moved single predictions by at most 0.074 and 0.144 for the paper's model (int8 0.24 on the
+# demo at batch 16: its activation scales are per batch, so a spot's int8 prediction depends on its
+# batch-mates), 0.32 and 0.061 for the default encoder model (bf16 0.07 on the random trial batch).
 GUARD_MAX_ABS = 0.5
 
 # Precisions whose predictions for a spot depend on the other spots of its batch (int8: activation
@@ -73,7 +75,8 @@ GUARD_MAX_ABS = 0.5
 BATCH_DEPENDENT: frozenset[str] = frozenset({"int8"})
 BATCH_DEPENDENT_WARNING = (
     "int8 quantizes activations with scales computed per batch: a spot's prediction depends on the other "
-    "spots of its batch (up to ~0.24 log1p-CPM on the demo), so results change with --batch-size and spot order"
+    "spots of its batch (up to ~0.1-0.25 log1p-CPM for the shipped models), so results change with --batch-size "
+    "and spot order"
 )
 
 # backend -> device type -> precisions it runs there. A backend not listed (registered by a user)

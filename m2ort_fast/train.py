@@ -95,7 +95,7 @@ class TrainConfig:
     device: str = "auto"
     num_threads: int = 0  # torch CPU threads; 0: torch's default
     # Issue 25: M2ORT over a frozen pretrained encoder (m2ort_fast.encoders.training) where set:
-    # "efficientnet-lite0" or "timm:NAME" (+ encoder_weights, a local file)
+    # "efficientnet-lite0-s8", "efficientnet-lite0" or "timm:NAME" (+ encoder_weights, a local file)
     encoder: str = ""
     encoder_weights: str = ""
     encoder_views: int = 4  # cached views per spot: the spot as read + stain / scanner augmented ones
@@ -870,7 +870,8 @@ def add_subcommands(subparsers) -> None:
     p.add_argument(
         "--encoder",
         default=None,
-        help="M2ORT over a frozen pretrained encoder: efficientnet-lite0 or timm:NAME (docs/encoder.md)",
+        help="M2ORT over a frozen pretrained encoder: efficientnet-lite0-s8 (the default model's), "
+        "efficientnet-lite0 or timm:NAME (docs/encoder.md)",
     )
     p.add_argument("--encoder-weights", default=None, help="weights file of a timm:NAME encoder (never fetched)")
     p.add_argument("--encoder-views", type=positive_int, default=None, help="cached views per spot (default 4)")

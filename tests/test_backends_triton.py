@@ -37,6 +37,21 @@ def test_triton_backend_matches_torch_backend_interpreter():
     assert relative_error(out, expected) < ERROR_BOUNDS[torch.float32]
 
 
+def test_triton_backend_on_the_shipped_encoder_model_interpreter():
+    """The default model's tokens come from EfficientNet-Lite0 (7 x 7 + the class token: 50, not
+    the paper's 197): the mixing kernels mask any token count."""
+    from m2ort_fast.checkpoint import load_checkpoint
+    from m2ort_fast.predict import DEFAULT_CHECKPOINT
+
+    model, card = load_checkpoint(DEFAULT_CHECKPOINT)
+    assert model.token_embed is not None and model.pos_embed.shape[1] == 50
+    levels = _levels(2, seed=3)
+    expected = make_backend("torch", model, card, device="cpu")(*levels)
+    with triton_interpreter():
+        out = make_backend("triton", model, card, device="cpu")(*levels)
+    assert relative_error(out, expected) < ERROR_BOUNDS[torch.float32]
+
+
 def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model, card = _model_and_card()

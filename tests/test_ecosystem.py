@@ -135,5 +135,6 @@ def test_scverse_walkthrough_runs_end_to_end(tmp_path, monkeypatch):
     runpy.run_path(str(script), run_name="__main__")
     assert (tmp_path / "spatial_scatter.png").stat().st_size > 10_000
     morans = pd.read_csv(tmp_path / "morans_i.csv", index_col=0)
-    assert len(morans) == 250 and np.isfinite(morans["I"]).all()
-    assert "leiden" in anndata.read_h5ad(tmp_path / "walkthrough.h5ad").obs
+    adata = anndata.read_h5ad(tmp_path / "walkthrough.h5ad")
+    assert len(morans) == adata.n_vars and np.isfinite(morans["I"]).all()  # one row per predicted gene
+    assert "leiden" in adata.obs

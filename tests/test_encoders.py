@@ -43,6 +43,40 @@ def test_feature_maps_at_the_three_magnifications(lite0):
     assert all(torch.isfinite(m).all() for m in maps)
 
 
+@pytest.fixture(scope="module")
+def lite0_s8():
+    return build_encoder("efficientnet-lite0-s8")
+
+
+def test_stride8_layer_is_the_full_networks_stage_output(lite0, lite0_s8):
+    """efficientnet-lite0-s8: the same weights, stopped after block 4 (40 channels, stride 8)."""
+    assert len(lite0_s8.net._blocks) == 5 and lite0_s8.out_channels == 40
+    assert lite0_s8.info["weights_sha256"] == lite0.info["weights_sha256"]
+    assert lite0_s8.info["name"] == "efficientnet-lite0-s8" and "stride-8" in lite0_s8.info["provenance"]
+    x = levels(seed=11)[0]
+    with torch.no_grad():
+        net = lite0.net
+        full = net._swish(net._bn0(net._conv_stem((x - lite0.pixel_mean) / lite0.pixel_std)))
+        for block in net._blocks[:5]:
+            full = block(full)
+        assert torch.allclose(lite0_s8(x), full, atol=1e-5)
+        assert [tuple(lite0_s8(x).shape) for x in levels()] == [(2, 40, 28, 28), (2, 40, 14, 14), (2, 40, 7, 7)]
+
+
+def test_tokens_average_each_cell_of_a_finer_map(lite0_s8):
+    """A 28 x 28 map -> 7 x 7 tokens: each token projects the mean of its 4 x 4 cells, so a change
+    in one cell moves that token only."""
+    tokens = encoder_model(lite0_s8, len(GENES)).token_embed.eval()
+    maps = [torch.randn(1, 40, s, s) for s in (28, 14, 7)]
+    moved = [m.clone() for m in maps]
+    moved[0][..., 5, 9] += 3.0  # cell (5, 9) of level 1 lies in token (1, 2)
+    with torch.no_grad():
+        delta = (tokens.tokens(moved) - tokens.tokens(maps)).abs().sum(-1)[0]  # (49,)
+        pooled = tokens.proj[0](torch.nn.functional.avg_pool2d(maps[0], 4).flatten(2).transpose(1, 2))
+        assert torch.allclose(tokens.tokens(maps)[..., : pooled.shape[-1]], pooled)
+    assert torch.nonzero(delta).flatten().tolist() == [1 * 7 + 2]
+
+
 def test_encoder_model_is_frozen_and_shaped(lite0):
     model = encoder_model(lite0, len(GENES))
     assert model.pos_embed.shape == (1, 7 * 7 + 1, 192) and len(model.embeds) == 0
@@ -62,8 +96,10 @@ def test_reference_model_keys_unchanged():
     assert not any(k.startswith("token_embed") for k in keys) and "embeds.0.fc1.weight" in keys
 
 
-def test_round_trip_without_the_wheels_weights_in_the_file(lite0, tmp_path):
-    model = encoder_model(lite0, len(GENES)).eval()
+@pytest.mark.parametrize("layer", ["lite0", "lite0_s8"])
+def test_round_trip_without_the_wheels_weights_in_the_file(layer, request, tmp_path):
+    encoder = request.getfixturevalue(layer)
+    model = encoder_model(encoder, len(GENES)).eval()
     card = ModelCard.for_variant("tiny", GENES, 0.69, encoder=encoder_card(model.token_embed), trained=True)
     path = tmp_path / "enc.safetensors"
     save_checkpoint(path, model, card)
@@ -73,7 +109,7 @@ def test_round_trip_without_the_wheels_weights_in_the_file(lite0, tmp_path):
         assert not any(k.startswith(ENCODER_PREFIX) for k in f.keys())
     assert path.stat().st_size < 4e6  # the head, not the encoder's 13 MB
     loaded, loaded_card = load_checkpoint(path)
-    assert loaded_card.encoder["name"] == "efficientnet-lite0" and read_card(path).encoder == card.encoder
+    assert loaded_card.encoder["name"] == encoder.info["name"] and read_card(path).encoder == card.encoder
     x = levels(seed=3)
     with torch.no_grad():
         assert torch.equal(model(*x), loaded(*x))
@@ -94,7 +130,7 @@ def test_card_with_other_encoder_weights_is_refused(lite0, tmp_path):
 
 
 def test_unknown_encoder_specs_are_one_line_errors(tmp_path):
-    with pytest.raises(M2ORTError, match="unknown encoder 'resnet'"):
+    with pytest.raises(M2ORTError, match="unknown encoder 'resnet'; use efficientnet-lite0, efficientnet-lite0-s8"):
         build_encoder("resnet")
     with pytest.raises(M2ORTError, match="needs --encoder-weights"):
         build_encoder("timm:resnet18")

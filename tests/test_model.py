@@ -172,13 +172,14 @@ def test_forward_equals_the_old_formulation_within_fp32_rounding(variant):
 
 
 def test_shipped_checkpoint_predicts_as_before():
-    """The shipped weights load into the same state-dict keys and predict what the old forward
-    did: fp32 within rounding, bf16 (fused attention, as the torch backend runs it) within bf16's."""
+    """The shipped paper model's weights load into the same state-dict keys and predict what the
+    old forward did: fp32 within rounding, bf16 (fused attention, as the torch backend runs it)
+    within bf16's."""
     from m2ort_fast.model import set_fused_attention
     from m2ort_fast.model_v1 import forward_v1
-    from m2ort_fast.predict import DEFAULT_CHECKPOINT
+    from m2ort_fast.predict import SHIPPED_MODELS
 
-    model, _ = load_checkpoint(DEFAULT_CHECKPOINT)
+    model, _ = load_checkpoint(SHIPPED_MODELS["m2ort-her2st-tiny"])
     assert set(model.state_dict()) == set(build_model("tiny").state_dict())
     levels = random_levels(6, torch.Generator().manual_seed(6))
     with torch.inference_mode():

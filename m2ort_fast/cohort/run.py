@@ -64,11 +64,11 @@ from m2ort_fast.errors import M2ORTError, exception_detail
 from m2ort_fast.options import DEFAULT_OUT_DIR
 from m2ort_fast.outputs import ensure_out_dir, h5ad_path
 from m2ort_fast.predict import (
-    DEFAULT_CHECKPOINT,
     OpenOptions,
     OutputOptions,
     RunRecord,
     build_record,
+    checkpoint_path,
     decide_before_opening,
     split_options,
 )
@@ -204,7 +204,7 @@ class RecordMaker:
     def of(
         cls, checkpoint: str | None, predictor_options: dict[str, Any], open_options: OpenOptions, output: OutputOptions
     ) -> RecordMaker:
-        path = checkpoint or DEFAULT_CHECKPOINT
+        path = checkpoint_path(checkpoint)
         try:
             sha = file_sha256(path)
         except OSError as exc:

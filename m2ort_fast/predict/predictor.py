@@ -26,7 +26,7 @@ from m2ort_fast.engine import DEFAULT_MAX_GPU_MEMORY_MB, DEFAULT_MAX_MEMORY_MB, 
 from m2ort_fast.errors import M2ORTError
 from m2ort_fast.options import DEFAULT_OUT_DIR
 from m2ort_fast.outputs import DEFAULT_HEATMAP_COUNT, build_anndata, run_key
-from m2ort_fast.predict.assets import DEFAULT_CHECKPOINT
+from m2ort_fast.predict.assets import checkpoint_path
 from m2ort_fast.predict.batches import InMemoryPredictions, predict_naive, predict_streamed
 from m2ort_fast.predict.opening import OpenedSlide, open_for_prediction, slide_view
 from m2ort_fast.predict.options import OpenOptions, OutputOptions, output_formats
@@ -81,7 +81,7 @@ class Predictor:
         option_names: OptionNames = API_OPTIONS,
     ):
         _check_engine_options(batch_size, max_memory_mb, max_gpu_memory_mb, data_path, streamed)
-        self.checkpoint = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
+        self.checkpoint = checkpoint_path(checkpoint)
         model, self.card = load_checkpoint(self.checkpoint)
         self.checkpoint_sha256 = file_sha256(self.checkpoint)
         options = {"precision": precision, "checkpoint_path": str(self.checkpoint), **(backend_options or {})}
