@@ -101,10 +101,11 @@ class EncoderTokens(nn.Module):
         out = []
         for proj, fmap in zip(self.proj, features):  # noqa: B905 (traced by torch.export: three of each)
             h, w = fmap.shape[-2:]
-            if h % self.grid == 0 and w % self.grid == 0 and (h, w) != (self.grid, self.grid):
-                fmap = F.avg_pool2d(fmap, kernel_size=(h // self.grid, w // self.grid))
-            elif (h, w) != (self.grid, self.grid):
-                fmap = F.interpolate(fmap, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
+            if (h, w) != (self.grid, self.grid):
+                if h % self.grid == 0 and w % self.grid == 0:
+                    fmap = F.avg_pool2d(fmap, kernel_size=(h // self.grid, w // self.grid))
+                else:
+                    fmap = F.interpolate(fmap, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
             out.append(proj(fmap.flatten(2).transpose(1, 2)))
         return torch.cat(out, dim=-1)
 
