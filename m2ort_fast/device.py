@@ -20,3 +20,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise M2ORTError(f"device {device} asked for, but this machine has no CUDA GPU (use --device cpu)")
     return device
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), on which oneDNN runs bf16
+    GEMMs and PyTorch's CPU flash-attention kernel far faster than on AVX-512 alone. torch's own
+    probe (``torch.cpu._is_amx_tile_supported``, the one its kernels dispatch on); False where this
+    torch lacks it."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if callable(probe) else False

@@ -48,7 +48,7 @@ from m2ort_fast.errors import M2ORTError, OutputError
 from m2ort_fast.options import device_name, positive_int
 from m2ort_fast.outputs import check_out_dir, ensure_out_dir, output_errors
 from m2ort_fast.predict import normalize_levels
-from m2ort_fast.targets import expression_targets
+from m2ort_fast.targets import expression_targets, panel_counts
 
 log = logging.getLogger(__name__)
 
@@ -338,9 +338,12 @@ def evaluate_sample(
         from m2ort_fast.encoders.probe import pooled_features
 
         result["probe_baseline_metrics"] = M.summarize(probe[0].predict(pooled_features(probe[1], levels)), true)
+    signal = M.measurement_signal(panel_counts(kept.counts, sample.genes, card.genes)[0])
+    result["measurement"] = {key: signal[key] for key in ("var_share_pc1_signal", "pcc_gene_ceiling_mean")}
     result["pred"], result["true"], result["centers_px"] = pred, true, kept.centers_px
     result["ridge_pred"] = ridge_pred
     result["table"] = per_gene_table(pred, true, baseline, card.genes, targets.missing_genes, ridge_pred)
+    result["table"]["pcc_ceiling"] = signal["pcc_gene_ceiling"][result["table"].index]
     return result
 
 
@@ -451,6 +454,10 @@ def evaluate_sections(
             {k: v for k, v in result.items() if k not in ("pred", "true", "ridge_pred", "centers_px", "table")}
         )
     report["mean_over_sections"] = _mean_over_sections([s["metrics"] for s in report["sections"]])
+    report["measurement_mean_over_sections"] = {
+        key: float(np.nanmean([s["measurement"][key] for s in report["sections"]]))
+        for key in report["sections"][0]["measurement"]
+    }
     if baseline is not None:
         report["baseline_mean_over_sections"] = _mean_over_sections([s["baseline_metrics"] for s in report["sections"]])
     if ridge_model is not None:
@@ -574,7 +581,9 @@ def run_evaluate(args) -> int:
         m = section["metrics"]
         print(
             f"  measured: PC1 share {m['var_share_pc1_true']:.4f}, "
-            f"PC1-{M.TOP_PCS} share {m[f'var_share_pc1to{M.TOP_PCS}_true']:.4f}"
+            f"PC1-{M.TOP_PCS} share {m[f'var_share_pc1to{M.TOP_PCS}_true']:.4f}; its signal (counting noise "
+            f"removed): PC1 share {section['measurement']['var_share_pc1_signal']:.4f}, "
+            f"PCC/gene ceiling {section['measurement']['pcc_gene_ceiling_mean']:.4f}"
         )
         if section["n_panel_genes_missing"]:
             print(f"  {section['n_panel_genes_missing']} panel genes missing from the section's counts (counted as 0)")

@@ -22,6 +22,15 @@ Two more views show whether a prediction is more than "more or less tissue" (iss
   of that one direction to a prediction does not change it. A prediction with nothing beyond that
   direction has constant residuals, so its residual PCC is undefined (NaN, counted), like the
   per-gene PCC of a constant prediction.
+
+And what the measurement itself allows (``measurement_signal``, from the counts): ST counts carry
+counting noise that no image can predict, and that noise spreads over every gene, so the
+measurement's PC1 share is far below that of its noise-free signal, which is what a perfect
+predictor of expected expression would output. Binomial data thinning splits each spot's counts
+into two halves with independent noise; their cross-covariance estimates the signal's covariance
+(its PC1 share: ``var_share_pc1_signal``) and their per-gene correlation the split-half
+reliability, whose square root stepped up to full depth bounds the PCC per gene any prediction
+can reach (``pcc_gene_ceiling_mean``).
 """
 
 from __future__ import annotations
@@ -147,6 +156,53 @@ def pcc_per_gene_beyond_pc1(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     if direction is None:
         return np.full(true.shape[1], np.nan)
     return pcc_per_gene(remove_direction(pred, direction), remove_direction(true, direction))
+
+
+def _thinned_halves(counts: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(N, G) integer counts -> two (M, G) log1p CPM matrices, genes centred, from a binomial 50/50
+    split of every count (M: the spots with counts in both halves)."""
+    from m2ort_fast.targets import log1p_cpm  # counts -> the targets' scale
+
+    half = rng.binomial(counts, 0.5)
+    rest = counts - half
+    rows = (half.sum(axis=1) > 0) & (rest.sum(axis=1) > 0)
+    return (
+        _centred_columns(log1p_cpm(half[rows], dtype=np.float64)[0]),
+        _centred_columns(log1p_cpm(rest[rows], dtype=np.float64)[0]),
+    )
+
+
+def measurement_signal(counts: np.ndarray, repeats: int = 8, seed: int = 0) -> dict:
+    """(N, G) counts over the panel, of the spots scored -> {"var_share_pc1_signal",
+    "pcc_gene_ceiling_mean", "pcc_gene_ceiling" (G,)}: what the measurement's counting noise
+    leaves to predict (the module's docstring), averaged over ``repeats`` thinnings (fixed seed).
+
+    Both halves are log1p CPM, as the targets; the signal covariance is the symmetrised
+    cross-covariance of the halves (noise independent between them cancels), its PC1 share the top
+    eigenvalue over its trace (the signal's total variance). The ceiling of gene g is
+    sqrt(2 r / (1 + r)) for the halves' correlation r (Spearman-Brown), 0 where r <= 0, NaN where a
+    half is constant. NaN throughout with fewer than 3 spots or no signal variance."""
+    counts = np.rint(np.asarray(counts, dtype=np.float64)).astype(np.int64)
+    rng = np.random.default_rng(seed)
+    shares, ceilings = [], []
+    for _ in range(repeats if counts.shape[0] >= 3 else 0):
+        a, b = _thinned_halves(counts, rng)
+        if len(a) < 3:
+            continue
+        eigenvalues = np.linalg.eigvalsh((a.T @ b + b.T @ a) / 2)
+        shares.append(eigenvalues[-1] / eigenvalues.sum() if eigenvalues.sum() > 0 else np.nan)
+        r = pcc_per_gene(a, b)
+        ceilings.append(np.sqrt(np.clip(2 * r / (1 + r), 0.0, 1.0)))
+    per_gene = np.full(counts.shape[1], np.nan)
+    if ceilings:
+        ceiling = np.asarray(ceilings)
+        measured = np.isfinite(ceiling).any(axis=0)
+        per_gene[measured] = np.nanmean(ceiling[:, measured], axis=0)
+    return {
+        "var_share_pc1_signal": _nanmean(np.asarray(shares, dtype=np.float64)),
+        "pcc_gene_ceiling_mean": _nanmean(per_gene),
+        "pcc_gene_ceiling": per_gene,
+    }
 
 
 def summarize(pred: np.ndarray, true: np.ndarray, top_genes: int = TOP_GENES) -> dict:

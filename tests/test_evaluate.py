@@ -117,8 +117,16 @@ def test_evaluate_section_folder_as_it_is(section, checkpoint, cache_dir, tmp_pa
     printed = capsys.readouterr().out
     assert "PCC/gene>PC1" in printed and "PC1 share" in printed and f"{name} mean baseline" in printed
     assert "measured: PC1 share" in printed and "ridge baseline: unavailable" in printed
+    # what the counting noise leaves (metrics.measurement_signal): beside the measured PC1 share
+    signal = entry["measurement"]
+    assert "its signal (counting noise removed): PC1 share" in printed
+    assert 0 < signal["pcc_gene_ceiling_mean"] <= 1 and np.isfinite(signal["var_share_pc1_signal"])
+    assert report["measurement_mean_over_sections"] == signal  # one section
     table = pd.read_csv(out / f"{name}_genes.csv")
     assert len(table) == 32 and table["missing_in_section"].sum() == 2
+    # the per-gene ceiling sits on its gene's row (sorted by PCC); genes missing from the counts have none
+    assert table.loc[table["missing_in_section"], "pcc_ceiling"].isna().all()
+    assert table.loc[~table["missing_in_section"], "pcc_ceiling"].notna().sum() >= 25
     assert list(table["rank"]) == list(range(1, 33))
     assert "pcc_beyond_pc1" in table and "ridge_pcc" not in table
     assert (out / f"{name}_best_genes.png").stat().st_size > 1000

@@ -163,3 +163,52 @@ def test_beyond_pc1_undefined_without_truth_variance():
     assert np.isnan(M.pcc_per_gene_beyond_pc1(pred, true)).all()
     with pytest.raises(ValueError):
         M.pcc_per_gene_beyond_pc1(pred[:4], true)
+
+
+def _poisson_counts(mean_counts: np.ndarray, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).poisson(mean_counts)
+
+
+@pytest.mark.parametrize("amplitude, log_depth", [(0.4, 1.5), (0.6, 2.0), (0.8, 3.0)])
+def test_measurement_signal_matches_a_perfect_predictor(amplitude, log_depth):
+    # expected counts vary along two spot axes; Poisson counts of a few to ~20 per gene and spot.
+    # The perfect predictor outputs the expected expression: the estimate, from the counts alone,
+    # must give its PC1 share and its PCC per gene against the measurement
+    from m2ort_fast.targets import log1p_cpm
+
+    rng = np.random.default_rng(1)
+    expected = np.exp(log_depth + amplitude * rng.normal(size=(400, 2)) @ rng.normal(size=(2, 60)))
+    counts = _poisson_counts(expected)
+    measured = log1p_cpm(counts, dtype=np.float64)[0]
+    perfect = log1p_cpm(expected, dtype=np.float64)[0]
+    signal = M.measurement_signal(counts)
+    assert signal["var_share_pc1_signal"] == pytest.approx(M.pc_variance_shares(perfect)[0], abs=0.05)
+    assert signal["var_share_pc1_signal"] > M.pc_variance_shares(measured)[0] + 0.05
+    assert signal["pcc_gene_ceiling_mean"] == pytest.approx(np.nanmean(M.pcc_per_gene(perfect, measured)), abs=0.08)
+    assert signal["pcc_gene_ceiling"].shape == (60,)
+
+
+def test_measurement_signal_of_pure_noise_has_a_low_ceiling():
+    # every spot has the same expected profile: nothing to predict beyond the mean
+    counts = _poisson_counts(np.full((300, 40), 20.0))
+    signal = M.measurement_signal(counts)
+    assert signal["pcc_gene_ceiling_mean"] < 0.25
+
+
+def test_measurement_signal_ceiling_rises_with_depth():
+    rng = np.random.default_rng(2)
+    axis = rng.normal(size=(300, 1))
+    shape = np.exp(0.5 * axis @ rng.normal(size=(1, 30)))
+    shallow = M.measurement_signal(_poisson_counts(1.0 * shape, seed=3))["pcc_gene_ceiling_mean"]
+    deep = M.measurement_signal(_poisson_counts(100.0 * shape, seed=3))["pcc_gene_ceiling_mean"]
+    assert deep > shallow + 0.2
+    assert deep > 0.9
+
+
+def test_measurement_signal_undefined_cases():
+    few = M.measurement_signal(np.ones((2, 5), dtype=np.int64))
+    assert np.isnan(few["var_share_pc1_signal"]) and np.isnan(few["pcc_gene_ceiling_mean"])
+    zero_gene = _poisson_counts(np.full((50, 4), 10.0))
+    zero_gene[:, 0] = 0
+    ceiling = M.measurement_signal(zero_gene)["pcc_gene_ceiling"]
+    assert np.isnan(ceiling[0]) and np.isfinite(ceiling[1:]).all()

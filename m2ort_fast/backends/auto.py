@@ -50,8 +50,9 @@ log = logging.getLogger(__name__)
 
 CPU_CANDIDATES = ("torch", "onnxruntime", "aoti")
 GPU_CANDIDATES = ("torch", "triton", "aoti", "tensorrt", "onnxruntime")
-# part of the remembered record's key: picks made by an older rule are not reused
-DECISION_VERSION = 3  # 3: timed as the host path calls them; near-ties to the earlier candidate
+# part of the remembered record's key: picks made by an older rule are not reused. 3: timed as the
+# host path calls them, near-ties to the earlier candidate; 4: the torch backend's bf16 fused on AMX
+DECISION_VERSION = 4
 
 
 @dataclasses.dataclass

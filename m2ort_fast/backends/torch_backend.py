@@ -3,11 +3,13 @@
 fp32 runs the reference model as written (attention as matmul -> softmax -> matmul). Below fp32
 on a GPU the attention is the one fused ``scaled_dot_product_attention`` op (``set_fused_attention``):
 the same math, with the softmax accumulated in float32 inside the op rather than on a bf16/fp16
-score matrix. On the CPU the bf16 model keeps the literal form: PyTorch's CPU flash-attention
-kernel runs its (T x T) blocks at a fraction of the bf16 GEMM rate, and the literal form's two
-batched GEMMs and bf16 softmax ran `tiny` 1.2-1.4x and `small` 1.15x faster on a 2-core AMD EPYC
-(AVX512_BF16, no AMX; `bench/backends.py` rows torch vs torch-fused), within the same quality
-bound (bench/precision.py). ``fused_attention=True`` asks for the fused op anyway.
+score matrix. On a CPU the fused op wins only with AMX (``device.cpu_has_amx``): without it
+PyTorch's CPU flash-attention kernel runs its (T x T) blocks at a fraction of the bf16 GEMM rate,
+and the literal form's two batched GEMMs and bf16 softmax ran `tiny` 1.2-1.4x and `small` 1.15x
+faster on a 2-core AMD EPYC (AVX512_BF16, no AMX); on a 2-core Xeon with AMX the fused op ran
+`tiny` 1.07-1.14x and `small` 1.37x faster than the literal form (`bench/backends.py` rows torch vs torch-fused,
+docs/backends.md), within the same quality bound (bench/precision.py). ``fused_attention``
+True / False overrides the choice.
 
 On the CPU a batch runs through the model in chunks of ``chunk_spots`` spots (default 16; the last
 padded to it, so that a spot's prediction does not depend on its batch, its batch-mates or the
@@ -21,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from m2ort_fast.checkpoint import ModelCard
+from m2ort_fast.device import cpu_has_amx
 from m2ort_fast.errors import M2ORTError
 from m2ort_fast.model import M2ORT, set_fused_attention
 from m2ort_fast.precision import check_backend_precision, torch_dtype
@@ -47,7 +50,7 @@ class TorchBackend:
         self.dtype = torch_dtype(precision)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         if fused_attention is None:  # see the module's docstring
-            fused_attention = precision != "fp32" and self.device.type != "cpu"
+            fused_attention = precision != "fp32" and (self.device.type != "cpu" or cpu_has_amx())
         set_fused_attention(self.model, fused_attention)
         # a GPU wants whole batches; on the CPU smaller model calls keep the intermediates reused
         self.chunk_spots = chunk_spots if self.device.type == "cpu" else None
