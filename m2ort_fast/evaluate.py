@@ -454,10 +454,7 @@ def evaluate_sections(
             {k: v for k, v in result.items() if k not in ("pred", "true", "ridge_pred", "centers_px", "table")}
         )
     report["mean_over_sections"] = _mean_over_sections([s["metrics"] for s in report["sections"]])
-    report["measurement_mean_over_sections"] = {
-        key: float(np.nanmean([s["measurement"][key] for s in report["sections"]]))
-        for key in report["sections"][0]["measurement"]
-    }
+    report["measurement_mean_over_sections"] = _mean_over_sections([s["measurement"] for s in report["sections"]])
     if baseline is not None:
         report["baseline_mean_over_sections"] = _mean_over_sections([s["baseline_metrics"] for s in report["sections"]])
     if ridge_model is not None:

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from m2ort_fast.targets import log1p_cpm  # counts -> the targets' scale (measurement_signal)
+
 TOP_GENES = 50
 TOP_PCS = 5  # the summary reports PC1 alone and PC1..PC5 together
 # A residual whose norm is below this fraction of the norm it came from is rounding noise (of a
@@ -161,8 +163,6 @@ def pcc_per_gene_beyond_pc1(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
 def _thinned_halves(counts: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(N, G) integer counts -> two (M, G) log1p CPM matrices, genes centred, from a binomial 50/50
     split of every count (M: the spots with counts in both halves)."""
-    from m2ort_fast.targets import log1p_cpm  # counts -> the targets' scale
-
     half = rng.binomial(counts, 0.5)
     rest = counts - half
     rows = (half.sum(axis=1) > 0) & (rest.sum(axis=1) > 0)

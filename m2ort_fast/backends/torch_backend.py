@@ -7,9 +7,9 @@ score matrix. On a CPU the fused op wins only with AMX (``device.cpu_has_amx``):
 PyTorch's CPU flash-attention kernel runs its (T x T) blocks at a fraction of the bf16 GEMM rate,
 and the literal form's two batched GEMMs and bf16 softmax ran `tiny` 1.2-1.4x and `small` 1.15x
 faster on a 2-core AMD EPYC (AVX512_BF16, no AMX); on a 2-core Xeon with AMX the fused op ran
-`tiny` 1.07-1.14x and `small` 1.37x faster than the literal form (`bench/backends.py` rows torch vs torch-fused,
-docs/backends.md), within the same quality bound (bench/precision.py). ``fused_attention``
-True / False overrides the choice.
+`tiny` 1.07-1.14x and `small` 1.37x faster than the literal form (`bench/backends.py` rows
+torch-literal vs torch-fused, docs/backends.md), within the same quality bound
+(bench/precision.py). ``fused_attention`` True / False overrides the choice.
 
 On the CPU a batch runs through the model in chunks of ``chunk_spots`` spots (default 16; the last
 padded to it, so that a spot's prediction does not depend on its batch, its batch-mates or the
