@@ -49,12 +49,17 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "her2st"
 
 
 class ZeroModel:
-    """Returns zeros: isolates the data path (the backend interface: levels -> (B, G))."""
+    """Returns zeros: isolates the data path (the backend interface: levels -> (B, G)). It asks for
+    its batches as ``like`` does (dtype, tokens, calls at once), so that the data path alone does
+    the work it does end to end."""
 
     name = "zero"
 
-    def __init__(self, n_genes: int, device: torch.device):
+    def __init__(self, n_genes: int, device: torch.device, like=None):
         self.n_genes, self.device = n_genes, device
+        for attribute in ("input_dtype", "input_token_px", "concurrent_calls"):
+            if hasattr(like, attribute):
+                setattr(self, attribute, getattr(like, attribute))
 
     def forward_on_device(self, l1, l2, l3):
         return torch.zeros((l1.shape[0], self.n_genes), device=l1.device)
@@ -196,18 +201,21 @@ def decode_only_seconds(slide, plan, on_device: bool) -> float:
 
 
 def model_only_spots_per_s(backend, sizes_px, batch_size: int, n_spots: int, workers: int = 1) -> float:
-    """The backend alone on prepared batches (on its device, in its ``input_dtype``), about n_spots
-    in all: one call at a time on all of torch's threads, or ``workers`` calls at once on one
-    intra-op thread each (as the host path calls a backend with ``concurrent_calls``:
-    m2ort_fast.backends.workers)."""
-    from m2ort_fast.backends.workers import calls_at_once, input_dtype
+    """The backend alone on prepared batches (on its device, as the host path hands them: in its
+    ``input_dtype``, as tokens where it takes them), about n_spots in all: one call at a time on all
+    of torch's threads, or ``workers`` calls at once on one intra-op thread each (as the host path
+    calls a backend with ``concurrent_calls``: m2ort_fast.backends.workers)."""
+    from m2ort_fast.backends.workers import backend_inputs, calls_at_once
 
-    device, dtype = backend.device, input_dtype(backend)  # as the host path hands them
+    device = backend.device
     one = getattr(backend, "forward_on_device", None) or backend
     batches = [
         [
-            torch.rand(batch_size, 3, s, s, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
-            for s in sizes_px
+            x.to(device)
+            for x in backend_inputs(
+                backend,
+                [torch.rand(batch_size, 3, s, s, generator=torch.Generator().manual_seed(seed)) for s in sizes_px],
+            )
         ]
         for seed in range(workers)
     ]
@@ -411,7 +419,7 @@ def main(argv=None) -> int:
             # Warm the model (first calls allocate).
             predictor.backend(*[torch.zeros(2, 3, s, s) for s in predictor.card.patch_sizes_px])
             model = predictor.backend
-            zero = ZeroModel(len(predictor.genes), model.device)
+            zero = ZeroModel(len(predictor.genes), model.device, like=model)
             for label, backend in (("end_to_end", model), ("data_path", zero)):
                 predictor.backend = backend
                 naive = run_naive(predictor, slide, centers)

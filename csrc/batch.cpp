@@ -28,31 +28,43 @@ uint16_t bf16_bits(float value) {
 // A uint8 has 256 values: a per-channel table computed in double gives the correctly rounded
 // float32 of (v / 255 - mean) / std, and turns the inner loop into loads and stores (or, on
 // AVX-512 VBMI, into byte permutes over the same table's bytes).
-template <typename Out, typename Convert>
-void assemble_with_table(const uint8_t* patches, int64_t n, int64_t height, int64_t width,
-                         const std::array<double, 3>& mean, const std::array<double, 3>& std_dev, Out* out,
-                         int64_t num_threads, CpuKernel kernel, Convert convert) {
-  Out table[3][256];
-  for (int c = 0; c < 3; ++c) {
-    for (int v = 0; v < 256; ++v) {
-      table[c][v] = convert(static_cast<float>((v / 255.0 - mean[c]) / std_dev[c]));
+template <typename Out>
+struct NormalizationTable {
+  Out values[3][256];
+  uint8_t bytes[3][sizeof(Out)][256];  // byte b of each value (x86: little-endian), for the permutes
+
+  template <typename Convert>
+  NormalizationTable(const std::array<double, 3>& mean, const std::array<double, 3>& std_dev, Convert convert) {
+    for (int c = 0; c < 3; ++c) {
+      for (int v = 0; v < 256; ++v) {
+        values[c][v] = convert(static_cast<float>((v / 255.0 - mean[c]) / std_dev[c]));
+        uint8_t value[sizeof(Out)];
+        std::memcpy(value, &values[c][v], sizeof(Out));
+        for (size_t b = 0; b < sizeof(Out); ++b) bytes[c][b][v] = value[b];
+      }
     }
   }
+
+  // n interleaved RGB pixels -> n interleaved values (the token layout's runs).
+  void map_pixels(const uint8_t* src, int64_t n, Out* dst) const {
+    for (int64_t x = 0; x < n; ++x) {
+      dst[3 * x] = values[0][src[3 * x]];
+      dst[3 * x + 1] = values[1][src[3 * x + 1]];
+      dst[3 * x + 2] = values[2][src[3 * x + 2]];
+    }
+  }
+};
+
+template <typename Out>
+void assemble_planes(const uint8_t* patches, int64_t n, int64_t height, int64_t width,
+                     const NormalizationTable<Out>& table, Out* out, int64_t num_threads, CpuKernel kernel) {
   const bool vector = kernel != CpuKernel::kScalar && avx512_vbmi_available();
-  uint8_t table_bytes[3][sizeof(Out)][256];  // byte b of each value (x86: little-endian)
-  for (int c = 0; c < 3 && vector; ++c) {
-    for (int v = 0; v < 256; ++v) {
-      uint8_t value[sizeof(Out)];
-      std::memcpy(value, &table[c][v], sizeof(Out));
-      for (size_t b = 0; b < sizeof(Out); ++b) table_bytes[c][b][v] = value[b];
-    }
-  }
   const int64_t plane = height * width;
   const int64_t rows = n * height;  // unit of work: one image row of one patch
   const int64_t threads = choose_threads(rows, num_threads, kMinPixelsPerThread / std::max<int64_t>(1, width));
   parallel_for(rows, threads, [&](int64_t begin, int64_t end) {
     if (vector) {
-      assemble_rows_avx512(patches, begin, end, height, width, table_bytes, reinterpret_cast<uint8_t*>(out));
+      assemble_rows_avx512(patches, begin, end, height, width, table.bytes, reinterpret_cast<uint8_t*>(out));
       return;
     }
     for (int64_t row = begin; row < end; ++row) {
@@ -62,30 +74,80 @@ void assemble_with_table(const uint8_t* patches, int64_t n, int64_t height, int6
       Out* green = red + plane;
       Out* blue = green + plane;
       for (int64_t x = 0; x < width; ++x) {
-        red[x] = table[0][src[3 * x]];
-        green[x] = table[1][src[3 * x + 1]];
-        blue[x] = table[2][src[3 * x + 2]];
+        red[x] = table.values[0][src[3 * x]];
+        green[x] = table.values[1][src[3 * x + 1]];
+        blue[x] = table.values[2][src[3 * x + 2]];
       }
     }
   });
 }
 
+// Token (gy, gx) of patch i is the p x p square at (gx * p, gy * p): p runs of p pixels, written in
+// order (each token's values are contiguous in out) from p rows of the patch. kPatchPx > 0 fixes p
+// at compile time (the model's 16, 8 and 4: unrolled runs); 0 takes patch_px.
+template <int64_t kPatchPx, typename Out>
+void assemble_tokens(const uint8_t* patches, int64_t n, int64_t height, int64_t width, int64_t patch_px,
+                     const NormalizationTable<Out>& table, Out* out, int64_t num_threads, CpuKernel kernel) {
+  const int64_t p = kPatchPx > 0 ? kPatchPx : patch_px;
+  const int64_t grid_h = height / p, grid_w = width / p;
+  const int64_t token_values = p * p * 3, row_bytes = width * 3;
+  const int64_t grid_rows = n * grid_h;  // unit of work: one row of tokens of one patch
+  const int64_t threads = choose_threads(grid_rows, num_threads, kMinPixelsPerThread / std::max<int64_t>(1, width * p));
+  const bool vector = kernel != CpuKernel::kScalar && avx512_vbmi_available() && token_kernel_avx512_fits(p);
+  parallel_for(grid_rows, threads, [&](int64_t begin, int64_t end) {
+    if (vector) {
+      assemble_token_rows_avx512(patches, begin, end, width, p, table.bytes, reinterpret_cast<uint8_t*>(out));
+      return;
+    }
+    for (int64_t grid_row = begin; grid_row < end; ++grid_row) {
+      const uint8_t* src = patches + grid_row * p * row_bytes;  // patch i's rows gy * p ...
+      Out* dst = out + grid_row * grid_w * token_values;
+      for (int64_t gx = 0; gx < grid_w; ++gx) {
+        for (int64_t p1 = 0; p1 < p; ++p1, dst += p * 3) {
+          table.map_pixels(src + p1 * row_bytes + gx * p * 3, p, dst);
+        }
+      }
+    }
+  });
+}
+
+template <typename Out, typename Convert>
+void assemble_with_table(const uint8_t* patches, int64_t n, int64_t height, int64_t width, int64_t patch_px,
+                         const std::array<double, 3>& mean, const std::array<double, 3>& std_dev, Out* out,
+                         int64_t num_threads, CpuKernel kernel, Convert convert) {
+  const NormalizationTable<Out> table(mean, std_dev, convert);
+  if (patch_px == 16) {
+    assemble_tokens<16>(patches, n, height, width, patch_px, table, out, num_threads, kernel);
+  } else if (patch_px == 8) {
+    assemble_tokens<8>(patches, n, height, width, patch_px, table, out, num_threads, kernel);
+  } else if (patch_px == 4) {
+    assemble_tokens<4>(patches, n, height, width, patch_px, table, out, num_threads, kernel);
+  } else if (patch_px > 0) {
+    assemble_tokens<0>(patches, n, height, width, patch_px, table, out, num_threads, kernel);
+  } else {
+    assemble_planes(patches, n, height, width, table, out, num_threads, kernel);
+  }
+}
+
 }  // namespace
 
-std::vector<CpuKernel> assemble_kernels() {
-  if (avx512_vbmi_available()) return {CpuKernel::kAvx512Vbmi, CpuKernel::kScalar};
+std::vector<CpuKernel> assemble_kernels(int64_t patch_px) {
+  const bool fits = patch_px == 0 || token_kernel_avx512_fits(patch_px);
+  if (fits && avx512_vbmi_available()) return {CpuKernel::kAvx512Vbmi, CpuKernel::kScalar};
   return {CpuKernel::kScalar};
 }
 
-void assemble_batch(const uint8_t* patches, int64_t n, int64_t height, int64_t width, const std::array<double, 3>& mean,
-                    const std::array<double, 3>& std_dev, float* out, int64_t num_threads, CpuKernel kernel) {
-  assemble_with_table(patches, n, height, width, mean, std_dev, out, num_threads, kernel, [](float v) { return v; });
+void assemble_batch(const uint8_t* patches, int64_t n, int64_t height, int64_t width, int64_t patch_px,
+                    const std::array<double, 3>& mean, const std::array<double, 3>& std_dev, float* out,
+                    int64_t num_threads, CpuKernel kernel) {
+  assemble_with_table(patches, n, height, width, patch_px, mean, std_dev, out, num_threads, kernel,
+                      [](float v) { return v; });
 }
 
-void assemble_batch_bf16(const uint8_t* patches, int64_t n, int64_t height, int64_t width,
+void assemble_batch_bf16(const uint8_t* patches, int64_t n, int64_t height, int64_t width, int64_t patch_px,
                          const std::array<double, 3>& mean, const std::array<double, 3>& std_dev, uint16_t* out,
                          int64_t num_threads, CpuKernel kernel) {
-  assemble_with_table(patches, n, height, width, mean, std_dev, out, num_threads, kernel, bf16_bits);
+  assemble_with_table(patches, n, height, width, patch_px, mean, std_dev, out, num_threads, kernel, bf16_bits);
 }
 
 void crop_patches(const RegionView& region, const int64_t* origins_xy, int64_t n, int64_t size_px, uint8_t* out,

@@ -9,19 +9,23 @@
 
 namespace m2ort {
 
-// The kernels assemble_batch and assemble_batch_bf16 can run on this CPU, the one kAuto picks
-// first: AVX-512 VBMI (batch_avx512.hpp) where the CPU has it, then the scalar loop.
-std::vector<CpuKernel> assemble_kernels();
+// The kernels assemble_batch and assemble_batch_bf16 can run on this CPU for a layout (patch_px
+// 0: planes; > 0: tokens), the one kAuto picks first: AVX-512 VBMI (batch_avx512.hpp) where the
+// CPU has it, for planes and tokens of 4, 8 or 16 px; then the scalar loop.
+std::vector<CpuKernel> assemble_kernels(int64_t patch_px = 0);
 
-// patches (N, H, W, 3) uint8, C-contiguous -> out (N, 3, H, W) float32, C-contiguous,
-// out = (patches / 255 - mean[c]) / std[c].
-void assemble_batch(const uint8_t* patches, int64_t n, int64_t height, int64_t width, const std::array<double, 3>& mean,
-                    const std::array<double, 3>& std_dev, float* out, int64_t num_threads,
-                    CpuKernel kernel = CpuKernel::kAuto);
+// patches (N, H, W, 3) uint8, C-contiguous -> out, C-contiguous, out = (patches / 255 - mean[c]) / std[c]:
+// - patch_px 0: planes (N, 3, H, W);
+// - patch_px p > 0 (dividing H and W): tokens (N, (H/p) * (W/p), p * p * 3), the grid's p x p
+//   squares in row-major order, each flattened (p1 p2 c): model.patchify's layout, so that a model
+//   taking tokens skips its copies.
+void assemble_batch(const uint8_t* patches, int64_t n, int64_t height, int64_t width, int64_t patch_px,
+                    const std::array<double, 3>& mean, const std::array<double, 3>& std_dev, float* out,
+                    int64_t num_threads, CpuKernel kernel = CpuKernel::kAuto);
 
 // The same values rounded to bfloat16 (round to nearest even, as torch's float32 -> bfloat16 cast),
 // written as their 16-bit patterns: what a bf16 model's first cast of the float32 batch gives.
-void assemble_batch_bf16(const uint8_t* patches, int64_t n, int64_t height, int64_t width,
+void assemble_batch_bf16(const uint8_t* patches, int64_t n, int64_t height, int64_t width, int64_t patch_px,
                          const std::array<double, 3>& mean, const std::array<double, 3>& std_dev, uint16_t* out,
                          int64_t num_threads, CpuKernel kernel = CpuKernel::kAuto);
 

@@ -9,7 +9,8 @@ namespace m2ort {
 
 namespace {
 
-constexpr int kChunkPx = 64;  // pixels of one channel per step: one register of bytes
+constexpr int kChunkPx = 64;      // pixels of one channel per step: one register of bytes
+constexpr int kTokenStepPx = 16;  // interleaved pixels per step of the token layout: 48 of the 64 bytes
 
 // The permutes' index vectors, the same for every call.
 struct Indexes {
@@ -109,7 +110,62 @@ M2ORT_AVX512_VBMI void assemble_rows(const uint8_t* patches, int64_t row_begin, 
   }
 }
 
+// The token layout keeps the pixels interleaved: 16 pixels (48 bytes, from 16 / p rows of one
+// token) per step, each byte looked up in all three channels' tables and the lanes of its channel kept.
+template <int ValueBytes>
+M2ORT_AVX512_VBMI void assemble_token_rows(const uint8_t* patches, int64_t grid_row_begin, int64_t grid_row_end,
+                                           int64_t width, int64_t patch_px, const uint8_t (&tables)[3][ValueBytes][256],
+                                           uint8_t* out) {
+  const Indexes& ix = indexes();
+  __m512i table[3][ValueBytes][4];
+  for (int c = 0; c < 3; ++c) {
+    for (int b = 0; b < ValueBytes; ++b) {
+      for (int q = 0; q < 4; ++q) table[c][b][q] = _mm512_loadu_si512(tables[c][b] + 64 * q);
+    }
+  }
+  __mmask64 channel_lanes[3] = {0, 0, 0};
+  for (int k = 0; k < 3 * kTokenStepPx; ++k) channel_lanes[k % 3] |= __mmask64{1} << k;
+  const int64_t run_bytes = 3 * patch_px, runs = kTokenStepPx / patch_px, row_bytes = 3 * width;
+  const int64_t grid_w = width / patch_px, steps_per_token = patch_px / runs;
+  for (int64_t grid_row = grid_row_begin; grid_row < grid_row_end; ++grid_row) {
+    const uint8_t* src = patches + grid_row * patch_px * row_bytes;
+    uint8_t* dst = out + grid_row * grid_w * patch_px * run_bytes * ValueBytes;
+    for (int64_t gx = 0; gx < grid_w; ++gx) {
+      for (int64_t step = 0; step < steps_per_token; ++step, dst += 3 * kTokenStepPx * ValueBytes) {
+        const uint8_t* run = src + step * runs * row_bytes + gx * run_bytes;
+        __m512i index = _mm512_maskz_loadu_epi8(first_bytes(run_bytes), run);
+        for (int64_t r = 1; r < runs; ++r) {  // run r at lanes [r * run_bytes, (r + 1) * run_bytes)
+          const __mmask64 lanes = first_bytes((r + 1) * run_bytes) & ~first_bytes(r * run_bytes);
+          index = _mm512_mask_loadu_epi8(index, lanes, run + r * row_bytes - r * run_bytes);
+        }
+        const __mmask64 top_bit = _mm512_movepi8_mask(index);
+        __m512i planes[ValueBytes];
+        for (int v = 0; v < ValueBytes; ++v) {
+          planes[v] = lookup(index, top_bit, table[0][v]);
+          planes[v] = _mm512_mask_blend_epi8(channel_lanes[1], planes[v], lookup(index, top_bit, table[1][v]));
+          planes[v] = _mm512_mask_blend_epi8(channel_lanes[2], planes[v], lookup(index, top_bit, table[2][v]));
+        }
+        store_values<ValueBytes>(planes, ix, 3 * kTokenStepPx, dst);
+      }
+    }
+  }
+}
+
 }  // namespace
+
+bool token_kernel_avx512_fits(int64_t patch_px) {
+  return patch_px == 4 || patch_px == 8 || patch_px == 16;
+}
+
+void assemble_token_rows_avx512(const uint8_t* patches, int64_t grid_row_begin, int64_t grid_row_end, int64_t width,
+                                int64_t patch_px, const uint8_t (&tables)[3][2][256], uint8_t* out) {
+  assemble_token_rows<2>(patches, grid_row_begin, grid_row_end, width, patch_px, tables, out);
+}
+
+void assemble_token_rows_avx512(const uint8_t* patches, int64_t grid_row_begin, int64_t grid_row_end, int64_t width,
+                                int64_t patch_px, const uint8_t (&tables)[3][4][256], uint8_t* out) {
+  assemble_token_rows<4>(patches, grid_row_begin, grid_row_end, width, patch_px, tables, out);
+}
 
 void assemble_rows_avx512(const uint8_t* patches, int64_t row_begin, int64_t row_end, int64_t height, int64_t width,
                           const uint8_t (&tables)[3][2][256], uint8_t* out) {
@@ -122,6 +178,20 @@ void assemble_rows_avx512(const uint8_t* patches, int64_t row_begin, int64_t row
 }
 
 #else
+
+bool token_kernel_avx512_fits(int64_t) {
+  return false;
+}
+
+void assemble_token_rows_avx512(const uint8_t*, int64_t, int64_t, int64_t, int64_t, const uint8_t (&)[3][2][256],
+                                uint8_t*) {
+  std::abort();
+}
+
+void assemble_token_rows_avx512(const uint8_t*, int64_t, int64_t, int64_t, int64_t, const uint8_t (&)[3][4][256],
+                                uint8_t*) {
+  std::abort();
+}
 
 void assemble_rows_avx512(const uint8_t*, int64_t, int64_t, int64_t, int64_t, const uint8_t (&)[3][2][256], uint8_t*) {
   std::abort();

@@ -19,4 +19,14 @@ void assemble_rows_avx512(const uint8_t* patches, int64_t row_begin, int64_t row
 void assemble_rows_avx512(const uint8_t* patches, int64_t row_begin, int64_t row_end, int64_t height, int64_t width,
                           const uint8_t (&tables)[3][4][256], uint8_t* out);
 
+// Token rows [grid_row_begin, grid_row_end) (one per patch and grid row) of patches (N, height,
+// width, 3) uint8 -> out (N, T, p * p * 3) of the same values (batch.hpp's token layout), 16
+// interleaved pixels at a time; only where token_kernel_avx512_fits(patch_px) (p = 4, 8, 16: a
+// step holds 16 / p whole runs of one token) and avx512_vbmi_available().
+bool token_kernel_avx512_fits(int64_t patch_px);
+void assemble_token_rows_avx512(const uint8_t* patches, int64_t grid_row_begin, int64_t grid_row_end, int64_t width,
+                                int64_t patch_px, const uint8_t (&tables)[3][2][256], uint8_t* out);
+void assemble_token_rows_avx512(const uint8_t* patches, int64_t grid_row_begin, int64_t grid_row_end, int64_t width,
+                                int64_t patch_px, const uint8_t (&tables)[3][4][256], uint8_t* out);
+
 }  // namespace m2ort

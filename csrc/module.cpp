@@ -144,41 +144,51 @@ m2ort::CpuKernel checked_kernel(const std::string& name, Available available, co
 }
 
 // assemble_batch and assemble_batch_bf16: the same checks, then Kernel (m2ort::assemble_batch or
-// its bf16 twin) into an (N, 3, H, W) array of Out.
+// its bf16 twin) into an array of Out: planes (N, 3, H, W), or tokens (N, T, p * p * 3) for patch_px p > 0.
 template <typename Out, auto Kernel>
 py::array_t<Out> assemble(const char* where_name, const py::object& patches_obj, const std::vector<double>& mean_values,
                           const std::vector<double>& std_values, const py::object& out_obj, int64_t num_threads,
-                          const std::string& kernel_name) {
+                          const std::string& kernel_name, int64_t patch_px) {
   const std::string where = where_name;
   py::array patches = rgb_patches(patches_obj, where);
-  const m2ort::CpuKernel kernel = checked_kernel(kernel_name, m2ort::assemble_kernels, "assemble", where);
+  const int64_t n = patches.shape(0), height = patches.shape(1), width = patches.shape(2);
+  if (patch_px < 0) fail(where, "patch_px must be >= 0 (0 = planes), got " + std::to_string(patch_px));
+  if (patch_px > 0 && (height % patch_px || width % patch_px)) {
+    fail(where, "patch_px " + std::to_string(patch_px) + " does not divide the patches' " + std::to_string(height) +
+                    " x " + std::to_string(width) + " px");
+  }
+  const std::string layout = patch_px ? "assemble tokens of " + std::to_string(patch_px) + " px" : "assemble";
+  const m2ort::CpuKernel kernel =
+      checked_kernel(kernel_name, [patch_px]() { return m2ort::assemble_kernels(patch_px); }, layout, where);
   const auto mean = three_floats(mean_values, where, "mean", false);
   const auto std_dev = three_floats(std_values, where, "std", true);
   const int64_t threads = thread_count(num_threads, where);
-  const int64_t n = patches.shape(0), height = patches.shape(1), width = patches.shape(2);
-  py::array_t<Out> out = output_array<Out>(out_obj, {n, 3, height, width}, patches, where);
+  const std::vector<py::ssize_t> shape =
+      patch_px ? std::vector<py::ssize_t>{n, (height / patch_px) * (width / patch_px), patch_px * patch_px * 3}
+               : std::vector<py::ssize_t>{n, 3, height, width};
+  py::array_t<Out> out = output_array<Out>(out_obj, shape, patches, where);
 
   const auto* src = static_cast<const uint8_t*>(patches.data());
   Out* dst = out.mutable_data();
   {
     py::gil_scoped_release release;
-    Kernel(src, n, height, width, mean, std_dev, dst, threads, kernel);
+    Kernel(src, n, height, width, patch_px, mean, std_dev, dst, threads, kernel);
   }
   return out;
 }
 
 py::array_t<float> assemble_batch(const py::object& patches_obj, const std::vector<double>& mean_values,
                                   const std::vector<double>& std_values, const py::object& out_obj, int64_t num_threads,
-                                  const std::string& kernel) {
+                                  const std::string& kernel, int64_t patch_px) {
   return assemble<float, m2ort::assemble_batch>("assemble_batch", patches_obj, mean_values, std_values, out_obj,
-                                                num_threads, kernel);
+                                                num_threads, kernel, patch_px);
 }
 
 py::array_t<uint16_t> assemble_batch_bf16(const py::object& patches_obj, const std::vector<double>& mean_values,
                                           const std::vector<double>& std_values, const py::object& out_obj,
-                                          int64_t num_threads, const std::string& kernel) {
+                                          int64_t num_threads, const std::string& kernel, int64_t patch_px) {
   return assemble<uint16_t, m2ort::assemble_batch_bf16>("assemble_batch_bf16", patches_obj, mean_values, std_values,
-                                                        out_obj, num_threads, kernel);
+                                                        out_obj, num_threads, kernel, patch_px);
 }
 
 py::array_t<uint8_t> crop_patches(const py::object& region_obj, const py::object& origins_obj, int64_t size_px,
@@ -316,27 +326,30 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "m2ort-fast native core: read plan, multi-threaded crop, resize and batch assembly (GIL released).";
 
   m.def("assemble_batch", &assemble_batch, py::arg("patches"), py::arg("mean"), py::arg("std"),
-        py::arg("out") = py::none(), py::arg("num_threads") = 0, py::arg("kernel") = "auto",
-        R"doc(Normalise a batch of RGB patches into one NCHW float32 array.
+        py::arg("out") = py::none(), py::arg("num_threads") = 0, py::arg("kernel") = "auto", py::arg("patch_px") = 0,
+        R"doc(Normalise a batch of RGB patches into one float32 array: (patches / 255 - mean) / std.
 
 patches: (N, H, W, 3) uint8, C-contiguous. mean, std: 3 floats each (R, G, B, on the 0-1 scale).
-out: optional (N, 3, H, W) float32 C-contiguous array written in place. num_threads: 0 = one per
-CPU in this process's affinity mask (fewer for small batches). kernel: "auto" (the first of
-assemble_kernels()) or one it lists; all give the same bits. Returns out, (N, 3, H, W) float32 =
-(patches / 255 - mean) / std.)doc");
+patch_px: 0 (default) writes planes, (N, 3, H, W); p > 0 (dividing H and W) writes tokens,
+(N, (H/p) * (W/p), p * p * 3): the grid's p x p squares in row-major order, each flattened
+(p1 p2 c), as m2ort_fast.model.patchify lays them out. out: optional C-contiguous float32 array of
+that shape written in place. num_threads: 0 = one per CPU in this process's affinity mask (fewer
+for small batches). kernel: "auto" (the first of assemble_kernels(patch_px)) or one it lists; all
+give the same bits. Returns out.)doc");
 
   m.def(
-      "assemble_kernels", []() { return kernel_names(m2ort::assemble_kernels()); },
-      R"doc(The kernels assemble_batch and assemble_batch_bf16 can run on this CPU, the one "auto" picks first.
+      "assemble_kernels", [](int64_t patch_px) { return kernel_names(m2ort::assemble_kernels(patch_px)); },
+      py::arg("patch_px") = 0,
+      R"doc(The kernels assemble_batch and assemble_batch_bf16 can run on this CPU for a layout, the one "auto" picks first.
 
-"avx512_vbmi" (byte permutes over the same per-channel table) where the CPU has AVX-512 VBMI, then
-"scalar". Every kernel gives the same bits.)doc");
+"avx512_vbmi" (byte permutes over the same per-channel table) where the CPU has AVX-512 VBMI, for
+planes (patch_px 0) and tokens of 4, 8 or 16 px; then "scalar". Every kernel gives the same bits.)doc");
 
   m.def("assemble_batch_bf16", &assemble_batch_bf16, py::arg("patches"), py::arg("mean"), py::arg("std"),
-        py::arg("out") = py::none(), py::arg("num_threads") = 0, py::arg("kernel") = "auto",
+        py::arg("out") = py::none(), py::arg("num_threads") = 0, py::arg("kernel") = "auto", py::arg("patch_px") = 0,
         R"doc(assemble_batch rounded to bfloat16: the same float32 values cast as torch casts them (round
-to nearest even), returned as their bit patterns, (N, 3, H, W) uint16 (view them with
-torch.from_numpy(a).view(torch.bfloat16)). out: optional (N, 3, H, W) uint16 C-contiguous array.)doc");
+to nearest even), returned as their bit patterns, uint16 in assemble_batch's shape for patch_px
+(view them with torch.from_numpy(a).view(torch.bfloat16)). out: optional C-contiguous uint16 array.)doc");
 
   m.def("crop_patches", &crop_patches, py::arg("region"), py::arg("origins_px"), py::arg("size_px"),
         py::arg("out") = py::none(), py::arg("num_threads") = 0,

@@ -33,18 +33,23 @@ def assemble_batch(
     out: npt.NDArray[np.float32] | None = None,
     num_threads: int = 0,
     kernel: str = "auto",
+    patch_px: int = 0,
 ) -> npt.NDArray[np.float32]:
-    """Normalise a batch of RGB patches into one NCHW float32 array.
+    """Normalise a batch of RGB patches into one float32 array: (patches / 255 - mean) / std.
 
     patches: (N, H, W, 3) uint8, C-contiguous. mean, std: 3 floats each (R, G, B, on the 0-1 scale;
-    std non-zero). out: optional (N, 3, H, W) float32 C-contiguous array written in place (must not
-    share memory with patches). kernel: "auto" (the first of :func:`assemble_kernels`) or one it
-    lists; all give the same bits. Returns out, (N, 3, H, W) float32 = (patches / 255 - mean) / std.
+    std non-zero). patch_px: 0 writes planes, (N, 3, H, W); p > 0 (dividing H and W) writes
+    tokens, (N, (H/p) * (W/p), p * p * 3), the grid's p x p squares in row-major order, each
+    flattened (p1 p2 c): :func:`m2ort_fast.model.patchify`'s layout. out: optional C-contiguous
+    float32 array of that shape written in place (must not share memory with patches). kernel:
+    "auto" (the first of :func:`assemble_kernels` for patch_px) or one it lists; all give the same
+    bits. Returns out.
     """
 
-def assemble_kernels() -> list[str]:
-    """The kernels assemble_batch and assemble_batch_bf16 can run on this CPU, auto's pick first:
-    "avx512_vbmi" where the CPU has AVX-512 VBMI, then "scalar"."""
+def assemble_kernels(patch_px: int = 0) -> list[str]:
+    """The kernels assemble_batch and assemble_batch_bf16 can run on this CPU for a layout, auto's
+    pick first: "avx512_vbmi" where the CPU has AVX-512 VBMI, for planes (patch_px 0) and tokens
+    of 4, 8 or 16 px; then "scalar"."""
 
 def assemble_batch_bf16(
     patches: npt.NDArray[np.uint8],
@@ -53,9 +58,11 @@ def assemble_batch_bf16(
     out: npt.NDArray[np.uint16] | None = None,
     num_threads: int = 0,
     kernel: str = "auto",
+    patch_px: int = 0,
 ) -> npt.NDArray[np.uint16]:
     """``assemble_batch`` rounded to bfloat16 as torch casts float32 (round to nearest even): the
-    bit patterns, (N, 3, H, W) uint16; ``torch.from_numpy(a).view(torch.bfloat16)`` reads them."""
+    bit patterns, uint16 in assemble_batch's shape for patch_px; ``torch.from_numpy(a).view(torch.bfloat16)``
+    reads them."""
 
 def crop_patches(
     region: npt.NDArray[np.uint8],

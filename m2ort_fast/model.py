@@ -92,8 +92,10 @@ class LevelPatchEmbed(nn.Module):
         self.norm_out = nn.LayerNorm(out_dim)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """image (B, 3, H, W), any float dtype (cast to the branch's here) -> (B, 196, d)."""
-        x = patchify(image, self.patch_px, dtype=self.fc1.weight.dtype)
+        """image (B, 3, H, W), or its tokens (B, 196, p*p*3) as :func:`patchify` lays them out; any
+        float dtype (cast to the branch's here) -> (B, 196, d)."""
+        dtype = self.fc1.weight.dtype
+        x = image.to(dtype) if image.dim() == 3 else patchify(image, self.patch_px, dtype=dtype)
         x = self.fc2(F.gelu(self.fc1(self.norm_in(x))))
         return self.norm_out(x)
 
@@ -184,7 +186,10 @@ class M2ORT(nn.Module):
     """Many-to-one regression transformer.
 
     forward(level1 (B, 3, 224, 224), level2 (B, 3, 112, 112), level3 (B, 3, 56, 56))
-    -> (B, n_genes). Inputs are RGB in [0, 1] (after the checkpoint's normalisation).
+    -> (B, n_genes). Inputs are RGB in [0, 1] (after the checkpoint's normalisation). With LDPE
+    each level may come as its tokens instead, (B, 196, p*p*3) in :func:`patchify`'s layout
+    (the streamed host path assembles them so: ``TorchBackend.input_token_px``); the same values
+    give the same bits either way.
     """
 
     def __init__(self, cfg: M2ORTConfig, token_embed: nn.Module | None = None):

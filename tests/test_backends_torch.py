@@ -93,3 +93,23 @@ def test_the_cpu_attention_form_follows_amx(amx, monkeypatch):
         model, card = load_checkpoint(DEFAULT_CHECKPOINT)
         backend = make_backend("torch", model, card, device="cpu", precision=precision)
         assert all(block.itmm.fused_attention is expected for block in backend.model.encoder_blocks())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_an_ldpe_model_takes_tokens_with_the_images_bits(precision):
+    """The torch backend of an LDPE model on the CPU asks for tokens (``input_token_px``: the host
+    path assembles them, sparing the model its patchify copies) and gives the bits it gives for the
+    images; an encoder model (the default) takes images."""
+    from m2ort_fast.backends.workers import backend_inputs
+    from m2ort_fast.predict import SHIPPED_MODELS
+
+    generator = torch.Generator().manual_seed(5)
+    levels = [torch.rand(9, 3, s, s, generator=generator) for s in IMAGE_SIZES_PX]
+    model, card = load_checkpoint(SHIPPED_MODELS["m2ort-her2st-tiny"])
+    backend = make_backend("torch", model, card, device="cpu", precision=precision)
+    assert backend.input_token_px == (16, 8, 4)
+    tokens = backend_inputs(backend, levels)
+    assert [tuple(x.shape) for x in tokens] == [(9, 196, 768), (9, 196, 192), (9, 196, 48)]
+    assert torch.equal(backend(*tokens), backend(*[x.to(backend.input_dtype) for x in levels]))
+    model, card = load_checkpoint(DEFAULT_CHECKPOINT)
+    assert make_backend("torch", model, card, device="cpu", precision=precision).input_token_px is None

@@ -3,6 +3,7 @@ against the package's reference resize (Pillow)."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import threading
@@ -83,6 +84,30 @@ def test_assemble_kernels_give_the_same_bits(rng, shape):
             assert assemble(patches, MEAN, STD, kernel=kernel, num_threads=2).tobytes() == expected, kernel
     with pytest.raises(ValueError, match="kernel 'sse9' cannot assemble on this CPU"):
         _core.assemble_batch(patches, MEAN, STD, kernel="sse9")
+
+
+@pytest.mark.parametrize(
+    "shape, patch_px", [((3, 224, 224), 16), ((2, 112, 112), 8), ((2, 56, 56), 4), ((2, 14, 21), 7)]
+)
+def test_assemble_tokens_are_the_models_patchify_of_the_planes(rng, shape, patch_px):
+    """patch_px > 0 writes model.patchify's layout of the planes' values, bit for bit, float32 and
+    bf16, on one thread and several; a non-square patch and a patch size the model lacks too."""
+    from m2ort_fast.model import patchify
+
+    patches = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    patches[0, 0, : min(shape[2], 256)] = np.arange(min(shape[2], 256))[:, None]
+    tokens_shape = (shape[0], (shape[1] // patch_px) * (shape[2] // patch_px), patch_px * patch_px * 3)
+    kernels = _core.assemble_kernels(patch_px)
+    assert kernels == (["avx512_vbmi", "scalar"] if _cpu_has_avx512_vbmi() and patch_px in (4, 8, 16) else ["scalar"])
+    for assemble, dtype, bits in (
+        (_core.assemble_batch, torch.float32, torch.int32),
+        (_core.assemble_batch_bf16, torch.bfloat16, torch.int16),
+    ):
+        expected = patchify(torch.from_numpy(assemble(patches, MEAN, STD)).view(dtype), patch_px)
+        for kernel, num_threads in itertools.product(kernels, (1, 3)):
+            tokens = assemble(patches, MEAN, STD, patch_px=patch_px, num_threads=num_threads, kernel=kernel)
+            assert tokens.shape == tokens_shape and tokens.flags.c_contiguous
+            assert torch.equal(torch.from_numpy(tokens).view(bits), expected.view(bits)), (kernel, num_threads)
 
 
 @pytest.mark.parametrize("num_threads", [1, 4])
@@ -258,6 +283,13 @@ ASSEMBLE_ERRORS = [
     (lambda p: dict(out=np.empty((2, 8, 8, 3), np.float32)), r"out must have shape \(2, 3, 8, 8\), got \(2, 8, 8, 3\)"),
     (lambda p: dict(out=np.empty((2, 3, 8, 16), np.float32)[..., ::2]), "out must be C-contiguous"),
     (lambda p: dict(num_threads=-1), "num_threads must be >= 0"),
+    (lambda p: dict(patch_px=-4), r"patch_px must be >= 0 \(0 = planes\), got -4"),
+    (lambda p: dict(patch_px=3), "patch_px 3 does not divide the patches' 8 x 8 px"),
+    (lambda p: dict(patch_px=4, out=np.empty((2, 3, 8, 8), np.float32)), r"out must have shape \(2, 4, 48\)"),
+    (
+        lambda p: dict(patch_px=2, kernel="avx512_vbmi"),
+        r"kernel 'avx512_vbmi' cannot assemble tokens of 2 px on this CPU \(available: auto, scalar\)",
+    ),
 ]
 
 

@@ -52,6 +52,26 @@ def test_streamed_patches_equal_naive_bit_for_bit(pyramids, layout, level_mpp, l
         assert np.array_equal(a, b), f"level {level} differs"
 
 
+@pytest.mark.parametrize("level_source", ["pyramid", "resize"])
+def test_steps_cut_in_cached_pieces_give_the_naive_patches(pyramids, monkeypatch, level_source):
+    """A step's spots are cut, resized and handed on CACHED_SPOTS at a time (steps of up to 17 in
+    pieces of 5 and the rest here, the arrays reused): each piece holds its own spots' patches."""
+    from m2ort_fast.engine import host
+
+    monkeypatch.setattr(host, "CACHED_SPOTS", 5)
+    centers = np.random.default_rng(3).uniform(-40, 1576, (60, 2))
+    with open_slide(pyramids["svs"], reader="tiffslide") as slide:
+        naive = read_spot_patches(slide, centers, (0.62, 1.24, 2.48), SIZES, level_source=level_source)
+        plan = plan_slide_reads(slide, centers, (0.62, 1.24, 2.48), SIZES, level_source=level_source, step_spots=17)
+        pieces = [
+            (spots, [p.copy() for p in patches]) for spots, patches in iter_streamed_patches(slide, plan, reuse=True)
+        ]
+    assert max(len(spots) for spots, _ in pieces) == 5 and len(pieces) > plan.n_steps
+    for spots, patches in pieces:
+        for level, (whole, part) in enumerate(zip(naive, patches, strict=True)):
+            assert np.array_equal(whole[spots], part), f"level {level} differs"
+
+
 def test_spot_squares_match_the_naive_reads(pyramids):
     """read_spot_patches reads exactly the squares spot_squares describes (the plan relies on it)."""
     centers = np.array([[100.3, 700.5], [1000.5, 20.49]])
@@ -97,6 +117,20 @@ def test_bf16_streamed_predictions_equal_naive_and_the_device_path(tmp_path):
         predictions[name] = anndata.read_h5ad(result.outputs.h5ad).X
     assert np.array_equal(predictions["host"], predictions["naive"])
     assert np.array_equal(predictions["host"], predictions["device"])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_ldpe_model_takes_tokens_from_the_host_path_with_the_naive_bits(tmp_path, precision):
+    """An LDPE model on the torch backend: the host path assembles each level as tokens
+    (``input_token_px``, model.patchify's layout) and the model skips its own patchify; the naive
+    path hands it images. The same bits either way."""
+    predictions = {}
+    for name, options in (("naive", {"streamed": False}), ("host", {})):
+        predictor = Predictor("m2ort-her2st-tiny", progress=False, precision=precision, batch_size=16)
+        assert predictor.backend.input_token_px == (16, 8, 4)
+        result = predictor.predict_slide(DEMO_SLIDE, spots=DEMO_SPOTS, out_dir=tmp_path / name, n_heatmaps=0, **options)
+        predictions[name] = anndata.read_h5ad(result.outputs.h5ad).X
+    assert np.array_equal(predictions["host"], predictions["naive"])
 
 
 def test_streamed_predictions_equal_naive_in_several_stripes(tmp_path):

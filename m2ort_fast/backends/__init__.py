@@ -8,8 +8,10 @@ with the three levels of a batch of spots, already normalised:
 
 Inputs are float32 CPU tensors (possibly pinned), or bfloat16 ones where the backend's
 ``input_dtype`` says so (the streamed host path hands the torch backend in bf16 its batches in bf16,
-rounded as the model's own cast would); each backend moves them to its device and precision.
-Optional attributes the engine reads: ``input_dtype`` and ``concurrent_calls``
+rounded as the model's own cast would), and as tokens (B, 196, p*p*3) where its
+``input_token_px`` says so (the torch backend of an LDPE model on the CPU); each backend moves them
+to its device and precision. Optional attributes the engine reads: ``input_dtype``,
+``input_token_px`` and ``concurrent_calls``
 (:mod:`m2ort_fast.backends.workers`). Backends register here by name and are imported only when asked for, so that a
 missing optional toolkit (Triton, onnxruntime, TensorRT) only matters to the backend that needs it.
 """

@@ -40,7 +40,7 @@ import torch
 
 from m2ort_fast.backends import backend_factory, backend_names, make_backend
 from m2ort_fast.backends.timing import ProcStatLoad, Rounds, RoundsPolicy, quartiles, run_rounds
-from m2ort_fast.backends.workers import engine_call, input_dtype
+from m2ort_fast.backends.workers import engine_call, input_dtype, input_token_px
 from m2ort_fast.checkpoint import ModelCard
 from m2ort_fast.errors import M2ORTError, exception_detail
 from m2ort_fast.model import IMAGE_SIZES_PX, M2ORT
@@ -350,6 +350,11 @@ class AutoBackend:
     def input_dtype(self) -> torch.dtype:
         """The dtype the chosen backend takes its batches in (float32 unless it says otherwise)."""
         return input_dtype(self.backend)
+
+    @property
+    def input_token_px(self) -> tuple[int, ...] | None:
+        """Where the chosen backend takes its levels as tokens: their sides (see backends.workers)."""
+        return input_token_px(self.backend)
 
     @property
     def forward_on_device(self):

@@ -25,7 +25,7 @@ import torch
 from m2ort_fast.checkpoint import ModelCard
 from m2ort_fast.device import cpu_has_amx
 from m2ort_fast.errors import M2ORTError
-from m2ort_fast.model import M2ORT, set_fused_attention
+from m2ort_fast.model import M2ORT, PATCH_SIZES_PX, set_fused_attention
 from m2ort_fast.precision import check_backend_precision, torch_dtype
 
 
@@ -60,13 +60,17 @@ class TorchBackend:
         # a bf16 model's first op casts its float32 input: the host path hands it bf16 batches assembled
         # with that rounding (half the bytes to write, and no cast); other dtypes take float32
         self.input_dtype = torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float32
+        # LDPE's first step lays each level out as tokens (two copies, 10-17% of `tiny` bf16 on the
+        # CPU): the host path writes them so instead, straight from the uint8 patches
+        self.input_token_px = PATCH_SIZES_PX if model.token_embed is None and self.device.type == "cpu" else None
 
     def __call__(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:
         return self.forward_on_device(level1, level2, level3).cpu()
 
     @torch.inference_mode()
     def forward_on_device(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:
-        """(B, G) float32 predictions left on the backend's device (no host synchronisation)."""
+        """(B, G) float32 predictions left on the backend's device (no host synchronisation). Each
+        level: images (B, 3, H, W), or tokens (B, 196, p*p*3) where ``input_token_px`` is set."""
         # float32 in: the model casts each level in its first copy (patchify), not in a pass of its own
         levels = [x.to(self.device, non_blocking=True) for x in (level1, level2, level3)]
         if self.chunk_spots is None:

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from m2ort_fast.model import patchify
+
 
 def model_workers(backend) -> int:
     """Calls of ``backend`` to run at once: ``torch.get_num_threads()`` where the backend has
@@ -32,12 +34,28 @@ def input_dtype(backend) -> torch.dtype:
     return getattr(backend, "input_dtype", torch.float32)
 
 
-def engine_call(backend, levels: Sequence[torch.Tensor]) -> tuple[Callable[[], object], int]:
-    """``backend`` on ``levels`` as the host path calls it: a callable running ``model_workers``
-    batches at once (:func:`calls_at_once`) or one call, on the levels cast to its
-    :func:`input_dtype`; and the number of batches that callable runs."""
-    workers = model_workers(backend)
+def input_token_px(backend) -> tuple[int, ...] | None:
+    """Where ``backend`` takes each level as tokens (model.patchify's layout) rather than an
+    image: their side per level, its ``input_token_px``; else None."""
+    return getattr(backend, "input_token_px", None)
+
+
+def backend_inputs(backend, levels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Images (B, 3, H, W) per level as the host path hands them to ``backend``: in its
+    :func:`input_dtype`, as tokens (B, T, p*p*3) where it has :func:`input_token_px`."""
+    token_px = input_token_px(backend)
     given = [x.to(input_dtype(backend)) for x in levels]
+    if token_px is None:
+        return given
+    return [patchify(x, p).contiguous() for x, p in zip(given, token_px, strict=True)]
+
+
+def engine_call(backend, levels: Sequence[torch.Tensor]) -> tuple[Callable[[], object], int]:
+    """``backend`` on ``levels`` (images) as the host path calls it: a callable running
+    ``model_workers`` batches at once (:func:`calls_at_once`) or one call, on the levels as
+    :func:`backend_inputs` gives them; and the number of batches that callable runs."""
+    workers = model_workers(backend)
+    given = backend_inputs(backend, levels)
     if workers > 1:
         return calls_at_once(backend, [given] * workers), workers
     return functools.partial(backend, *given), 1
