@@ -51,8 +51,9 @@ log = logging.getLogger(__name__)
 CPU_CANDIDATES = ("torch", "onnxruntime", "aoti")
 GPU_CANDIDATES = ("torch", "triton", "aoti", "tensorrt", "onnxruntime")
 # part of the remembered record's key: picks made by an older rule are not reused. 3: timed as the
-# host path calls them, near-ties to the earlier candidate; 4: the torch backend's bf16 fused on AMX
-DECISION_VERSION = 4
+# host path calls them, near-ties to the earlier candidate; 4: the torch backend's bf16 fused on AMX;
+# 5: an LDPE model's torch backend timed on tokens, as the host path now hands them
+DECISION_VERSION = 5
 
 
 @dataclasses.dataclass
