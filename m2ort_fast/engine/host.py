@@ -127,7 +127,7 @@ def spot_patches(
 
 class StepBuffers:
     """The patch arrays of ``iter_streamed_patches(reuse=True)``: one (max_spots, S, S, 3) uint8
-    buffer per name, allocated on first use, its first n rows handed out each step (None where not
+    buffer per name, allocated on first use, its first n rows handed out each piece (None where not
     ``enabled``: the kernels then return fresh arrays)."""
 
     def __init__(self, max_spots: int, enabled: bool = True):
@@ -283,8 +283,8 @@ class HostStream:
             )
 
     def assembler(self) -> None:
-        """Normalise each step's patches straight into batches, a batch emitted when full: a step's
-        patches are used up before the next step is cut, so its arrays are reused (``reuse``)."""
+        """Normalise each piece's patches straight into batches, a batch emitted when full: a piece's
+        patches are used up before the next piece is cut, so its arrays are reused (``reuse``)."""
         steps = iter_streamed_patches(
             self.slide,
             self.plan,
