@@ -222,7 +222,8 @@ class HostStream:
         self.decoded_q, self.batch_q, self.write_q = self.stages.pipe(), self.stages.pipe(), self.stages.pipe()
         self.device = torch.device(getattr(backend, "device", "cpu"))
         self.input_dtype = input_dtype(backend)
-        self.token_px = input_token_px(backend)
+        # per model input: the side of the tokens the backend takes it as, 0 for an image (_core's patch_px)
+        self.patch_px = input_token_px(backend) or (0,) * (len(plan.inputs) + len(plan.derived_sizes))
         self.on_gpu = self.device.type == "cuda"
         self.stats = StreamStats(plan=plan.stats())
         # Input batches come back from the model thread and are refilled: fresh 50 MB arrays per batch
@@ -259,27 +260,28 @@ class HostStream:
         try:
             return self.free_batches.get_nowait()
         except queue.Empty:  # Pinned host memory on a GPU: the copy to the device overlaps the next batch.
-            shapes: list[tuple[int, ...]] = [(3, h, w) for h, w in sizes_px]
-            if self.token_px is not None:
-                shapes = [((h // p) * (w // p), p * p * 3) for (h, w), p in zip(sizes_px, self.token_px, strict=True)]
+            shapes = [
+                ((h // p) * (w // p), p * p * 3) if p else (3, h, w)
+                for (h, w), p in zip(sizes_px, self.patch_px, strict=True)
+            ]
             return [
                 torch.empty((self.batch_size, *shape), dtype=self.input_dtype, pin_memory=self.on_gpu)
                 for shape in shapes
             ]
 
-    def assemble_into(self, patches: np.ndarray, buffer, token_px: int) -> None:
+    def assemble_into(self, patches: np.ndarray, buffer, patch_px: int) -> None:
         """Normalise patches (n, H, W, 3) uint8 into buffer, (n, 3, H, W) or its tokens for
-        ``token_px`` > 0: float32, or bfloat16 as torch's cast of the float32 values rounds them (the
+        ``patch_px`` > 0: float32, or bfloat16 as torch's cast of the float32 values rounds them (the
         same bits the model would make)."""
         import torch
 
         threads = self.num_threads
         if buffer.dtype == torch.bfloat16:
             bits = buffer.view(torch.uint16).numpy()
-            _core.assemble_batch_bf16(patches, self.mean, self.std, out=bits, num_threads=threads, patch_px=token_px)
+            _core.assemble_batch_bf16(patches, self.mean, self.std, out=bits, num_threads=threads, patch_px=patch_px)
         else:
             _core.assemble_batch(
-                patches, self.mean, self.std, out=buffer.numpy(), num_threads=threads, patch_px=token_px
+                patches, self.mean, self.std, out=buffer.numpy(), num_threads=threads, patch_px=patch_px
             )
 
     def assembler(self) -> None:
@@ -303,10 +305,8 @@ class HostStream:
                     buffers = self.batch_buffers([piece.shape[1:3] for piece in patches])
                 take = min(self.batch_size - filled, len(spots) - taken)
                 with self.timer.stage("assemble"):
-                    for piece, buffer, token_px in zip(
-                        patches, buffers, self.token_px or [0] * len(buffers), strict=True
-                    ):
-                        self.assemble_into(piece[taken : taken + take], buffer[filled : filled + take], token_px)
+                    for piece, buffer, patch_px in zip(patches, buffers, self.patch_px, strict=True):
+                        self.assemble_into(piece[taken : taken + take], buffer[filled : filled + take], patch_px)
                 batch_spots.append(spots[taken : taken + take])
                 taken, filled = taken + take, filled + take
                 if filled == self.batch_size:
