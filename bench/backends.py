@@ -11,11 +11,12 @@ precision, latency p50/p99 per batch, peak memory during the warm-up batch (CUDA
 torch; CPU: peak process RSS, sampled), and the max error vs the fp32 eager reference on the same
 inputs (relative to max |reference|). Rows are timed round-robin (one batch of each in turn) so
 that load from other processes on a shared machine hits them alike. Build time (export/compile on
-first use; cached afterwards) is reported separately. Four rows are not registered backends:
+first use; cached afterwards) is reported separately. Five rows are not registered backends:
 "compile" (torch.compile of the eager model), "torch-fused" / "torch-literal" (the eager model with
 its attention forced to one fused op, ``set_fused_attention``, or to the reference's matmul ->
 softmax -> matmul: which form is faster here, and how much of a compiled backend's gain that op
-alone gives), and "torch-v1" (the eager model's forward as written before issue 26,
+alone gives), "torch-aten-ln" (the torch backend with torch's own LayerNorm where it would run the
+extension's, ``backends.layer_norm``), and "torch-v1" (the eager model's forward as written before issue 26,
 ``m2ort_fast.model_v1``, run as the torch backend ran it: the old-vs-new comparison of the model
 stage in one process). "spots/s IQR": spots/s of the 25% and 75% quantiles of the batch times.
 
@@ -54,13 +55,24 @@ from m2ort_fast.model_v1 import forward_v1
 from m2ort_fast.precision import BACKEND_PRECISIONS, check_precision, torch_dtype
 
 DEFAULT_BACKENDS = {
-    "cpu": "torch,torch-v1,torch-fused,torch-literal,onnxruntime,aoti",
+    "cpu": "torch,torch-v1,torch-fused,torch-literal,torch-aten-ln,onnxruntime,aoti",
     "cuda": "torch,torch-fused,compile,triton,aoti,tensorrt,onnxruntime",
 }
 DEFAULT_PRECISIONS = {"cpu": "fp32,bf16,int8", "cuda": "fp32,bf16,fp16"}
 # the rows that are not registered backends run what the eager model runs
-PSEUDO_BACKENDS = {"torch-fused": "torch", "torch-literal": "torch", "compile": "torch", "torch-v1": "torch"}
-ATTENTION_FORMS = {"torch-fused": True, "torch-literal": False}  # fused_attention of the eager rows
+PSEUDO_BACKENDS = {
+    "torch-fused": "torch",
+    "torch-literal": "torch",
+    "torch-aten-ln": "torch",
+    "compile": "torch",
+    "torch-v1": "torch",
+}
+# the eager rows that are the torch backend with one of its choices forced
+EAGER_CHOICES = {
+    "torch-fused": {"fused_attention": True},
+    "torch-literal": {"fused_attention": False},
+    "torch-aten-ln": {"core_layer_norm": False},
+}
 
 # operations per cycle per core, by precision: (cpu flag, ops) from the widest unit down
 OPS_PER_CYCLE = {
@@ -189,9 +201,8 @@ def build(name, model, card, device, precision, cache_dir):
         return CompileBackend(fresh, device, precision)
     if name == "torch-v1":
         return TorchV1Backend(fresh, device, precision)
-    if name in ATTENTION_FORMS:  # eager with one attention form: how much of a compiled gain is the fused op
-        fused = ATTENTION_FORMS[name]
-        backend = make_backend("torch", fresh, card, device=device, precision=precision, fused_attention=fused)
+    if name in EAGER_CHOICES:  # how much of a gain one choice of the torch backend gives
+        backend = make_backend("torch", fresh, card, device=device, precision=precision, **EAGER_CHOICES[name])
         backend.name = name
         return backend
     options = {"precision": precision}

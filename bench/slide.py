@@ -18,6 +18,9 @@ reading, cropping, resizing, assembling). Beside them: the model alone (the back
 batches: the ceiling of any end-to-end figure), timed against the streamed path end to end in
 ``--rounds`` interleaved rounds and reported per round with the median ratio and its range, and
 decoding the planned tiles alone (``decode_only``, the floor of the data path), each in spots/s.
+Each round also takes the CPU time per spot of the model alone and of the data path alone: where
+the two stages share every core, end to end can reach at most model / (model + data path) of the
+model alone (the "CPU-time ceiling"), however the cores are shared out.
 Reported: spots/s, tiles decoded per spot, traced peak host memory (tracemalloc: numpy and Python
 allocations; the device path's torch buffers are counted by its own ledger instead,
 ``peak_buffers_mb``), per-stage seconds (streamed stages overlap, so they add up to more than the
@@ -200,11 +203,12 @@ def decode_only_seconds(slide, plan, on_device: bool) -> float:
     return time.perf_counter() - start
 
 
-def model_only_spots_per_s(backend, sizes_px, batch_size: int, n_spots: int, workers: int = 1) -> float:
+def model_only_spots_per_s(backend, sizes_px, batch_size: int, n_spots: int, workers: int = 1) -> tuple[float, float]:
     """The backend alone on prepared batches (on its device, as the host path hands them: in its
     ``input_dtype``, as tokens where it takes them), about n_spots in all: one call at a time on all
     of torch's threads, or ``workers`` calls at once on one intra-op thread each (as the host path
-    calls a backend with ``concurrent_calls``: m2ort_fast.backends.workers)."""
+    calls a backend with ``concurrent_calls``: m2ort_fast.backends.workers). Returns (spots/s, CPU
+    seconds per spot: the process's, all threads)."""
     from m2ort_fast.backends.workers import backend_inputs, calls_at_once
 
     device = backend.device
@@ -224,28 +228,53 @@ def model_only_spots_per_s(backend, sizes_px, batch_size: int, n_spots: int, wor
     repeats = max(3, n_spots // batch_size // workers)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(repeats):
         call()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return workers * repeats * batch_size / (time.perf_counter() - start)
+    spots = workers * repeats * batch_size
+    return spots / (time.perf_counter() - start), (time.process_time() - cpu_start) / spots
 
 
-def interleaved_rounds(predictor, slide, centers, max_memory_mb: float, rounds: int) -> dict:
+def data_path_cpu_s_per_spot(predictor, slide, centers, max_memory_mb: float, zero: ZeroModel) -> float:
+    """CPU seconds per spot (the process's, all threads) of the streamed host path with ``zero``
+    as its model: the data path's own work."""
+    model, predictor.backend = predictor.backend, zero
+    try:
+        start = time.process_time()
+        run_streamed(predictor, slide, centers, max_memory_mb, trace=False)
+        return (time.process_time() - start) / len(centers)
+    finally:
+        predictor.backend = model
+
+
+def interleaved_rounds(predictor, slide, centers, max_memory_mb: float, rounds: int, zero: ZeroModel) -> dict:
     """The model alone and the streamed host path end to end, timed in alternating rounds (one
     figure of each per round, so that a slow spell of a shared machine hits both): per round, end
-    to end over the better of the model alone called one at a time and as the engine calls it."""
+    to end over the better of the model alone called one at a time and as the engine calls it.
+
+    Also per round, the CPU time per spot of the model alone (as the engine calls it) and of the
+    data path alone (``zero`` as the model): where both stages share every core, end to end can
+    reach at most model / (model + data path) of the model alone (the "CPU-time ceiling")."""
     from m2ort_fast.backends.workers import model_workers
 
     n, workers = len(centers), model_workers(predictor.backend)
     sizes, batch = predictor.card.patch_sizes_px, predictor.batch_size
     figures = []
     for _ in range(rounds):
-        one_call = model_only_spots_per_s(predictor.backend, sizes, batch, n)
-        as_engine = model_only_spots_per_s(predictor.backend, sizes, batch, n, workers) if workers > 1 else one_call
+        one_call, one_call_cpu = model_only_spots_per_s(predictor.backend, sizes, batch, n)
+        as_engine, model_cpu = (
+            model_only_spots_per_s(predictor.backend, sizes, batch, n, workers)
+            if workers > 1
+            else (one_call, one_call_cpu)
+        )
         end_to_end = n / run_streamed(predictor, slide, centers, max_memory_mb, trace=False)[1]
-        figures.append((one_call, as_engine, end_to_end, end_to_end / max(one_call, as_engine)))
+        data_cpu = data_path_cpu_s_per_spot(predictor, slide, centers, max_memory_mb, zero)
+        ceiling = model_cpu / (model_cpu + data_cpu)
+        figures.append(
+            (one_call, as_engine, end_to_end, end_to_end / max(one_call, as_engine), model_cpu, data_cpu, ceiling)
+        )
     columns = np.array(figures)
     ratios = columns[:, 3]
     return {
@@ -257,6 +286,9 @@ def interleaved_rounds(predictor, slide, centers, max_memory_mb: float, rounds: 
         "end_to_end_vs_model_alone": [round(float(x), 3) for x in ratios],
         "median_ratio": round(float(np.median(ratios)), 3),
         "ratio_range": [round(float(ratios.min()), 3), round(float(ratios.max()), 3)],
+        "model_alone_cpu_ms_per_spot": [round(1e3 * float(x), 3) for x in columns[:, 4]],
+        "data_path_alone_cpu_ms_per_spot": [round(1e3 * float(x), 3) for x in columns[:, 5]],
+        "cpu_time_ceiling": [round(float(x), 3) for x in columns[:, 6]],
     }
 
 
@@ -266,7 +298,8 @@ def bench_baseline(
     """The streamed host path and the model alone with ``baseline`` (the ``--baseline`` predictor),
     on the same slide and spots; ``streamed_spots_per_s_of_run`` (this run's) over the baseline's."""
     n = len(centers)
-    rounds = interleaved_rounds(baseline, slide, centers, args.max_memory_mb, args.rounds)
+    zero = ZeroModel(len(baseline.genes), baseline.backend.device, like=baseline.backend)
+    rounds = interleaved_rounds(baseline, slide, centers, args.max_memory_mb, args.rounds, zero)
     streamed = run_streamed(baseline, slide, centers, args.max_memory_mb)
     streamed_spots_per_s = n / streamed[1]
     return {
@@ -321,7 +354,9 @@ def rounds_line(label: str, rounds: dict) -> str:
         f"interleaved rounds, range {rounds['ratio_range'][0]:.0%}-{rounds['ratio_range'][1]:.0%}; end to end "
         f"{rounds['end_to_end_spots_per_s']} spots/s; alone, one call at a time "
         f"{rounds['model_alone_one_call_spots_per_s']}, as the engine calls it ({rounds['model_workers']} at once) "
-        f"{rounds['model_alone_as_engine_spots_per_s']})"
+        f"{rounds['model_alone_as_engine_spots_per_s']}); CPU ms per spot, model alone "
+        f"{rounds['model_alone_cpu_ms_per_spot']}, data path alone {rounds['data_path_alone_cpu_ms_per_spot']}: "
+        f"the ceiling where both share every core, model / (model + data path), {rounds['cpu_time_ceiling']}"
     )
 
 
@@ -463,7 +498,7 @@ def main(argv=None) -> int:
             on_device = predictor.backend.device.type == "cuda"
             report["decode_only_spots_per_s"] = round(n / decode_only_seconds(slide, device[4], on_device), 1)
             report["model_alone_and_end_to_end"] = interleaved_rounds(
-                predictor, slide, centers, args.max_memory_mb, args.rounds
+                predictor, slide, centers, args.max_memory_mb, args.rounds, zero
             )
             if baseline is not None:
                 report["baseline"] = bench_baseline(

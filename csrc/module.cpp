@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "batch.hpp"
+#include "layer_norm.hpp"
 #include "parallel.hpp"
 #include "read_plan.hpp"
 #include "resize.hpp"
@@ -116,6 +117,8 @@ const char* kernel_name(m2ort::CpuKernel kernel) {
   switch (kernel) {
     case m2ort::CpuKernel::kAvx512Vbmi:
       return "avx512_vbmi";
+    case m2ort::CpuKernel::kAvx512Bw:
+      return "avx512_bw";
     case m2ort::CpuKernel::kScalar:
       return "scalar";
     default:
@@ -189,6 +192,40 @@ py::array_t<uint16_t> assemble_batch_bf16(const py::object& patches_obj, const s
                                           int64_t num_threads, const std::string& kernel, int64_t patch_px) {
   return assemble<uint16_t, m2ort::assemble_batch_bf16>("assemble_batch_bf16", patches_obj, mean_values, std_values,
                                                         out_obj, num_threads, kernel, patch_px);
+}
+
+// x (..., W) bf16 bits -> the same shape: LayerNorm over the last axis (layer_norm.hpp).
+py::array_t<uint16_t> layer_norm_bf16(const py::object& x_obj, const py::object& weight_obj, const py::object& bias_obj,
+                                      double eps, const py::object& out_obj, int64_t num_threads,
+                                      const std::string& kernel_name) {
+  const std::string where = "layer_norm_bf16";
+  py::array x = as_array(x_obj, where, "x");
+  require_dtype<uint16_t>(x, where, "x");
+  require_c_contiguous(x, where, "x");
+  if (x.ndim() < 1 || x.shape(x.ndim() - 1) == 0) fail(where, "x must have a non-empty last axis, got " + shape_of(x));
+  const int64_t width = x.shape(x.ndim() - 1), rows = x.size() / width;
+  std::vector<const uint16_t*> params;
+  for (const auto& [name, obj] : {std::pair{"weight", weight_obj}, std::pair{"bias", bias_obj}}) {
+    py::array a = as_array(obj, where, name);
+    require_dtype<uint16_t>(a, where, name);
+    require_c_contiguous(a, where, name);
+    if (a.ndim() != 1 || a.shape(0) != width) {
+      fail(where, std::string(name) + " must have shape (" + std::to_string(width) + ",), got " + shape_of(a));
+    }
+    params.push_back(static_cast<const uint16_t*>(a.data()));
+  }
+  if (!(eps >= 0.0) || !std::isfinite(eps)) fail(where, "eps must be finite and >= 0");
+  const m2ort::CpuKernel kernel = checked_kernel(kernel_name, m2ort::layer_norm_kernels, "run", where);
+  const int64_t threads = thread_count(num_threads, where);
+  std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
+  py::array_t<uint16_t> out = output_array<uint16_t>(out_obj, shape, x, where);
+  const auto* src = static_cast<const uint16_t*>(x.data());
+  uint16_t* dst = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    m2ort::layer_norm_bf16(src, rows, width, params[0], params[1], eps, dst, threads, kernel);
+  }
+  return out;
 }
 
 py::array_t<uint8_t> crop_patches(const py::object& region_obj, const py::object& origins_obj, int64_t size_px,
@@ -351,6 +388,21 @@ planes (patch_px 0) and tokens of 4, 8 or 16 px; then "scalar". Every kernel giv
 to nearest even), returned as their bit patterns, uint16 in assemble_batch's shape for patch_px
 (view them with torch.from_numpy(a).view(torch.bfloat16)). out: optional C-contiguous uint16 array.)doc");
 
+  m.def("layer_norm_bf16", &layer_norm_bf16, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
+        py::arg("out") = py::none(), py::arg("num_threads") = 0, py::arg("kernel") = "auto",
+        R"doc(LayerNorm over the last axis of bfloat16 values, as their bit patterns (uint16).
+
+x: (..., W) uint16, C-contiguous (a bf16 tensor's .view(torch.uint16).numpy()). weight, bias: (W,)
+uint16. Per row, in float32: the mean and biased variance from the sums of d = x - x[0] and d^2
+(16 x 2 lanes, then a fixed tree), rstd = 1 / sqrt(var + eps), y = (x * rstd - mean * rstd) *
+weight + bias (two FMAs), rounded to nearest even: torch.nn.functional.layer_norm's arithmetic on
+bf16 rows up to the order of its sums. out: optional uint16 array of x's shape.
+num_threads: 0 = one per CPU in this process's affinity mask (fewer for few rows). kernel: "auto"
+(the first of layer_norm_kernels()) or one it lists; all give the same bits. Returns out.)doc");
+  m.def(
+      "layer_norm_kernels", []() { return kernel_names(m2ort::layer_norm_kernels()); },
+      R"doc(The kernels layer_norm_bf16 can run on this CPU, the one "auto" picks first: "avx512_bw" where
+the CPU has AVX-512 (F, BW, VL, DQ) and FMA, then "scalar". Every kernel gives the same bits.)doc");
   m.def("crop_patches", &crop_patches, py::arg("region"), py::arg("origins_px"), py::arg("size_px"),
         py::arg("out") = py::none(), py::arg("num_threads") = 0,
         R"doc(Crop square patches from a decoded RGB region.

@@ -64,6 +64,30 @@ def assemble_batch_bf16(
     bit patterns, uint16 in assemble_batch's shape for patch_px; ``torch.from_numpy(a).view(torch.bfloat16)``
     reads them."""
 
+def layer_norm_bf16(
+    x: npt.NDArray[np.uint16],
+    weight: npt.NDArray[np.uint16],
+    bias: npt.NDArray[np.uint16],
+    eps: float,
+    out: npt.NDArray[np.uint16] | None = None,
+    num_threads: int = 0,
+    kernel: str = "auto",
+) -> npt.NDArray[np.uint16]:
+    """LayerNorm over the last axis of bfloat16 values, as their bit patterns (uint16).
+
+    x: (..., W), C-contiguous (a bf16 tensor's ``.view(torch.uint16).numpy()``). weight, bias:
+    (W,). Per row, in float32: the mean and biased variance from the sums of d = x - x[0] and d^2
+    (16 x 2 lanes, then a fixed tree), rstd = 1 / sqrt(var + eps), y = (x * rstd - mean * rstd) *
+    weight + bias (two FMAs), rounded to nearest even: torch.nn.functional.layer_norm's arithmetic
+    on bf16 rows up to the order of its sums. out: optional uint16 array of x's shape (must not
+    share memory with x). kernel: "auto" (the first of :func:`layer_norm_kernels`) or one it lists;
+    all give the same bits. Returns out.
+    """
+
+def layer_norm_kernels() -> list[str]:
+    """The kernels layer_norm_bf16 can run on this CPU, the one "auto" picks first: "avx512_bw" where
+    the CPU has AVX-512 (F, BW, VL, DQ) and FMA, then "scalar". Every kernel gives the same bits."""
+
 def crop_patches(
     region: npt.NDArray[np.uint8],
     origins_px: npt.NDArray[np.integer[Any]],

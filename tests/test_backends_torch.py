@@ -64,22 +64,26 @@ def test_a_spots_prediction_is_the_same_bits_in_any_batch_and_on_any_threads(pre
 
 
 def test_bf16_on_the_cpu_runs_the_reference_attention_or_the_fused_op():
-    """The literal attention (matmul -> softmax -> matmul, in bf16) is the model cast to bf16, bit
-    for bit; the fused op rounds differently but within bf16's error of the same function."""
+    """The literal attention (matmul -> softmax -> matmul, in bf16) with torch's LayerNorm is the
+    model cast to bf16, bit for bit; the fused op rounds differently but within bf16's error of the
+    same function, and so does the extension's LayerNorm (backends.layer_norm)."""
     generator = torch.Generator().manual_seed(11)
     levels = [torch.rand(16, 3, s, s, generator=generator) for s in IMAGE_SIZES_PX]
     model, card = load_checkpoint(DEFAULT_CHECKPOINT)
     with torch.inference_mode():
         reference_bf16 = model.to(torch.bfloat16)(*(x.to(torch.bfloat16) for x in levels)).float()
     runs = {}
-    for fused in (False, True):
+    for fused, core_norm in ((False, False), (True, False), (False, True)):
         model, card = load_checkpoint(DEFAULT_CHECKPOINT)
-        backend = make_backend("torch", model, card, device="cpu", precision="bf16", fused_attention=fused)
+        backend = make_backend(
+            "torch", model, card, device="cpu", precision="bf16", fused_attention=fused, core_layer_norm=core_norm
+        )
         assert all(block.itmm.fused_attention is fused for block in backend.model.encoder_blocks())
-        runs[fused] = backend(*levels)
-    assert torch.equal(runs[False], reference_bf16)
-    assert not torch.equal(runs[True], runs[False])
-    assert (runs[True] - runs[False]).abs().max() < 0.1
+        runs[fused, core_norm] = backend(*levels)
+    assert torch.equal(runs[False, False], reference_bf16)
+    for other in ((True, False), (False, True)):
+        assert not torch.equal(runs[other], runs[False, False])
+        assert (runs[other] - runs[False, False]).abs().max() < 0.1
 
 
 @pytest.mark.parametrize("amx", [False, True])

@@ -52,8 +52,9 @@ CPU_CANDIDATES = ("torch", "onnxruntime", "aoti")
 GPU_CANDIDATES = ("torch", "triton", "aoti", "tensorrt", "onnxruntime")
 # part of the remembered record's key: picks made by an older rule are not reused. 3: timed as the
 # host path calls them, near-ties to the earlier candidate; 4: the torch backend's bf16 fused on AMX;
-# 5: an LDPE model's torch backend timed on tokens, as the host path now hands them
-DECISION_VERSION = 5
+# 5: an LDPE model's torch backend timed on tokens, as the host path now hands them; 6: the torch
+# backend's bf16 LayerNorm on the extension's kernel (AVX-512 CPUs)
+DECISION_VERSION = 6
 
 
 @dataclasses.dataclass
