@@ -19,8 +19,9 @@ std::vector<CpuKernel> layer_norm_kernels();
 // d = x - x[0] and of d^2 (x[0] as a pivot keeps a row far from zero its variance's digits),
 // mean = x[0] + sum(d) / width, var = sum(d^2) / width - (sum(d) / width)^2, rstd = 1 / sqrt(var +
 // eps) (in double, as torch adds its double eps), y = (x * rstd + (-mean * rstd)) * weight + bias
-// (two FMAs), rounded to nearest even (NaN -> 0x7FC0): torch's LayerNorm on bf16 rows up to the
-// order of its sums. One pass to read the row, one to write it. weight, bias: (width,) bf16 bits.
+// (two FMAs), rounded to nearest even (NaN -> 0x7FC0): torch's LayerNorm on bf16 rows, whose
+// variance comes from Welford's update instead. One pass to read the row, one to write it.
+// weight, bias: (width,) bf16 bits.
 void layer_norm_bf16(const uint16_t* x, int64_t rows, int64_t width, const uint16_t* weight, const uint16_t* bias,
                      double eps, uint16_t* out, int64_t num_threads, CpuKernel kernel = CpuKernel::kAuto);
 

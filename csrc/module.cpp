@@ -395,10 +395,11 @@ to nearest even), returned as their bit patterns, uint16 in assemble_batch's sha
 x: (..., W) uint16, C-contiguous (a bf16 tensor's .view(torch.uint16).numpy()). weight, bias: (W,)
 uint16. Per row, in float32: the mean and biased variance from the sums of d = x - x[0] and d^2
 (16 x 2 lanes, then a fixed tree), rstd = 1 / sqrt(var + eps), y = (x * rstd - mean * rstd) *
-weight + bias (two FMAs), rounded to nearest even: torch.nn.functional.layer_norm's arithmetic on
-bf16 rows up to the order of its sums. out: optional uint16 array of x's shape.
-num_threads: 0 = one per CPU in this process's affinity mask (fewer for few rows). kernel: "auto"
-(the first of layer_norm_kernels()) or one it lists; all give the same bits. Returns out.)doc");
+weight + bias (two FMAs), rounded to nearest even: torch.nn.functional.layer_norm's function on
+bf16 rows in float32 (torch reaches the variance by Welford's update instead). out: optional
+uint16 array of x's shape. num_threads: 0 = one per CPU in this process's affinity mask (fewer
+for few rows). kernel: "auto" (the first of layer_norm_kernels()) or one it lists; all give the
+same bits. Returns out.)doc");
   m.def(
       "layer_norm_kernels", []() { return kernel_names(m2ort::layer_norm_kernels()); },
       R"doc(The kernels layer_norm_bf16 can run on this CPU, the one "auto" picks first: "avx512_bw" where

@@ -78,10 +78,10 @@ def layer_norm_bf16(
     x: (..., W), C-contiguous (a bf16 tensor's ``.view(torch.uint16).numpy()``). weight, bias:
     (W,). Per row, in float32: the mean and biased variance from the sums of d = x - x[0] and d^2
     (16 x 2 lanes, then a fixed tree), rstd = 1 / sqrt(var + eps), y = (x * rstd - mean * rstd) *
-    weight + bias (two FMAs), rounded to nearest even: torch.nn.functional.layer_norm's arithmetic
-    on bf16 rows up to the order of its sums. out: optional uint16 array of x's shape (must not
-    share memory with x). kernel: "auto" (the first of :func:`layer_norm_kernels`) or one it lists;
-    all give the same bits. Returns out.
+    weight + bias (two FMAs), rounded to nearest even: torch.nn.functional.layer_norm's function
+    on bf16 rows in float32 (torch reaches the variance by Welford's update instead). out: optional
+    uint16 array of x's shape (must not share memory with x). kernel: "auto" (the first of
+    :func:`layer_norm_kernels`) or one it lists; all give the same bits. Returns out.
     """
 
 def layer_norm_kernels() -> list[str]:

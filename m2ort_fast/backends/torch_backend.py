@@ -12,8 +12,8 @@ torch-literal vs torch-fused, docs/backends.md), within the same quality bound
 (bench/precision.py). ``fused_attention`` True / False overrides the choice.
 
 A bf16 model on a CPU with AVX-512 runs its LayerNorms through the extension's kernel
-(``backends.layer_norm``: torch's arithmetic up to the order of the row sums, 1.4-2.3x faster);
-``core_layer_norm`` True / False overrides the choice.
+(``backends.layer_norm``: torch's function in float32 by another route to the variance, 1.4-2.3x
+faster); ``core_layer_norm`` True / False overrides the choice.
 
 On the CPU a batch runs through the model in chunks of ``chunk_spots`` spots (default 16; the last
 padded to it, so that a spot's prediction does not depend on its batch, its batch-mates or the
