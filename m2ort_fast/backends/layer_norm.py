@@ -2,7 +2,7 @@
 
 torch's CPU LayerNorm on bf16 rows converts each value twice and runs at 1.9-2.2 G values/s on the
 AMX Xeon (about 60% of its float32 rate), and its LayerNorms were 23% of `tiny` bf16's time. The
-extension's kernel reads each row once for its sums and once to write it, on AVX-512: 1.4-2.3x
+extension's kernel reads each row once for its sums and once to write it, on AVX-512: 1.2-2.3x
 torch's on the model's rows (768-, 192-, 64- and 48-wide; docs/backends.md). It computes
 torch's function in float32 (the variance from pivoted sums, where torch updates Welford's), so
 outputs differ from torch's by a bf16 rounding here and there, within the bf16 bound

@@ -12,7 +12,7 @@ torch-literal vs torch-fused, docs/backends.md), within the same quality bound
 (bench/precision.py). ``fused_attention`` True / False overrides the choice.
 
 A bf16 model on a CPU with AVX-512 runs its LayerNorms through the extension's kernel
-(``backends.layer_norm``: torch's function in float32 by another route to the variance, 1.4-2.3x
+(``backends.layer_norm``: torch's function in float32 by another route to the variance, 1.2-2.3x
 faster); ``core_layer_norm`` True / False overrides the choice.
 
 On the CPU a batch runs through the model in chunks of ``chunk_spots`` spots (default 16; the last
