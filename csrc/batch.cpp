@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "batch_avx512.hpp"
+#include "bf16.hpp"
 #include "parallel.hpp"
 
 namespace m2ort {
@@ -15,15 +16,6 @@ constexpr uint8_t kWhite = 255;
 }  // namespace
 
 namespace {
-
-// float32 -> bfloat16 bits, round to nearest even (c10::BFloat16's rule for finite values; the
-// tables hold finite values only, since std is checked non-zero and finite).
-uint16_t bf16_bits(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof bits);
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
 
 // A uint8 has 256 values: a per-channel table computed in double gives the correctly rounded
 // float32 of (v / 255 - mean) / std, and turns the inner loop into loads and stores (or, on
@@ -147,7 +139,7 @@ void assemble_batch(const uint8_t* patches, int64_t n, int64_t height, int64_t w
 void assemble_batch_bf16(const uint8_t* patches, int64_t n, int64_t height, int64_t width, int64_t patch_px,
                          const std::array<double, 3>& mean, const std::array<double, 3>& std_dev, uint16_t* out,
                          int64_t num_threads, CpuKernel kernel) {
-  assemble_with_table(patches, n, height, width, patch_px, mean, std_dev, out, num_threads, kernel, bf16_bits);
+  assemble_with_table(patches, n, height, width, patch_px, mean, std_dev, out, num_threads, kernel, float_to_bf16);
 }
 
 void crop_patches(const RegionView& region, const int64_t* origins_xy, int64_t n, int64_t size_px, uint8_t* out,

@@ -2,8 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 
+#include "bf16.hpp"
 #include "parallel.hpp"
 
 namespace m2ort {
@@ -15,22 +15,6 @@ namespace {
 constexpr int kLanes = 32;
 constexpr int kVector = 16;
 constexpr int64_t kMinRowsPerThread = 64;
-
-float bf16_to_float(uint16_t bits) {
-  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
-  float value;
-  std::memcpy(&value, &wide, sizeof value);
-  return value;
-}
-
-// Round to nearest even; NaN -> 0x7FC0 (c10::BFloat16's rule).
-uint16_t float_to_bf16(float value) {
-  if (std::isnan(value)) return 0x7FC0;
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof bits);
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
 
 // Lane partial sums -> one: halves added pairwise (16, 8, 4, 2, 1), the same in every kernel.
 float tree_sum(float (&lanes)[kLanes]) {
