@@ -35,6 +35,8 @@ fi
 
 if [[ "$what" == bench || "$what" == all ]]; then
   python3 bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
+  # the host path's CPU kernels on the lent machine's CPU (seconds)
+  python3 bench/core_kernels.py --json "$OUT/core_kernels.json" 2>&1 | tee "$OUT/core_kernels.txt"
   if [[ -f bench/backends.py ]]; then
     python3 bench/backends.py --json "$OUT/backends.json" 2>&1 | tee "$OUT/backends.txt"
   fi

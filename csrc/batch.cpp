@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
+#include <type_traits>
 
 #include "batch_avx512.hpp"
 #include "bf16.hpp"
@@ -77,16 +79,28 @@ void assemble_planes(const uint8_t* patches, int64_t n, int64_t height, int64_t 
 // Token (gy, gx) of patch i is the p x p square at (gx * p, gy * p): p runs of p pixels, written in
 // order (each token's values are contiguous in out) from p rows of the patch. kPatchPx > 0 fixes p
 // at compile time (the model's 16, 8 and 4: unrolled runs); 0 takes patch_px.
+// affine: bf16 values computed (batch_avx512.hpp) where affine_tokens_bf16_exact, else nullptr.
 template <int64_t kPatchPx, typename Out>
 void assemble_tokens(const uint8_t* patches, int64_t n, int64_t height, int64_t width, int64_t patch_px,
-                     const NormalizationTable<Out>& table, Out* out, int64_t num_threads, CpuKernel kernel) {
+                     const NormalizationTable<Out>& table, Out* out, int64_t num_threads, CpuKernel kernel,
+                     const AffineBf16* affine) {
   const int64_t p = kPatchPx > 0 ? kPatchPx : patch_px;
   const int64_t grid_h = height / p, grid_w = width / p;
   const int64_t token_values = p * p * 3, row_bytes = width * 3;
   const int64_t grid_rows = n * grid_h;  // unit of work: one row of tokens of one patch
   const int64_t threads = choose_threads(grid_rows, num_threads, kMinPixelsPerThread / std::max<int64_t>(1, width * p));
-  const bool vector = kernel != CpuKernel::kScalar && avx512_vbmi_available() && token_kernel_avx512_fits(p);
+  // float32 tokens: looking up four byte planes in all three channels' tables costs more than the
+  // scalar loop's loads (bench/core_kernels.py), so auto takes the loop there.
+  const bool auto_float = kernel == CpuKernel::kAuto && std::is_same_v<Out, float>;
+  const bool vector =
+      kernel != CpuKernel::kScalar && !auto_float && avx512_vbmi_available() && token_kernel_avx512_fits(p);
   parallel_for(grid_rows, threads, [&](int64_t begin, int64_t end) {
+    if constexpr (std::is_same_v<Out, uint16_t>) {
+      if (affine != nullptr) {
+        assemble_token_rows_affine_bf16(patches, begin, end, width, p, *affine, out);
+        return;
+      }
+    }
     if (vector) {
       assemble_token_rows_avx512(patches, begin, end, width, p, table.bytes, reinterpret_cast<uint8_t*>(out));
       return;
@@ -103,19 +117,34 @@ void assemble_tokens(const uint8_t* patches, int64_t n, int64_t height, int64_t 
   });
 }
 
-template <typename Out, typename Convert>
+// The affine bf16 kernel's coefficients for mean and std, where it runs (kernel kAuto or
+// kAvx512Bf16, tokens it fits) and gives the table's bits; nullopt otherwise.
+std::optional<AffineBf16> exact_affine_bf16(const NormalizationTable<uint16_t>& table, int64_t patch_px,
+                                            const std::array<double, 3>& mean, const std::array<double, 3>& std_dev,
+                                            CpuKernel kernel) {
+  if (patch_px <= 0 || !token_kernel_avx512_fits(patch_px)) return std::nullopt;
+  if (kernel != CpuKernel::kAuto && kernel != CpuKernel::kAvx512Bf16) return std::nullopt;
+  AffineBf16 affine;
+  for (int c = 0; c < 3; ++c) {
+    affine.scale[c] = static_cast<float>(1.0 / (255.0 * std_dev[c]));
+    affine.shift[c] = static_cast<float>(-mean[c] / std_dev[c]);
+  }
+  if (!affine_tokens_bf16_exact(affine, table.values)) return std::nullopt;
+  return affine;
+}
+
+template <typename Out>
 void assemble_with_table(const uint8_t* patches, int64_t n, int64_t height, int64_t width, int64_t patch_px,
-                         const std::array<double, 3>& mean, const std::array<double, 3>& std_dev, Out* out,
-                         int64_t num_threads, CpuKernel kernel, Convert convert) {
-  const NormalizationTable<Out> table(mean, std_dev, convert);
+                         const NormalizationTable<Out>& table, Out* out, int64_t num_threads, CpuKernel kernel,
+                         const AffineBf16* affine = nullptr) {
   if (patch_px == 16) {
-    assemble_tokens<16>(patches, n, height, width, patch_px, table, out, num_threads, kernel);
+    assemble_tokens<16>(patches, n, height, width, patch_px, table, out, num_threads, kernel, affine);
   } else if (patch_px == 8) {
-    assemble_tokens<8>(patches, n, height, width, patch_px, table, out, num_threads, kernel);
+    assemble_tokens<8>(patches, n, height, width, patch_px, table, out, num_threads, kernel, affine);
   } else if (patch_px == 4) {
-    assemble_tokens<4>(patches, n, height, width, patch_px, table, out, num_threads, kernel);
+    assemble_tokens<4>(patches, n, height, width, patch_px, table, out, num_threads, kernel, affine);
   } else if (patch_px > 0) {
-    assemble_tokens<0>(patches, n, height, width, patch_px, table, out, num_threads, kernel);
+    assemble_tokens<0>(patches, n, height, width, patch_px, table, out, num_threads, kernel, affine);
   } else {
     assemble_planes(patches, n, height, width, table, out, num_threads, kernel);
   }
@@ -125,21 +154,31 @@ void assemble_with_table(const uint8_t* patches, int64_t n, int64_t height, int6
 
 std::vector<CpuKernel> assemble_kernels(int64_t patch_px) {
   const bool fits = patch_px == 0 || token_kernel_avx512_fits(patch_px);
+  if (patch_px > 0 && fits && avx512_bf16_available())
+    return {CpuKernel::kAvx512Bf16, CpuKernel::kAvx512Vbmi, CpuKernel::kScalar};
   if (fits && avx512_vbmi_available()) return {CpuKernel::kAvx512Vbmi, CpuKernel::kScalar};
   return {CpuKernel::kScalar};
+}
+
+bool affine_bf16_runs(const std::array<double, 3>& mean, const std::array<double, 3>& std_dev) {
+  const NormalizationTable<uint16_t> table(mean, std_dev, float_to_bf16);
+  return exact_affine_bf16(table, 16, mean, std_dev, CpuKernel::kAuto).has_value();
 }
 
 void assemble_batch(const uint8_t* patches, int64_t n, int64_t height, int64_t width, int64_t patch_px,
                     const std::array<double, 3>& mean, const std::array<double, 3>& std_dev, float* out,
                     int64_t num_threads, CpuKernel kernel) {
-  assemble_with_table(patches, n, height, width, patch_px, mean, std_dev, out, num_threads, kernel,
-                      [](float v) { return v; });
+  const NormalizationTable<float> table(mean, std_dev, [](float v) { return v; });
+  assemble_with_table(patches, n, height, width, patch_px, table, out, num_threads, kernel);
 }
 
 void assemble_batch_bf16(const uint8_t* patches, int64_t n, int64_t height, int64_t width, int64_t patch_px,
                          const std::array<double, 3>& mean, const std::array<double, 3>& std_dev, uint16_t* out,
                          int64_t num_threads, CpuKernel kernel) {
-  assemble_with_table(patches, n, height, width, patch_px, mean, std_dev, out, num_threads, kernel, float_to_bf16);
+  const NormalizationTable<uint16_t> table(mean, std_dev, float_to_bf16);
+  const std::optional<AffineBf16> affine = exact_affine_bf16(table, patch_px, mean, std_dev, kernel);
+  assemble_with_table(patches, n, height, width, patch_px, table, out, num_threads, kernel,
+                      affine ? &*affine : nullptr);
 }
 
 void crop_patches(const RegionView& region, const int64_t* origins_xy, int64_t n, int64_t size_px, uint8_t* out,

@@ -10,9 +10,17 @@
 namespace m2ort {
 
 // The kernels assemble_batch and assemble_batch_bf16 can run on this CPU for a layout (patch_px
-// 0: planes; > 0: tokens), the one kAuto picks first: AVX-512 VBMI (batch_avx512.hpp) where the
-// CPU has it, for planes and tokens of 4, 8 or 16 px; then the scalar loop.
+// 0: planes; > 0: tokens), the one kAuto picks first (float32 tokens excepted: kAuto runs the
+// scalar loop there, faster than the lookups): for tokens of 4, 8 or 16 px, AVX-512 BF16 (bf16
+// output computed as one FMA per value, where that gives the table's bits for the call's mean and
+// std; else, and for float32, VBMI's lookups); AVX-512 VBMI (batch_avx512.hpp) where the CPU has
+// it, for planes and those tokens; then the scalar loop.
 std::vector<CpuKernel> assemble_kernels(int64_t patch_px = 0);
+
+// True where assemble_batch_bf16's AVX-512 BF16 kernel computes tokens for this mean and std (its
+// FMA gives the table's bits for every byte of every channel, and the CPU has the kernel); false
+// where it falls back to the lookups.
+bool affine_bf16_runs(const std::array<double, 3>& mean, const std::array<double, 3>& std_dev);
 
 // patches (N, H, W, 3) uint8, C-contiguous -> out, C-contiguous, out = (patches / 255 - mean[c]) / std[c]:
 // - patch_px 0: planes (N, 3, H, W);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <vector>
 
 namespace m2ort {
 
@@ -9,8 +10,7 @@ namespace m2ort {
 
 namespace {
 
-constexpr int kChunkPx = 64;      // pixels of one channel per step: one register of bytes
-constexpr int kTokenStepPx = 16;  // interleaved pixels per step of the token layout: 48 of the 64 bytes
+constexpr int kChunkPx = 64;  // pixels of one channel per step: one register of bytes
 
 // The permutes' index vectors, the same for every call.
 struct Indexes {
@@ -110,8 +110,22 @@ M2ORT_AVX512_VBMI void assemble_rows(const uint8_t* patches, int64_t row_begin, 
   }
 }
 
-// The token layout keeps the pixels interleaved: 16 pixels (48 bytes, from 16 / p rows of one
-// token) per step, each byte looked up in all three channels' tables and the lanes of its channel kept.
+// The token layout keeps the pixels interleaved. A row of tokens is p runs of 3p bytes per token;
+// they are copied in output order into a staging row (width * p * 3 bytes, in L1), whose bytes
+// then become values 64 at a time: byte i of the staging row is channel i % 3, as every run starts
+// on a pixel.
+M2ORT_AVX512_VBMI inline void stage_token_row(const uint8_t* src, int64_t width, int64_t patch_px, uint8_t* staged) {
+  const int64_t run_bytes = 3 * patch_px, row_bytes = 3 * width, grid_w = width / patch_px;
+  const __mmask64 run_mask = first_bytes(run_bytes);
+  for (int64_t gx = 0; gx < grid_w; ++gx) {
+    for (int64_t p1 = 0; p1 < patch_px; ++p1, staged += run_bytes) {
+      _mm512_mask_storeu_epi8(staged, run_mask,
+                              _mm512_maskz_loadu_epi8(run_mask, src + p1 * row_bytes + gx * run_bytes));
+    }
+  }
+}
+
+// Each staged byte looked up in all three channels' tables, each lane keeping its channel's value.
 template <int ValueBytes>
 M2ORT_AVX512_VBMI void assemble_token_rows(const uint8_t* patches, int64_t grid_row_begin, int64_t grid_row_end,
                                            int64_t width, int64_t patch_px, const uint8_t (&tables)[3][ValueBytes][256],
@@ -123,38 +137,129 @@ M2ORT_AVX512_VBMI void assemble_token_rows(const uint8_t* patches, int64_t grid_
       for (int q = 0; q < 4; ++q) table[c][b][q] = _mm512_loadu_si512(tables[c][b] + 64 * q);
     }
   }
-  __mmask64 channel_lanes[3] = {0, 0, 0};
-  for (int k = 0; k < 3 * kTokenStepPx; ++k) channel_lanes[k % 3] |= __mmask64{1} << k;
-  const int64_t run_bytes = 3 * patch_px, runs = kTokenStepPx / patch_px, row_bytes = 3 * width;
-  const int64_t grid_w = width / patch_px, steps_per_token = patch_px / runs;
+  // channel_lanes[phase][c]: the lanes j of 64 bytes from staging byte s (phase = s % 3) holding
+  // channel c: (phase + j) % 3 == c.
+  __mmask64 channel_lanes[3][3] = {};
+  for (int phase = 0; phase < 3; ++phase) {
+    for (int j = 0; j < 64; ++j) channel_lanes[phase][(phase + j) % 3] |= __mmask64{1} << j;
+  }
+  const int64_t staged_bytes = width * patch_px * 3;
+  std::vector<uint8_t> staged(static_cast<size_t>(staged_bytes));
   for (int64_t grid_row = grid_row_begin; grid_row < grid_row_end; ++grid_row) {
-    const uint8_t* src = patches + grid_row * patch_px * row_bytes;
-    uint8_t* dst = out + grid_row * grid_w * patch_px * run_bytes * ValueBytes;
-    for (int64_t gx = 0; gx < grid_w; ++gx) {
-      for (int64_t step = 0; step < steps_per_token; ++step, dst += 3 * kTokenStepPx * ValueBytes) {
-        const uint8_t* run = src + step * runs * row_bytes + gx * run_bytes;
-        __m512i index = _mm512_maskz_loadu_epi8(first_bytes(run_bytes), run);
-        for (int64_t r = 1; r < runs; ++r) {  // run r at lanes [r * run_bytes, (r + 1) * run_bytes)
-          const __mmask64 lanes = first_bytes((r + 1) * run_bytes) & ~first_bytes(r * run_bytes);
-          index = _mm512_mask_loadu_epi8(index, lanes, run + r * row_bytes - r * run_bytes);
-        }
-        const __mmask64 top_bit = _mm512_movepi8_mask(index);
-        __m512i planes[ValueBytes];
-        for (int v = 0; v < ValueBytes; ++v) {
-          planes[v] = lookup(index, top_bit, table[0][v]);
-          planes[v] = _mm512_mask_blend_epi8(channel_lanes[1], planes[v], lookup(index, top_bit, table[1][v]));
-          planes[v] = _mm512_mask_blend_epi8(channel_lanes[2], planes[v], lookup(index, top_bit, table[2][v]));
-        }
-        store_values<ValueBytes>(planes, ix, 3 * kTokenStepPx, dst);
+    stage_token_row(patches + grid_row * staged_bytes, width, patch_px, staged.data());
+    uint8_t* dst = out + grid_row * staged_bytes * ValueBytes;
+    for (int64_t s = 0; s < staged_bytes; s += 64) {
+      const int64_t n = std::min<int64_t>(64, staged_bytes - s);
+      const __m512i index = _mm512_maskz_loadu_epi8(first_bytes(n), staged.data() + s);
+      const __mmask64 top_bit = _mm512_movepi8_mask(index);
+      const __mmask64(&lanes)[3] = channel_lanes[s % 3];
+      __m512i planes[ValueBytes];
+      for (int v = 0; v < ValueBytes; ++v) {
+        planes[v] = lookup(index, top_bit, table[0][v]);
+        planes[v] = _mm512_mask_blend_epi8(lanes[1], planes[v], lookup(index, top_bit, table[1][v]));
+        planes[v] = _mm512_mask_blend_epi8(lanes[2], planes[v], lookup(index, top_bit, table[2][v]));
       }
+      store_values<ValueBytes>(planes, ix, n, dst + s * ValueBytes);
     }
   }
+}
+
+// AffineBf16's coefficients per lane of 16 values: variant r's lane j holds channel (r + j) % 3.
+struct AffineLanes {
+  __m512 scale[3], shift[3];
+};
+
+M2ORT_AVX512_BF16 inline AffineLanes affine_lanes(const AffineBf16& affine) {
+  AffineLanes lanes;
+  for (int r = 0; r < 3; ++r) {
+    float scale[16], shift[16];
+    for (int j = 0; j < 16; ++j) {
+      scale[j] = affine.scale[(r + j) % 3];
+      shift[j] = affine.shift[(r + j) % 3];
+    }
+    lanes.scale[r] = _mm512_loadu_ps(scale);
+    lanes.shift[r] = _mm512_loadu_ps(shift);
+  }
+  return lanes;
+}
+
+// 16 bf16 values of 16 staged bytes, the coefficients of variant r (AffineLanes).
+M2ORT_AVX512_BF16 inline __m512 affine_values(__m128i bytes, const AffineLanes& lanes, int64_t variant) {
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)), lanes.scale[variant], lanes.shift[variant]);
+}
+
+// n (<= 64) staged bytes, the first at phase (its staging offset % 3) -> n bf16 values at dst.
+M2ORT_AVX512_BF16 inline void affine_chunk(const uint8_t* staged, int64_t n, int64_t phase, const AffineLanes& lanes,
+                                           uint16_t* dst) {
+  __m512 values[4];
+  for (int k = 0; k < 4; ++k) {  // 16 = 1 (mod 3): the next 16 bytes start one phase on
+    const __m128i bytes = _mm_maskz_loadu_epi8(static_cast<__mmask16>(first_bytes(n - 16 * k)), staged + 16 * k);
+    values[k] = affine_values(bytes, lanes, (phase + k) % 3);
+  }
+  const __m512bh low = _mm512_cvtne2ps_pbh(values[1], values[0]), high = _mm512_cvtne2ps_pbh(values[3], values[2]);
+  _mm512_mask_storeu_epi16(dst, static_cast<__mmask32>(first_bytes(n)), reinterpret_cast<const __m512i&>(low));
+  _mm512_mask_storeu_epi16(dst + 32, static_cast<__mmask32>(first_bytes(n - 32)),
+                           reinterpret_cast<const __m512i&>(high));
+}
+
+// 192 staged bytes (three phases of 64: the usual step, without masks or run-time phases).
+M2ORT_AVX512_BF16 inline void affine_192(const uint8_t* staged, const AffineLanes& lanes, uint16_t* dst) {
+  for (int half = 0; half < 6; ++half) {  // 32 values each; bytes 32 * half on: variant (2 * half) % 3
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(staged + 32 * half));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(staged + 32 * half + 16));
+    const __m512bh values =
+        _mm512_cvtne2ps_pbh(affine_values(b, lanes, (2 * half + 1) % 3), affine_values(a, lanes, (2 * half) % 3));
+    _mm512_storeu_si512(dst + 32 * half, reinterpret_cast<const __m512i&>(values));
+  }
+}
+
+M2ORT_AVX512_BF16 void assemble_token_rows_affine(const uint8_t* patches, int64_t grid_row_begin, int64_t grid_row_end,
+                                                  int64_t width, int64_t patch_px, const AffineBf16& affine,
+                                                  uint16_t* out) {
+  const AffineLanes lanes = affine_lanes(affine);
+  const int64_t staged_bytes = width * patch_px * 3;
+  std::vector<uint8_t> staged(static_cast<size_t>(staged_bytes));
+  for (int64_t grid_row = grid_row_begin; grid_row < grid_row_end; ++grid_row) {
+    stage_token_row(patches + grid_row * staged_bytes, width, patch_px, staged.data());
+    uint16_t* dst = out + grid_row * staged_bytes;
+    int64_t s = 0;
+    for (; s + 192 <= staged_bytes; s += 192) affine_192(staged.data() + s, lanes, dst + s);
+    for (; s < staged_bytes; s += 64) {
+      affine_chunk(staged.data() + s, std::min<int64_t>(64, staged_bytes - s), s % 3, lanes, dst + s);
+    }
+  }
+}
+
+// Byte 3v + c of a staging row = v: every (channel, byte) pair once, through affine_chunk.
+M2ORT_AVX512_BF16 bool affine_matches(const AffineBf16& affine, const uint16_t (&values)[3][256]) {
+  uint8_t staged[3 * 256];
+  uint16_t got[3 * 256];
+  for (int v = 0; v < 256; ++v) {
+    for (int c = 0; c < 3; ++c) staged[3 * v + c] = static_cast<uint8_t>(v);
+  }
+  const AffineLanes lanes = affine_lanes(affine);
+  for (int64_t s = 0; s < 3 * 256; s += 64) affine_chunk(staged + s, 64, s % 3, lanes, got + s);
+  for (int v = 0; v < 256; ++v) {
+    for (int c = 0; c < 3; ++c) {
+      if (got[3 * v + c] != values[c][v]) return false;
+    }
+  }
+  return true;
 }
 
 }  // namespace
 
 bool token_kernel_avx512_fits(int64_t patch_px) {
   return patch_px == 4 || patch_px == 8 || patch_px == 16;
+}
+
+bool affine_tokens_bf16_exact(const AffineBf16& affine, const uint16_t (&values)[3][256]) {
+  return avx512_bf16_available() && affine_matches(affine, values);
+}
+
+void assemble_token_rows_affine_bf16(const uint8_t* patches, int64_t grid_row_begin, int64_t grid_row_end,
+                                     int64_t width, int64_t patch_px, const AffineBf16& affine, uint16_t* out) {
+  assemble_token_rows_affine(patches, grid_row_begin, grid_row_end, width, patch_px, affine, out);
 }
 
 void assemble_token_rows_avx512(const uint8_t* patches, int64_t grid_row_begin, int64_t grid_row_end, int64_t width,
@@ -181,6 +286,14 @@ void assemble_rows_avx512(const uint8_t* patches, int64_t row_begin, int64_t row
 
 bool token_kernel_avx512_fits(int64_t) {
   return false;
+}
+
+bool affine_tokens_bf16_exact(const AffineBf16&, const uint16_t (&)[3][256]) {
+  return false;
+}
+
+void assemble_token_rows_affine_bf16(const uint8_t*, int64_t, int64_t, int64_t, int64_t, const AffineBf16&, uint16_t*) {
+  std::abort();
 }
 
 void assemble_token_rows_avx512(const uint8_t*, int64_t, int64_t, int64_t, int64_t, const uint8_t (&)[3][2][256],

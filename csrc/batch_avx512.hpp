@@ -20,13 +20,29 @@ void assemble_rows_avx512(const uint8_t* patches, int64_t row_begin, int64_t row
                           const uint8_t (&tables)[3][4][256], uint8_t* out);
 
 // Token rows [grid_row_begin, grid_row_end) (one per patch and grid row) of patches (N, height,
-// width, 3) uint8 -> out (N, T, p * p * 3) of the same values (batch.hpp's token layout), 16
-// interleaved pixels at a time; only where token_kernel_avx512_fits(patch_px) (p = 4, 8, 16: a
-// step holds 16 / p whole runs of one token) and avx512_vbmi_available().
+// width, 3) uint8 -> out (N, T, p * p * 3) of the same values (batch.hpp's token layout), 64
+// interleaved bytes at a time; only where token_kernel_avx512_fits(patch_px) (p = 4, 8, 16) and
+// avx512_vbmi_available().
 bool token_kernel_avx512_fits(int64_t patch_px);
 void assemble_token_rows_avx512(const uint8_t* patches, int64_t grid_row_begin, int64_t grid_row_end, int64_t width,
                                 int64_t patch_px, const uint8_t (&tables)[3][2][256], uint8_t* out);
 void assemble_token_rows_avx512(const uint8_t* patches, int64_t grid_row_begin, int64_t grid_row_end, int64_t width,
                                 int64_t patch_px, const uint8_t (&tables)[3][4][256], uint8_t* out);
+
+// bfloat16 values as arithmetic: channel c's value for byte v is bf16(fma(v, scale[c], shift[c]))
+// (float32 FMA, then the hardware's round to nearest even), 16 values per instruction instead of
+// six table lookups per 64. Used only where affine_tokens_bf16_exact says that gives the tables'
+// bits for every byte of every channel.
+struct AffineBf16 {
+  float scale[3], shift[3];
+};
+
+// True where the affine kernel, run on all 256 bytes of each channel, gives values[c][v] (bf16
+// bits) exactly; false also where avx512_bf16_available() is not.
+bool affine_tokens_bf16_exact(const AffineBf16& affine, const uint16_t (&values)[3][256]);
+
+// assemble_token_rows_avx512's rows and layout, the values from affine (affine_tokens_bf16_exact).
+void assemble_token_rows_affine_bf16(const uint8_t* patches, int64_t grid_row_begin, int64_t grid_row_end,
+                                     int64_t width, int64_t patch_px, const AffineBf16& affine, uint16_t* out);
 
 }  // namespace m2ort

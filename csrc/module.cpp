@@ -119,6 +119,8 @@ const char* kernel_name(m2ort::CpuKernel kernel) {
       return "avx512_vbmi";
     case m2ort::CpuKernel::kAvx512Bw:
       return "avx512_bw";
+    case m2ort::CpuKernel::kAvx512Bf16:
+      return "avx512_bf16";
     case m2ort::CpuKernel::kScalar:
       return "scalar";
     default:
@@ -371,7 +373,7 @@ patch_px: 0 (default) writes planes, (N, 3, H, W); p > 0 (dividing H and W) writ
 (N, (H/p) * (W/p), p * p * 3): the grid's p x p squares in row-major order, each flattened
 (p1 p2 c), as m2ort_fast.model.patchify lays them out. out: optional C-contiguous float32 array of
 that shape written in place. num_threads: 0 = one per CPU in this process's affinity mask (fewer
-for small batches). kernel: "auto" (the first of assemble_kernels(patch_px)) or one it lists; all
+for small batches). kernel: "auto" (what assemble_kernels(patch_px) says it picks) or one it lists; all
 give the same bits. Returns out.)doc");
 
   m.def(
@@ -379,8 +381,26 @@ give the same bits. Returns out.)doc");
       py::arg("patch_px") = 0,
       R"doc(The kernels assemble_batch and assemble_batch_bf16 can run on this CPU for a layout, the one "auto" picks first.
 
-"avx512_vbmi" (byte permutes over the same per-channel table) where the CPU has AVX-512 VBMI, for
-planes (patch_px 0) and tokens of 4, 8 or 16 px; then "scalar". Every kernel gives the same bits.)doc");
+For tokens of 4, 8 or 16 px, "avx512_bf16" where the CPU has AVX-512 BF16 and VBMI (bf16 values
+computed, where assemble_bf16_affine says so; else the lookups); "avx512_vbmi" (byte permutes over
+the same per-channel table) where the CPU has AVX-512 VBMI, for planes (patch_px 0) and those
+tokens; then "scalar". For float32 tokens "auto" runs "scalar", faster there than the lookups.
+Every kernel gives the same bits.)doc");
+
+  m.def(
+      "assemble_bf16_affine",
+      [](const std::vector<double>& mean_values, const std::vector<double>& std_values) {
+        const std::string where = "assemble_bf16_affine";
+        return m2ort::affine_bf16_runs(three_floats(mean_values, where, "mean", false),
+                                       three_floats(std_values, where, "std", true));
+      },
+      py::arg("mean"), py::arg("std"),
+      R"doc(Whether the "avx512_bf16" kernel computes assemble_batch_bf16's tokens for this mean and std.
+
+It computes channel c's value of byte v as bfloat16(fma(v, 1 / (255 std[c]), -mean[c] / std[c]))
+in float32, 16 values per instruction, where that gives the lookup table's bits for all 256 bytes
+of every channel (checked on each call, by the kernel itself); elsewhere, and for float32 output,
+it runs "avx512_vbmi"'s lookups. False also where the CPU lacks AVX-512 BF16 and VBMI.)doc");
 
   m.def("assemble_batch_bf16", &assemble_batch_bf16, py::arg("patches"), py::arg("mean"), py::arg("std"),
         py::arg("out") = py::none(), py::arg("num_threads") = 0, py::arg("kernel") = "auto", py::arg("patch_px") = 0,

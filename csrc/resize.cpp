@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "parallel.hpp"
@@ -129,43 +130,68 @@ void horizontal_pass(const uint8_t* in, int64_t rows, int64_t in_width, const Fi
   }
 }
 
-// Output rows from the rows of `in` (row_offset: input row of in's first row); row_bytes per row.
-// Sums along the contiguous row (one weight per input row) in tiles of sums the compiler keeps in
-// vector registers; compiled twice (below) for the CPU's vector width.
-[[gnu::always_inline]] inline void vertical_pass_body(const uint8_t* in, int64_t row_offset, int64_t row_bytes,
-                                                      const AxisTaps& taps, int64_t out_height, uint8_t* out) {
+// One output row (row_bytes) from count input rows (rows, then every row_bytes) with Pillow's
+// weights: sums along the contiguous row (one weight per input row) in tiles of sums the compiler
+// keeps in vector registers; compiled twice (below) for the CPU's vector width.
+[[gnu::always_inline]] inline void vertical_row_body(const uint8_t* rows, int64_t row_bytes, const int32_t* weights,
+                                                     int count, uint8_t* dst) {
   constexpr int64_t kTile = 64;
-  for (int64_t yy = 0; yy < out_height; ++yy) {
-    const int32_t* k = &taps.weights[static_cast<size_t>(yy) * taps.ksize];
-    const uint8_t* rows = in + (taps.first[yy] - row_offset) * row_bytes;
-    uint8_t* dst = out + yy * row_bytes;
-    for (int64_t j0 = 0; j0 < row_bytes; j0 += kTile) {
-      const int64_t width = std::min(kTile, row_bytes - j0);
-      int32_t sums[kTile];
-      for (int64_t j = 0; j < kTile; ++j) sums[j] = kHalf;
-      for (int y = 0; y < taps.count[yy]; ++y) {
-        const uint8_t* src = rows + y * row_bytes + j0;
-        const int32_t weight = k[y];
-        if (width == kTile) {
-          for (int64_t j = 0; j < kTile; ++j) sums[j] += src[j] * weight;
-        } else {
-          for (int64_t j = 0; j < width; ++j) sums[j] += src[j] * weight;
-        }
+  for (int64_t j0 = 0; j0 < row_bytes; j0 += kTile) {
+    const int64_t width = std::min(kTile, row_bytes - j0);
+    int32_t sums[kTile];
+    for (int64_t j = 0; j < kTile; ++j) sums[j] = kHalf;
+    for (int y = 0; y < count; ++y) {
+      const uint8_t* src = rows + y * row_bytes + j0;
+      const int32_t weight = weights[y];
+      if (width == kTile) {
+        for (int64_t j = 0; j < kTile; ++j) sums[j] += src[j] * weight;
+      } else {
+        for (int64_t j = 0; j < width; ++j) sums[j] += src[j] * weight;
       }
-      for (int64_t j = 0; j < width; ++j) dst[j0 + j] = clip8(sums[j]);
     }
+    for (int64_t j = 0; j < width; ++j) dst[j0 + j] = clip8(sums[j]);
   }
 }
 
-void vertical_pass(const uint8_t* in, int64_t row_offset, int64_t row_bytes, const AxisTaps& taps, int64_t out_height,
-                   uint8_t* out) {
-  vertical_pass_body(in, row_offset, row_bytes, taps, out_height, out);
+// The vertical pass's rows: each output row's taps and, for the AVX-512 pass, its narrow
+// quotients (resize_avx512.hpp) where it has them.
+struct VerticalTaps {
+  AxisTaps taps;
+  std::vector<uint8_t> narrow;    // out_height: 1 where the row's weights are narrow
+  std::vector<int8_t> quotients;  // out_height x ksize
+
+  explicit VerticalTaps(AxisTaps axis) : taps(std::move(axis)) {
+    const size_t out_height = taps.first.size(), ksize = static_cast<size_t>(taps.ksize);
+    narrow.assign(out_height, 0);
+    quotients.assign(out_height * ksize, 0);
+    for (size_t yy = 0; yy < out_height; ++yy)
+      narrow[yy] = narrow_quotients(&taps.weights[yy * ksize], taps.count[yy], &quotients[yy * ksize]) ? 1 : 0;
+  }
+};
+
+// Output rows from the rows of `in` (row_offset: input row of in's first row); row_bytes per row.
+void vertical_pass(const uint8_t* in, int64_t row_offset, int64_t row_bytes, const VerticalTaps& vertical,
+                   int64_t out_height, uint8_t* out) {
+  const AxisTaps& taps = vertical.taps;
+  for (int64_t yy = 0; yy < out_height; ++yy) {
+    vertical_row_body(in + (taps.first[yy] - row_offset) * row_bytes, row_bytes,
+                      &taps.weights[static_cast<size_t>(yy) * taps.ksize], taps.count[yy], out + yy * row_bytes);
+  }
 }
 
 #if defined(M2ORT_HAVE_AVX512_KERNELS)
 M2ORT_AVX512_VBMI void vertical_pass_avx512(const uint8_t* in, int64_t row_offset, int64_t row_bytes,
-                                            const AxisTaps& taps, int64_t out_height, uint8_t* out) {
-  vertical_pass_body(in, row_offset, row_bytes, taps, out_height, out);
+                                            const VerticalTaps& vertical, int64_t out_height, uint8_t* out) {
+  const AxisTaps& taps = vertical.taps;
+  for (int64_t yy = 0; yy < out_height; ++yy) {
+    const uint8_t* rows = in + (taps.first[yy] - row_offset) * row_bytes;
+    const size_t k = static_cast<size_t>(yy) * taps.ksize;
+    if (vertical.narrow[yy]) {
+      vertical_row_narrow_avx512(rows, row_bytes, &vertical.quotients[k], taps.count[yy], out + yy * row_bytes);
+    } else {
+      vertical_row_body(rows, row_bytes, &taps.weights[k], taps.count[yy], out + yy * row_bytes);
+    }
+  }
 }
 #else
 const auto vertical_pass_avx512 = vertical_pass;  // never picked: no AVX-512 tables are built
@@ -200,7 +226,8 @@ void resize_patches(const uint8_t* patches, int64_t n, int64_t in_height, int64_
     std::memcpy(out, patches, static_cast<size_t>(n * in_bytes));
     return;
   }
-  const AxisTaps rows = axis_taps(static_cast<int>(in_height), static_cast<int>(out_height));
+  const VerticalTaps vertical_taps(axis_taps(static_cast<int>(in_height), static_cast<int>(out_height)));
+  const AxisTaps& rows = vertical_taps.taps;
   const AxisTaps column_taps =
       need_horizontal ? axis_taps(static_cast<int>(in_width), static_cast<int>(out_width)) : AxisTaps{};
   const FixedTaps columns = fixed_taps(column_taps, static_cast<int>(in_width));
@@ -222,11 +249,11 @@ void resize_patches(const uint8_t* patches, int64_t n, int64_t in_height, int64_
       if (!need_vertical) {
         horizontal_pass(src, in_height, in_width, columns, vector_tables, out_width, dst);
       } else if (!need_horizontal) {
-        vertical(src, 0, in_width * 3, rows, out_height, dst);
+        vertical(src, 0, in_width * 3, vertical_taps, out_height, dst);
       } else {
         horizontal_pass(src + first_row * in_width * 3, last_row - first_row, in_width, columns, vector_tables,
                         out_width, between.data());
-        vertical(between.data(), first_row, out_width * 3, rows, out_height, dst);
+        vertical(between.data(), first_row, out_width * 3, vertical_taps, out_height, dst);
       }
     }
   });

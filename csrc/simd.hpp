@@ -11,12 +11,13 @@
 #include <immintrin.h>
 #define M2ORT_AVX512_VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi")))
 #define M2ORT_AVX512_BW __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define M2ORT_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")))
 #endif
 
 namespace m2ort {
 
 // Which code a kernel with several runs: kAuto, the fastest this CPU has. All give the same bytes.
-enum class CpuKernel { kAuto, kScalar, kAvx512Vbmi, kAvx512Bw };
+enum class CpuKernel { kAuto, kScalar, kAvx512Vbmi, kAvx512Bw, kAvx512Bf16 };
 
 // True where this CPU (and its OS: GCC's and clang's checks include XCR0) runs AVX-512 VBMI code.
 inline bool avx512_vbmi_available() {
@@ -35,6 +36,16 @@ inline bool avx512_bw_available() {
   static const bool available = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                                 __builtin_cpu_supports("fma");
+  return available;
+#else
+  return false;
+#endif
+}
+
+// True where this CPU runs AVX-512 VBMI code with the BF16 conversions (Sapphire Rapids, Zen 4 on).
+inline bool avx512_bf16_available() {
+#if defined(M2ORT_HAVE_AVX512_KERNELS)
+  static const bool available = avx512_vbmi_available() && __builtin_cpu_supports("avx512bf16");
   return available;
 #else
   return false;

@@ -42,14 +42,25 @@ def assemble_batch(
     tokens, (N, (H/p) * (W/p), p * p * 3), the grid's p x p squares in row-major order, each
     flattened (p1 p2 c): :func:`m2ort_fast.model.patchify`'s layout. out: optional C-contiguous
     float32 array of that shape written in place (must not share memory with patches). kernel:
-    "auto" (the first of :func:`assemble_kernels` for patch_px) or one it lists; all give the same
+    "auto" (what :func:`assemble_kernels` says it picks for patch_px) or one it lists; all give the same
     bits. Returns out.
     """
 
 def assemble_kernels(patch_px: int = 0) -> list[str]:
     """The kernels assemble_batch and assemble_batch_bf16 can run on this CPU for a layout, auto's
-    pick first: "avx512_vbmi" where the CPU has AVX-512 VBMI, for planes (patch_px 0) and tokens
-    of 4, 8 or 16 px; then "scalar"."""
+    pick first: for tokens of 4, 8 or 16 px, "avx512_bf16" where the CPU has AVX-512 BF16 and
+    VBMI (bf16 tokens computed where :func:`assemble_bf16_affine` says so, else the lookups);
+    "avx512_vbmi" where the CPU has AVX-512 VBMI, for planes (patch_px 0) and those tokens; then
+    "scalar". For float32 tokens "auto" runs "scalar", faster there than the lookups."""
+
+def assemble_bf16_affine(
+    mean: Sequence[float] | npt.NDArray[np.floating[Any]], std: Sequence[float] | npt.NDArray[np.floating[Any]]
+) -> bool:
+    """Whether the "avx512_bf16" kernel computes assemble_batch_bf16's tokens for this mean and
+    std: channel c's value of byte v as bfloat16(fma(v, 1 / (255 std[c]), -mean[c] / std[c])) in
+    float32, where that gives the lookup table's bits for all 256 bytes of every channel (checked
+    on each call, by the kernel itself); elsewhere, and for float32 output, it runs the lookups.
+    False also where the CPU lacks AVX-512 BF16 and VBMI."""
 
 def assemble_batch_bf16(
     patches: npt.NDArray[np.uint8],

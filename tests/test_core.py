@@ -98,7 +98,8 @@ def test_assemble_tokens_are_the_models_patchify_of_the_planes(rng, shape, patch
     patches[0, 0, : min(shape[2], 256)] = np.arange(min(shape[2], 256))[:, None]
     tokens_shape = (shape[0], (shape[1] // patch_px) * (shape[2] // patch_px), patch_px * patch_px * 3)
     kernels = _core.assemble_kernels(patch_px)
-    assert kernels == (["avx512_vbmi", "scalar"] if _cpu_has_avx512_vbmi() and patch_px in (4, 8, 16) else ["scalar"])
+    vector = ["avx512_bf16"] * _cpu_has_avx512_bf16() + ["avx512_vbmi"] * _cpu_has_avx512_vbmi()
+    assert kernels == (vector if patch_px in (4, 8, 16) else []) + ["scalar"]
     for assemble, dtype, bits in (
         (_core.assemble_batch, torch.float32, torch.int32),
         (_core.assemble_batch_bf16, torch.bfloat16, torch.int16),
@@ -108,6 +109,32 @@ def test_assemble_tokens_are_the_models_patchify_of_the_planes(rng, shape, patch
             tokens = assemble(patches, MEAN, STD, patch_px=patch_px, num_threads=num_threads, kernel=kernel)
             assert tokens.shape == tokens_shape and tokens.flags.c_contiguous
             assert torch.equal(torch.from_numpy(tokens).view(bits), expected.view(bits)), (kernel, num_threads)
+
+
+# The shipped models' (0, 1), ImageNet's (the FMA gives every byte's table value); one where it
+# gives another value for at least one byte, so the kernel falls back to the lookups.
+AFFINE_CASES = [((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), True), (MEAN, STD, True), ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3), False)]
+
+
+@pytest.mark.parametrize("mean, std, computed", AFFINE_CASES)
+@pytest.mark.parametrize("side, patch_px", [(64, 16), (32, 8), (56, 4), (12, 4)])
+def test_assemble_bf16_tokens_computed_or_looked_up_give_the_tables_bits(mean, std, computed, side, patch_px):
+    """The avx512_bf16 kernel computes bf16 tokens only where that gives every byte's table value
+    (assemble_bf16_affine), and then the scalar loop's bits, for all 256 bytes in every channel
+    (sides >= 16): whole 192-byte steps and ragged ends (56 and 12 px at 4: 96 and 36 bytes left)."""
+    if not _cpu_has_avx512_bf16():
+        assert _core.assemble_bf16_affine(mean, std) is False
+        pytest.skip("this CPU lacks AVX-512 BF16 and VBMI: the kernel is not built to run here")
+    assert _core.assemble_bf16_affine(mean, std) is computed
+    values = np.arange(side * side * 3) % 256  # every byte in every channel (256 is not a multiple of 3)
+    patches = values.astype(np.uint8).reshape(1, side, side, 3).repeat(2, axis=0)
+    patches[1] = patches[1, ::-1]
+    expected = _core.assemble_batch_bf16(patches, mean, std, patch_px=patch_px, kernel="scalar")
+    for num_threads in (1, 2):
+        got = _core.assemble_batch_bf16(
+            patches, mean, std, patch_px=patch_px, kernel="avx512_bf16", num_threads=num_threads
+        )
+        np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.parametrize("num_threads", [1, 4])
@@ -187,6 +214,11 @@ RESIZE_CASES = [
     (224, 112),
     (224, 56),
     (448, 224),
+    # 2x and 4x shrinks: their weights away from the edges are multiples of 2^15 (16-bit lanes on
+    # AVX-512); rows of 33 and 150 output bytes end inside a 32-byte block
+    (22, 11),
+    (100, 50),
+    (96, 24),
     (309, 224),
     (225, 112),
     (333, 56),
@@ -214,6 +246,18 @@ def test_resize_patches_equals_the_reference_bit_for_bit(rng, side, size):
         np.testing.assert_array_equal(_core.resize_patches(patches, size, num_threads=1, kernel=kernel), expected)
 
 
+def test_resize_weights_of_a_2x_shrink_are_narrow_away_from_the_edges():
+    """The premise of the 16-bit resize lanes (csrc/resize_avx512.hpp): a 2x shrink's interior
+    weights are 2^19 * (1, 3, 3, 1), so (sum w p + 2^21) >> 22 == (sum (w / 2^15) p + 2^6) >> 7;
+    the edges' renormalised weights are not (they take the 32-bit lanes)."""
+    first, weights = _core.resize_taps(224, 112)
+    weights = np.asarray(weights)
+    interior = weights[1:-1]
+    assert np.all(interior % 2**15 == 0) and np.all(interior.sum(axis=1) == 2**22)
+    assert sorted(np.unique(interior // 2**15).tolist()) == [0, 16, 48]
+    assert np.any(weights[0] % 2**15 != 0) and np.any(weights[-1] % 2**15 != 0)
+
+
 def test_resize_kernels_list_what_auto_runs():
     kernels = _core.resize_kernels(224, 112)
     assert kernels == (["avx512_vbmi", "scalar"] if _cpu_has_avx512_vbmi() else ["scalar"])
@@ -228,6 +272,10 @@ def test_resize_kernels_list_what_auto_runs():
 def _cpu_has_avx512_vbmi() -> bool:
     """What /proc/cpuinfo says (False where there is none to read)."""
     return {"avx512f", "avx512bw", "avx512vl", "avx512vbmi"} <= (cpu_flags() or set())
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    return _cpu_has_avx512_vbmi() and "avx512_bf16" in (cpu_flags() or set())
 
 
 def test_resize_patches_on_slide_pixels_threads_and_out(rng):
