@@ -56,30 +56,40 @@ M2ORT_AVX512_VBMI inline __m512i lookup(__m512i index, __mmask64 top_bit, const 
   return _mm512_mask_blend_epi8(top_bit, low, high);
 }
 
+// 64 bytes at dst: straight to memory (no read for ownership) where streaming and dst is aligned.
+M2ORT_AVX512_VBMI inline void store_line(uint8_t* dst, __m512i bytes, __mmask64 mask, bool streaming) {
+  if (streaming && mask == ~__mmask64{0} && (reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), bytes);
+  } else {
+    _mm512_mask_storeu_epi8(dst, mask, bytes);
+  }
+}
+
 // n (<= 64) values from their byte planes: 2- or 4-byte little-endian values at dst.
 template <int ValueBytes>
 M2ORT_AVX512_VBMI inline void store_values(const __m512i (&planes)[ValueBytes], const Indexes& ix, int64_t n,
-                                           uint8_t* dst) {
+                                           uint8_t* dst, bool streaming) {
   const __m512i to_words_low = _mm512_loadu_si512(ix.bytes_to_words[0]);
   const __m512i to_words_high = _mm512_loadu_si512(ix.bytes_to_words[1]);
   const __m512i words[2] = {_mm512_permutex2var_epi8(planes[0], to_words_low, planes[1]),
                             _mm512_permutex2var_epi8(planes[0], to_words_high, planes[1])};
   if constexpr (ValueBytes == 2) {
-    for (int r = 0; r < 2; ++r) _mm512_mask_storeu_epi8(dst + 64 * r, first_bytes(2 * n - 64 * r), words[r]);
+    for (int r = 0; r < 2; ++r) store_line(dst + 64 * r, words[r], first_bytes(2 * n - 64 * r), streaming);
   } else {
     const __m512i high_words[2] = {_mm512_permutex2var_epi8(planes[2], to_words_low, planes[3]),
                                    _mm512_permutex2var_epi8(planes[2], to_words_high, planes[3])};
     for (int r = 0; r < 4; ++r) {
       const __m512i to_dwords = _mm512_loadu_si512(ix.words_to_dwords[r % 2]);
       const __m512i dwords = _mm512_permutex2var_epi16(words[r / 2], to_dwords, high_words[r / 2]);
-      _mm512_mask_storeu_epi8(dst + 64 * r, first_bytes(4 * n - 64 * r), dwords);
+      store_line(dst + 64 * r, dwords, first_bytes(4 * n - 64 * r), streaming);
     }
   }
 }
 
 template <int ValueBytes>
 M2ORT_AVX512_VBMI void assemble_rows(const uint8_t* patches, int64_t row_begin, int64_t row_end, int64_t height,
-                                     int64_t width, const uint8_t (&tables)[3][ValueBytes][256], uint8_t* out) {
+                                     int64_t width, const uint8_t (&tables)[3][ValueBytes][256], uint8_t* out,
+                                     bool streaming) {
   const Indexes& ix = indexes();
   const int64_t plane = height * width;
   for (int c = 0; c < 3; ++c) {  // one channel's tables held in registers over all the rows
@@ -104,10 +114,11 @@ M2ORT_AVX512_VBMI void assemble_rows(const uint8_t* patches, int64_t row_begin, 
         const __mmask64 top_bit = _mm512_movepi8_mask(index);
         __m512i planes[ValueBytes];
         for (int v = 0; v < ValueBytes; ++v) planes[v] = lookup(index, top_bit, table[v]);
-        store_values<ValueBytes>(planes, ix, n, dst + x * ValueBytes);
+        store_values<ValueBytes>(planes, ix, n, dst + x * ValueBytes, streaming);
       }
     }
   }
+  _mm_sfence();  // streaming stores, ordered before whatever hands the batch on
 }
 
 // The token layout keeps the pixels interleaved. A row of tokens is p runs of 3p bytes per token;
@@ -129,7 +140,7 @@ M2ORT_AVX512_VBMI inline void stage_token_row(const uint8_t* src, int64_t width,
 template <int ValueBytes>
 M2ORT_AVX512_VBMI void assemble_token_rows(const uint8_t* patches, int64_t grid_row_begin, int64_t grid_row_end,
                                            int64_t width, int64_t patch_px, const uint8_t (&tables)[3][ValueBytes][256],
-                                           uint8_t* out) {
+                                           uint8_t* out, bool streaming) {
   const Indexes& ix = indexes();
   __m512i table[3][ValueBytes][4];
   for (int c = 0; c < 3; ++c) {
@@ -159,9 +170,10 @@ M2ORT_AVX512_VBMI void assemble_token_rows(const uint8_t* patches, int64_t grid_
         planes[v] = _mm512_mask_blend_epi8(lanes[1], planes[v], lookup(index, top_bit, table[1][v]));
         planes[v] = _mm512_mask_blend_epi8(lanes[2], planes[v], lookup(index, top_bit, table[2][v]));
       }
-      store_values<ValueBytes>(planes, ix, n, dst + s * ValueBytes);
+      store_values<ValueBytes>(planes, ix, n, dst + s * ValueBytes, streaming);
     }
   }
+  _mm_sfence();
 }
 
 // AffineBf16's coefficients per lane of 16 values: variant r's lane j holds channel (r + j) % 3.
@@ -203,19 +215,25 @@ M2ORT_AVX512_BF16 inline void affine_chunk(const uint8_t* staged, int64_t n, int
 }
 
 // 192 staged bytes (three phases of 64: the usual step, without masks or run-time phases).
+// Streaming: dst is 64-byte aligned, and the values go straight to memory (store_line).
+template <bool Streaming>
 M2ORT_AVX512_BF16 inline void affine_192(const uint8_t* staged, const AffineLanes& lanes, uint16_t* dst) {
   for (int half = 0; half < 6; ++half) {  // 32 values each; bytes 32 * half on: variant (2 * half) % 3
     const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(staged + 32 * half));
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(staged + 32 * half + 16));
     const __m512bh values =
         _mm512_cvtne2ps_pbh(affine_values(b, lanes, (2 * half + 1) % 3), affine_values(a, lanes, (2 * half) % 3));
-    _mm512_storeu_si512(dst + 32 * half, reinterpret_cast<const __m512i&>(values));
+    if constexpr (Streaming) {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + 32 * half), reinterpret_cast<const __m512i&>(values));
+    } else {
+      _mm512_storeu_si512(dst + 32 * half, reinterpret_cast<const __m512i&>(values));
+    }
   }
 }
 
 M2ORT_AVX512_BF16 void assemble_token_rows_affine(const uint8_t* patches, int64_t grid_row_begin, int64_t grid_row_end,
                                                   int64_t width, int64_t patch_px, const AffineBf16& affine,
-                                                  uint16_t* out) {
+                                                  uint16_t* out, bool streaming) {
   const AffineLanes lanes = affine_lanes(affine);
   const int64_t staged_bytes = width * patch_px * 3;
   std::vector<uint8_t> staged(static_cast<size_t>(staged_bytes));
@@ -223,11 +241,16 @@ M2ORT_AVX512_BF16 void assemble_token_rows_affine(const uint8_t* patches, int64_
     stage_token_row(patches + grid_row * staged_bytes, width, patch_px, staged.data());
     uint16_t* dst = out + grid_row * staged_bytes;
     int64_t s = 0;
-    for (; s + 192 <= staged_bytes; s += 192) affine_192(staged.data() + s, lanes, dst + s);
+    if (streaming && (reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
+      for (; s + 192 <= staged_bytes; s += 192) affine_192<true>(staged.data() + s, lanes, dst + s);
+    } else {
+      for (; s + 192 <= staged_bytes; s += 192) affine_192<false>(staged.data() + s, lanes, dst + s);
+    }
     for (; s < staged_bytes; s += 64) {
       affine_chunk(staged.data() + s, std::min<int64_t>(64, staged_bytes - s), s % 3, lanes, dst + s);
     }
   }
+  _mm_sfence();
 }
 
 // Byte 3v + c of a staging row = v: every (channel, byte) pair once, through affine_chunk.
@@ -258,28 +281,29 @@ bool affine_tokens_bf16_exact(const AffineBf16& affine, const uint16_t (&values)
 }
 
 void assemble_token_rows_affine_bf16(const uint8_t* patches, int64_t grid_row_begin, int64_t grid_row_end,
-                                     int64_t width, int64_t patch_px, const AffineBf16& affine, uint16_t* out) {
-  assemble_token_rows_affine(patches, grid_row_begin, grid_row_end, width, patch_px, affine, out);
+                                     int64_t width, int64_t patch_px, const AffineBf16& affine, uint16_t* out,
+                                     bool streaming) {
+  assemble_token_rows_affine(patches, grid_row_begin, grid_row_end, width, patch_px, affine, out, streaming);
 }
 
 void assemble_token_rows_avx512(const uint8_t* patches, int64_t grid_row_begin, int64_t grid_row_end, int64_t width,
-                                int64_t patch_px, const uint8_t (&tables)[3][2][256], uint8_t* out) {
-  assemble_token_rows<2>(patches, grid_row_begin, grid_row_end, width, patch_px, tables, out);
+                                int64_t patch_px, const uint8_t (&tables)[3][2][256], uint8_t* out, bool streaming) {
+  assemble_token_rows<2>(patches, grid_row_begin, grid_row_end, width, patch_px, tables, out, streaming);
 }
 
 void assemble_token_rows_avx512(const uint8_t* patches, int64_t grid_row_begin, int64_t grid_row_end, int64_t width,
-                                int64_t patch_px, const uint8_t (&tables)[3][4][256], uint8_t* out) {
-  assemble_token_rows<4>(patches, grid_row_begin, grid_row_end, width, patch_px, tables, out);
+                                int64_t patch_px, const uint8_t (&tables)[3][4][256], uint8_t* out, bool streaming) {
+  assemble_token_rows<4>(patches, grid_row_begin, grid_row_end, width, patch_px, tables, out, streaming);
 }
 
 void assemble_rows_avx512(const uint8_t* patches, int64_t row_begin, int64_t row_end, int64_t height, int64_t width,
-                          const uint8_t (&tables)[3][2][256], uint8_t* out) {
-  assemble_rows<2>(patches, row_begin, row_end, height, width, tables, out);
+                          const uint8_t (&tables)[3][2][256], uint8_t* out, bool streaming) {
+  assemble_rows<2>(patches, row_begin, row_end, height, width, tables, out, streaming);
 }
 
 void assemble_rows_avx512(const uint8_t* patches, int64_t row_begin, int64_t row_end, int64_t height, int64_t width,
-                          const uint8_t (&tables)[3][4][256], uint8_t* out) {
-  assemble_rows<4>(patches, row_begin, row_end, height, width, tables, out);
+                          const uint8_t (&tables)[3][4][256], uint8_t* out, bool streaming) {
+  assemble_rows<4>(patches, row_begin, row_end, height, width, tables, out, streaming);
 }
 
 #else
@@ -292,25 +316,28 @@ bool affine_tokens_bf16_exact(const AffineBf16&, const uint16_t (&)[3][256]) {
   return false;
 }
 
-void assemble_token_rows_affine_bf16(const uint8_t*, int64_t, int64_t, int64_t, int64_t, const AffineBf16&, uint16_t*) {
+void assemble_token_rows_affine_bf16(const uint8_t*, int64_t, int64_t, int64_t, int64_t, const AffineBf16&, uint16_t*,
+                                     bool) {
   std::abort();
 }
 
 void assemble_token_rows_avx512(const uint8_t*, int64_t, int64_t, int64_t, int64_t, const uint8_t (&)[3][2][256],
-                                uint8_t*) {
+                                uint8_t*, bool) {
   std::abort();
 }
 
 void assemble_token_rows_avx512(const uint8_t*, int64_t, int64_t, int64_t, int64_t, const uint8_t (&)[3][4][256],
-                                uint8_t*) {
+                                uint8_t*, bool) {
   std::abort();
 }
 
-void assemble_rows_avx512(const uint8_t*, int64_t, int64_t, int64_t, int64_t, const uint8_t (&)[3][2][256], uint8_t*) {
+void assemble_rows_avx512(const uint8_t*, int64_t, int64_t, int64_t, int64_t, const uint8_t (&)[3][2][256], uint8_t*,
+                          bool) {
   std::abort();
 }
 
-void assemble_rows_avx512(const uint8_t*, int64_t, int64_t, int64_t, int64_t, const uint8_t (&)[3][4][256], uint8_t*) {
+void assemble_rows_avx512(const uint8_t*, int64_t, int64_t, int64_t, int64_t, const uint8_t (&)[3][4][256], uint8_t*,
+                          bool) {
   std::abort();
 }
 

@@ -111,6 +111,30 @@ def test_assemble_tokens_are_the_models_patchify_of_the_planes(rng, shape, patch
             assert torch.equal(torch.from_numpy(tokens).view(bits), expected.view(bits)), (kernel, num_threads)
 
 
+@pytest.mark.parametrize("patch_px", [0, 16])
+def test_assemble_large_outputs_stream_the_same_bits(rng, patch_px):
+    """A call writing more than 1 MB streams whole 64-byte-aligned lines to memory (the vector
+    kernels): the same bits into torch's 64-byte-aligned buffers and into unaligned ones (the
+    ordinary stores there), both output types, every kernel."""
+    patches = rng.integers(0, 256, (6, 224, 224, 3), dtype=np.uint8)
+    shape = (6, 196, 768) if patch_px else (6, 3, 224, 224)
+    for assemble, out_dtype, torch_dtype in (
+        (_core.assemble_batch, np.float32, torch.float32),
+        (_core.assemble_batch_bf16, np.uint16, torch.bfloat16),
+    ):
+        expected = assemble(patches, MEAN, STD, patch_px=patch_px, kernel="scalar")
+        for kernel in _core.assemble_kernels(patch_px):
+            aligned = torch.zeros(shape, dtype=torch_dtype)  # torch allocates 64-byte aligned
+            aligned = (aligned if torch_dtype == torch.float32 else aligned.view(torch.int16)).numpy().view(out_dtype)
+            spare = np.zeros(aligned.size + 1, out_dtype)
+            unaligned = spare[1:] if spare.ctypes.data % 64 == 0 else spare[:-1]
+            unaligned = unaligned.reshape(shape)
+            assert aligned.ctypes.data % 64 == 0 and unaligned.ctypes.data % 64 != 0
+            for out in (aligned, unaligned):
+                assemble(patches, MEAN, STD, patch_px=patch_px, kernel=kernel, out=out)
+                assert out.tobytes() == expected.tobytes(), (kernel, out.ctypes.data % 64)
+
+
 # The shipped models' (0, 1), ImageNet's (the FMA gives every byte's table value); one where it
 # gives another value for at least one byte, so the kernel falls back to the lookups.
 AFFINE_CASES = [((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), True), (MEAN, STD, True), ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3), False)]
