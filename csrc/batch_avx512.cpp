@@ -215,19 +215,15 @@ M2ORT_AVX512_BF16 inline void affine_chunk(const uint8_t* staged, int64_t n, int
 }
 
 // 192 staged bytes (three phases of 64: the usual step, without masks or run-time phases).
-// Streaming: dst is 64-byte aligned, and the values go straight to memory (store_line).
-template <bool Streaming>
-M2ORT_AVX512_BF16 inline void affine_192(const uint8_t* staged, const AffineLanes& lanes, uint16_t* dst) {
+M2ORT_AVX512_BF16 inline void affine_192(const uint8_t* staged, const AffineLanes& lanes, uint16_t* dst,
+                                         bool streaming) {
   for (int half = 0; half < 6; ++half) {  // 32 values each; bytes 32 * half on: variant (2 * half) % 3
     const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(staged + 32 * half));
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(staged + 32 * half + 16));
     const __m512bh values =
         _mm512_cvtne2ps_pbh(affine_values(b, lanes, (2 * half + 1) % 3), affine_values(a, lanes, (2 * half) % 3));
-    if constexpr (Streaming) {
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + 32 * half), reinterpret_cast<const __m512i&>(values));
-    } else {
-      _mm512_storeu_si512(dst + 32 * half, reinterpret_cast<const __m512i&>(values));
-    }
+    store_line(reinterpret_cast<uint8_t*>(dst + 32 * half), reinterpret_cast<const __m512i&>(values), ~__mmask64{0},
+               streaming);
   }
 }
 
@@ -241,11 +237,7 @@ M2ORT_AVX512_BF16 void assemble_token_rows_affine(const uint8_t* patches, int64_
     stage_token_row(patches + grid_row * staged_bytes, width, patch_px, staged.data());
     uint16_t* dst = out + grid_row * staged_bytes;
     int64_t s = 0;
-    if (streaming && (reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
-      for (; s + 192 <= staged_bytes; s += 192) affine_192<true>(staged.data() + s, lanes, dst + s);
-    } else {
-      for (; s + 192 <= staged_bytes; s += 192) affine_192<false>(staged.data() + s, lanes, dst + s);
-    }
+    for (; s + 192 <= staged_bytes; s += 192) affine_192(staged.data() + s, lanes, dst + s, streaming);
     for (; s < staged_bytes; s += 64) {
       affine_chunk(staged.data() + s, std::min<int64_t>(64, staged_bytes - s), s % 3, lanes, dst + s);
     }
