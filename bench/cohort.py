@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from backends import cpu_model  # bench/backends.py: run as `python bench/cohort.py`
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -159,7 +160,7 @@ def main() -> int:
         "sizes_mb": sizes_mb,
         "spacing_um": args.spacing_um,
         "cpus": args.cpus,
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "ray_start_s": ray_start,
         "ray_version": ray.__version__,
         "bit_equal_to_single": equal,
@@ -194,14 +195,6 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-    except OSError:
-        return "?"
 
 
 if __name__ == "__main__":

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
+from backends import cpu_model  # bench/backends.py: run as `python bench/core_kernels.py`
 
 from m2ort_fast import _core
 
@@ -87,7 +87,8 @@ def main(argv=None) -> int:
 
     rng = np.random.default_rng(0)
     rows = []
-    print(f"cpu: {platform.processor() or platform.machine()}, one thread, {args.patches} patches a call")
+    cpu = cpu_model()
+    print(f"cpu: {cpu}, one thread, {args.patches} patches a call")
     for name, listed, call in cases(args.patches, rng):
         kernels = ["auto", *listed]
         samples: dict[str, list[float]] = {k: [] for k in kernels}
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
             print(f"{name:46s} {k:12s} {median:8.2f} us/patch {spread:15s} {row['vs_scalar']:5.2f}x scalar")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"patches": args.patches, "rounds": args.rounds, "rows": rows}, f, indent=1)
+            json.dump({"cpu": cpu, "patches": args.patches, "rounds": args.rounds, "rows": rows}, f, indent=1)
     return 0
 
 
